@@ -1,0 +1,180 @@
+"""Quantization recipes: small, frozen, versioned dataclasses loaded from YAML.
+
+A recipe holds everything that decides the converted model's bytes. The resolved recipe
+(after command-line overrides) and its hash are written into every output, so a
+conversion can be reproduced and compared.
+
+Recipes live in ``configs/*.yaml`` (installed as ``bitquant.configs``); ``load_recipe``
+takes either a bundled name (``absmean``) or a path to a YAML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bitquant.errors import RecipeError
+
+#: Version of the recipe schema. Bump when a field's meaning changes.
+SCHEMA_VERSION = 1
+
+#: The seven projections of a LLaMA-family decoder block.
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+METHODS = ("absmean",)
+FORMATS = ("hf-bitnet",)
+INDIVISIBLE_POLICIES = ("error", "keep")
+
+DEFAULT_RECIPE = "absmean"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What to quantize and how.
+
+    ``exclude`` holds shell-style patterns (``fnmatch``) matched against module names such
+    as ``model.layers.0.mlp.down_proj``; matching projections stay in full precision.
+    ``indivisible`` says what to do with a projection whose output size is not a multiple
+    of 4 (the packed layout needs it): ``error`` stops, ``keep`` keeps it in full precision
+    and lists it in the report.
+    """
+
+    name: str = DEFAULT_RECIPE
+    schema: int = SCHEMA_VERSION
+    method: str = "absmean"
+    eps: float = 1e-5
+    format: str = "hf-bitnet"
+    projections: tuple[str, ...] = PROJECTIONS
+    exclude: tuple[str, ...] = ()
+    indivisible: str = "error"
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["projections"] = list(self.projections)
+        d["exclude"] = list(self.exclude)
+        return d
+
+    def sha256(self) -> str:
+        """Hash of the resolved recipe, minus its free-text description."""
+        d = self.to_dict()
+        d.pop("description")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    def replace(self, **changes: Any) -> "Recipe":
+        """A copy with some fields overridden (command-line options); validated again."""
+        return dataclasses.replace(self, **_coerce(changes))
+
+    def is_target(self, module: str) -> bool:
+        """True when ``module`` (e.g. ``model.layers.3.mlp.up_proj``) is to be ternarized."""
+        leaf = module.rsplit(".", 1)[-1]
+        if leaf not in self.projections or ".layers." not in f".{module}":
+            return False
+        return not any(fnmatch.fnmatchcase(module, pat) for pat in self.exclude)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,),
+    "schema": (int,),
+    "method": (str,),
+    "eps": (float, int),
+    "format": (str,),
+    "projections": (tuple,),
+    "exclude": (tuple,),
+    "indivisible": (str,),
+    "description": (str,),
+}
+
+
+def _coerce(d: dict[str, Any]) -> dict[str, Any]:
+    out = dict(d)
+    for key in ("projections", "exclude"):
+        if key in out and isinstance(out[key], list):
+            out[key] = tuple(out[key])
+    return out
+
+
+def _validate(r: Recipe) -> None:
+    for name, types in _TYPES.items():
+        value = getattr(r, name)
+        if isinstance(value, bool) or not isinstance(value, types):
+            want = " or ".join("list" if t is tuple else t.__name__ for t in types)
+            raise RecipeError(f"recipe field {name!r} must be a {want}, got {value!r}")
+    for name in ("projections", "exclude"):
+        for item in getattr(r, name):
+            if not isinstance(item, str) or not item:
+                raise RecipeError(f"recipe field {name!r} must hold non-empty strings, got {item!r}")
+    if r.schema != SCHEMA_VERSION:
+        raise RecipeError(
+            f"recipe field 'schema' is {r.schema}, but this bitquant reads schema {SCHEMA_VERSION}"
+        )
+    _check_choice("method", r.method, METHODS)
+    _check_choice("format", r.format, FORMATS)
+    _check_choice("indivisible", r.indivisible, INDIVISIBLE_POLICIES)
+    unknown = sorted(set(r.projections) - set(PROJECTIONS))
+    if unknown:
+        raise RecipeError(f"recipe field 'projections' names unknown projections {unknown}; known: {list(PROJECTIONS)}")
+    if not 0 < r.eps < 1:
+        raise RecipeError(f"recipe field 'eps' must be between 0 and 1, got {r.eps}")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise RecipeError(f"recipe field {name!r} is {value!r}; choose one of {', '.join(choices)}")
+
+
+def bundled_recipes() -> list[str]:
+    """Names of the recipes shipped in ``configs/``."""
+    folder = resources.files("bitquant.configs")
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def recipe_from_dict(data: Any, origin: str) -> Recipe:
+    """Build a validated :class:`Recipe` from parsed YAML; errors name ``origin`` and the field."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe {origin} must be a YAML mapping of field: value")
+    unknown = sorted(set(data) - set(_FIELDS))
+    if unknown:
+        raise RecipeError(
+            f"recipe {origin} has unknown field {unknown[0]!r}; known fields: {', '.join(_FIELDS)}"
+        )
+    try:
+        return Recipe(**_coerce(data))
+    except RecipeError as e:
+        raise RecipeError(f"recipe {origin}: {e.message}") from None
+
+
+def load_recipe(spec: str | Path | None = None) -> Recipe:
+    """Load a bundled recipe by name, or a YAML file by path. ``None`` gives the default."""
+    spec = DEFAULT_RECIPE if spec is None else spec
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist; pass a YAML file or one of {bundled_recipes()}")
+        text = path.read_text(encoding="utf-8", errors="replace")
+        origin = str(path)
+    else:
+        names = bundled_recipes()
+        if str(spec) not in names:
+            raise RecipeError(f"no bundled recipe named {str(spec)!r}; choose one of {names} or pass a YAML file")
+        text = resources.files("bitquant.configs").joinpath(f"{spec}.yaml").read_text(encoding="utf-8")
+        origin = f"{spec!s} (bundled)"
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}" if where is not None else ""
+        raise RecipeError(f"recipe {origin} is not valid YAML{at}; fix the syntax") from None
+    return recipe_from_dict(data, origin)
