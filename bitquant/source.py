@@ -1,0 +1,223 @@
+"""Where a model comes from: a Hub id, a local folder, or the embedded example.
+
+``resolve_source`` turns what the user typed into a local folder of safetensors files
+(downloading through huggingface_hub when needed, which honours ``HF_TOKEN``,
+``HF_HOME`` and ``HF_HUB_OFFLINE``). ``open_checkpoint`` then validates the folder
+(config, architecture, index, shards) and gives a :class:`Checkpoint` whose tensors are
+read one at a time from memory-mapped files. Nothing here loads a whole model.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from bitquant import embedded
+from bitquant.errors import SourceError, UnsupportedModelError
+from bitquant.tensorfile import SafetensorsReader, TensorSpec
+
+#: Architectures whose decoder blocks have the seven LLaMA projections.
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+#: Files fetched from the Hub: configuration, tokenizer and safetensors weights only.
+HUB_PATTERNS = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+]
+
+#: Non-weight files carried over into every output.
+CARRIED_FILES = [p for p in HUB_PATTERNS if "safetensors" not in p and p != "config.json"]
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model resolved to a local folder, and where it came from."""
+
+    spec: str  # what the user typed
+    path: Path  # local folder holding config.json and the safetensors files
+    kind: str  # "hub", "local" or "embedded"
+    revision: str | None = None
+    commit_sha: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {"id": self.spec, "kind": self.kind, "path": str(self.path), "revision": self.revision, "commit_sha": self.commit_sha}
+
+
+def resolve_source(spec: str, revision: str | None = None, token: str | None = None) -> ModelSource:
+    """Resolve a model argument to a local folder.
+
+    An existing path is a local folder; ``embedded:NAME`` is a model shipped in a Python
+    package (see :mod:`bitquant.embedded`); anything else is a Hub repo id.
+    """
+    if spec.startswith(embedded.PREFIX):
+        return ModelSource(spec, embedded.materialize(spec[len(embedded.PREFIX) :]), "embedded")
+    path = Path(spec).expanduser()
+    if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        if not path.is_dir():
+            raise SourceError(f"{spec!r} is not a folder; pass a checkpoint folder or a Hub model id")
+        return ModelSource(spec, path.resolve(), "local", revision)
+    return _download(spec, revision, token)
+
+
+def _download(repo_id: str, revision: str | None, token: str | None) -> ModelSource:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise SourceError(
+            f"{repo_id!r} is neither an existing folder nor a valid Hub model id (like 'org/name')"
+        ) from None
+    try:
+        folder = snapshot_download(repo_id, revision=revision, token=token, allow_patterns=HUB_PATTERNS)
+    except GatedRepoError:
+        raise SourceError(
+            f"{repo_id} is a gated model: accept its licence on the Hub, then set HF_TOKEN or pass --token"
+        ) from None
+    except RepositoryNotFoundError:
+        raise SourceError(
+            f"model {repo_id!r} was not found on the Hub; check the id, or set HF_TOKEN / --token if it is private"
+        ) from None
+    except RevisionNotFoundError:
+        raise SourceError(f"model {repo_id} has no revision {revision!r}; check --revision") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        raise SourceError(
+            f"model {repo_id} is not in the local Hub cache and the Hub cannot be reached "
+            "(offline, or HF_HUB_OFFLINE=1); connect once, or pass a local folder"
+        ) from None
+    except OSError as e:  # network errors and HfHubHTTPError are OSErrors
+        raise SourceError(f"downloading {repo_id} failed: {str(e).splitlines()[0]}") from None
+    path = Path(folder)
+    sha = path.name if _COMMIT_RE.match(path.name) else None
+    return ModelSource(repo_id, path, "hub", revision or "main", sha)
+
+
+@dataclass
+class Checkpoint:
+    """A validated checkpoint folder whose tensors are streamed from memory-mapped files."""
+
+    path: Path
+    config: dict
+    files: list[Path]
+    weight_map: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def architecture(self) -> str:
+        return self.config["architectures"][0]
+
+    @property
+    def tie_word_embeddings(self) -> bool:
+        return bool(self.config.get("tie_word_embeddings", False))
+
+    def source_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.files)
+
+    def iter_specs(self) -> Iterator[tuple[Path, TensorSpec]]:
+        """Every tensor's spec, file by file, in on-disk order (reads headers only)."""
+        for f in self.files:
+            with SafetensorsReader(f) as r:
+                for name in r.names():
+                    if self.weight_map and self.weight_map.get(name) != f:
+                        continue
+                    yield f, r.spec(name)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) pairs, one at a time; each tensor is a view of a memory map."""
+        for f in self.files:
+            reader = SafetensorsReader(f)
+            try:
+                for name in reader.names():
+                    if self.weight_map and self.weight_map.get(name) != f:
+                        continue
+                    yield name, reader.get(name)
+            finally:
+                reader.close()
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SourceError(f"{path} is not valid JSON ({e.__class__.__name__}); re-export the {what}") from None
+    if not isinstance(data, dict):
+        raise SourceError(f"{path} is not a JSON object; re-export the {what}")
+    return data
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder/name``, refusing names that would escape the folder."""
+    candidate = (folder / name).resolve()
+    if Path(name).is_absolute() or folder.resolve() not in candidate.parents:
+        raise SourceError(f"the checkpoint index names {name!r}, which is outside {folder}; refusing to read it")
+    return candidate
+
+
+def open_checkpoint(folder: Path) -> Checkpoint:
+    """Validate a checkpoint folder: config, supported architecture, safetensors shards."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{folder} has no config.json; point at a Hugging Face checkpoint folder")
+    config = _read_json(config_path, "config")
+    archs = config.get("architectures") or []
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        name = archs[0] if archs else f"model_type {config.get('model_type')!r}"
+        raise UnsupportedModelError(
+            f"architecture {name} is not supported; bitquant converts {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise UnsupportedModelError(
+            f"{folder} is already quantized ({method}); convert the FP16/BF16 checkpoint instead"
+        )
+    index_path = folder / "model.safetensors.index.json"
+    weight_map: dict[str, Path] = {}
+    if index_path.is_file():
+        index = _read_json(index_path, "checkpoint index")
+        raw_map = index.get("weight_map")
+        if not isinstance(raw_map, dict) or not raw_map:
+            raise SourceError(f"{index_path} has no weight_map; re-export the checkpoint")
+        weight_map = {k: _inside(folder, v) for k, v in raw_map.items()}
+        files = sorted(set(weight_map.values()))
+        missing = [p.name for p in files if not p.is_file()]
+        if missing:
+            raise SourceError(
+                f"the checkpoint index names shard {missing[0]}, which is missing from {folder}; download it again"
+            )
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise SourceError(
+                f"{folder} holds only pickle weights ({pickles[0]}); bitquant reads safetensors only, because "
+                "unpickling can run arbitrary code: convert the checkpoint to safetensors first"
+            )
+        raise SourceError(f"{folder} has no *.safetensors weights; point at a checkpoint folder")
+    return Checkpoint(folder, config, files, weight_map)
