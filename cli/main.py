@@ -1,0 +1,145 @@
+"""The ``bitquant`` command: parse options, call one library function, render, set the exit code.
+
+User errors (``bitquant.errors.BitquantError``) become one line on stderr and their exit
+code; anything unexpected becomes one line and exit code 1. ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from bitquant import __version__
+from bitquant.errors import EXIT_RUNTIME, EXIT_USAGE, BitquantError
+
+from bitquant.cli import render
+
+EXIT_INTERRUPTED = 130
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception so that staged outputs are cleaned up."""
+
+
+class _Group(click.Group):
+    """Turns library errors into one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except BitquantError as e:
+            _fail(ctx, e.message, e.exit_code, e)
+        except KeyboardInterrupt as e:
+            what = "terminated" if isinstance(e, Terminated) else "interrupted"
+            _fail(ctx, f"{what}; nothing was written under the output name", EXIT_INTERRUPTED, e)
+        except Exception as e:  # an internal failure: still one line, unless --debug
+            first = str(e).splitlines()[0] if str(e) else ""
+            _fail(ctx, f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", EXIT_RUNTIME, e)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().params.get("debug")) or bool((ctx.obj or {}).get("debug"))
+
+
+def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> None:
+    if _debug(ctx):
+        traceback.print_exception(exc, file=sys.stderr)
+    click.echo(f"error: {message}", err=True)
+    ctx.exit(code)
+
+
+def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(dict)["debug"] = True
+    return value
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+    help="Show full tracebacks on errors.",
+)
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+          "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
+
+
+class ByteSize(click.ParamType):
+    name = "size"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int):
+            return value
+        m = _SIZE_RE.match(str(value))
+        unit = (m.group(2) or "").lower() if m else None
+        if not m or unit not in _UNITS or float(m.group(1)) <= 0:
+            self.fail(f"{value!r} is not a size; use e.g. 5GB, 500MB or 2GiB", param, ctx)
+        return int(float(m.group(1)) * _UNITS[unit])
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="bitquant")
+@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Post-training ternary (BitNet b1.58) quantization of LLaMA-family checkpoints."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = ctx.obj.get("debug") or debug
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
+@click.option("--config", "config", default=None, metavar="NAME|FILE", help="Recipe: a bundled name (absmean, absmean-middle) or a YAML file. Default: absmean.")
+@click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep modules matching this shell pattern in full precision (repeatable), e.g. 'model.layers.0.*'.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private or gated models.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
+@debug_option
+def convert(model, out, config, exclude, revision, token, overwrite, max_shard_size, as_json):
+    """Convert MODEL (Hub id, local folder, or embedded:smollm2-135m) into a packed ternary model.
+
+    \b
+    Examples:
+      bitquant convert embedded:smollm2-135m -o smollm2-ternary
+      bitquant convert ./my-llama-fp16 -o ./my-llama-ternary --config absmean
+      bitquant convert HuggingFaceTB/SmolLM2-135M --revision main -o smollm2-ternary
+    """
+    from bitquant.convert import convert as run_convert
+    from bitquant.recipe import load_recipe
+
+    recipe = load_recipe(config)
+    if exclude:
+        recipe = recipe.replace(exclude=tuple(recipe.exclude) + tuple(exclude))
+    with render.tensor_progress(enabled=not as_json) as progress:
+        report = run_convert(
+            model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite,
+            max_shard_size=max_shard_size, progress=progress,
+        )
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    else:
+        render.convert_summary(report, out)
+
+
+def main() -> None:
+    """Console-script entry point."""
+
+    def on_sigterm(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    cli(prog_name="bitquant")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Rich rendering of progress and reports. Reads report objects; computes nothing."""
+
+from __future__ import annotations
+
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from bitquant.report import ConvertReport
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+@contextmanager
+def tensor_progress(enabled: bool = True, label: str = "quantizing") -> Iterator[Callable[[int, int, str], None] | None]:
+    """A progress callback drawing a bar on a terminal; nothing when stderr is not a terminal."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TextColumn("{task.description}"), console=err, transient=True,
+    ) as bar:
+        task = bar.add_task("", total=None)
+
+        def update(done: int, total: int, name: str) -> None:
+            bar.update(task, completed=done, total=total, description=name)
+
+        yield update
+
+
+def convert_summary(report: ConvertReport, out_dir: Path) -> None:
+    size = report.size
+    s = report.summary()
+    t = Table(title=f"bitquant convert -> {out_dir}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    src = report.source
+    t.add_row("source", f"{src['id']} ({src['kind']}{', ' + src['commit_sha'][:12] if src.get('commit_sha') else ''})")
+    t.add_row("architecture", report.architecture)
+    t.add_row("recipe", f"{report.recipe['name']} (sha256 {report.recipe_sha256[:12]})")
+    t.add_row("ternary matrices", f"{s['matrices']} ({size.quantized_params:,} weights)")
+    t.add_row("kept full precision", str(len(report.kept_full_precision)))
+    t.add_row("size", f"{_bytes(size.source_bytes)} -> {_bytes(size.output_bytes)} ({_fmt(size.compression_ratio)}x)")
+    t.add_row("bits/weight", f"{_fmt(size.bits_per_weight_quantized)} ternary matrices, {_fmt(size.bits_per_weight_model)} whole model")
+    t.add_row("zeros", f"{s['mean_zero_fraction']:.1%} of ternary codes")
+    t.add_row("weight error", f"{_fmt(s['mean_relative_error'])} mean ‖W − sWq‖/‖W‖")
+    ppl = report.perplexity
+    if ppl:
+        t.add_row("perplexity", f"{_fmt(ppl['baseline'])} -> {_fmt(ppl['quantized'])} (x{_fmt(ppl['ratio'])})")
+        t.add_row("KL / top-1", f"{_fmt(ppl['kl_mean'])} nats, {ppl['top1_agreement']:.1%} agreement")
+    else:
+        t.add_row("perplexity", "not measured (add --eval-text FILE)")
+    t.add_row("elapsed", f"{report.elapsed_seconds:.1f} s")
+    out.print(t)
+    for note in report.notes:
+        out.print(f"note: {note}")
+    out.print(f"report: {out_dir / 'report.json'}")

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from bitquant import __version__
+from bitquant.cli.main import cli
+from conftest import make_checkpoint
+
+
+@pytest.fixture
+def runner():
+    return CliRunner()
+
+
+def test_help_lists_commands(runner):
+    r = runner.invoke(cli, ["--help"])
+    assert r.exit_code == 0 and "convert" in r.output
+    r = runner.invoke(cli, ["convert", "--help"])
+    assert r.exit_code == 0 and "--overwrite" in r.output and "embedded:smollm2-135m" in r.output
+    assert runner.invoke(cli, ["--version"]).output.strip().endswith(__version__)
+
+
+def test_convert_prints_summary_and_writes_output(runner, tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    r = runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    assert "ternary matrices" in r.output and "not measured" in r.output
+    assert (tmp_path / "out" / "report.json").is_file()
+
+
+def test_convert_json_and_exclude(runner, tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    r = runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "out"), "--json", "--exclude", "*.down_proj"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.stdout)
+    assert report["recipe"]["exclude"] == ["*.down_proj"]
+    assert {k["name"] for k in report["kept_full_precision"]} == {"model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"}
+
+
+def one_line_error(r, code, text):
+    assert r.exit_code == code, r.output
+    assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert text in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_user_errors_are_one_line_with_exit_code_2(runner, tmp_path):
+    src = make_checkpoint(tmp_path / "src")
+    (tmp_path / "exists").mkdir()
+    one_line_error(runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "exists")]), 2, "--overwrite")
+    one_line_error(runner.invoke(cli, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]), 2, "is not a folder")
+    one_line_error(runner.invoke(cli, ["convert", "embedded:nope", "-o", str(tmp_path / "o")]), 2, "no embedded model named 'nope'")
+    one_line_error(runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "o"), "--config", "fancy"]), 2, "no bundled recipe")
+    one_line_error(runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "no" / "such" / "o")]), 2, "parent folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_are_usage_errors(runner, tmp_path):
+    r = runner.invoke(cli, ["convert", "x", "-o", str(tmp_path / "o"), "--max-shard-size", "lots"])
+    assert r.exit_code == 2 and "is not a size" in r.output
+    r = runner.invoke(cli, ["convert", "x"])
+    assert r.exit_code == 2 and "Missing option '-o'" in r.output
+
+
+def test_debug_shows_the_traceback(runner, tmp_path):
+    r = runner.invoke(cli, ["--debug", "convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o")])
+    assert r.exit_code == 2 and "Traceback" in r.stderr and "SourceError" in r.stderr
+    r = runner.invoke(cli, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o"), "--debug"])
+    assert r.exit_code == 2 and "Traceback" in r.stderr
+
+
+def test_internal_errors_are_one_line_with_exit_code_1(runner, tmp_path, monkeypatch):
+    import bitquant.convert
+
+    def boom(*a, **k):
+        raise RuntimeError("something broke\nsecond line")
+
+    monkeypatch.setattr(bitquant.convert, "convert", boom)
+    r = runner.invoke(cli, ["convert", "x", "-o", str(tmp_path / "o")])
+    one_line_error(r, 1, "internal error: RuntimeError: something broke (rerun with --debug")
