@@ -31,6 +31,10 @@ class BitquantError(Exception):
         self.message = message
 
 
+class UsageError(BitquantError):
+    """An option value is invalid or inconsistent with another."""
+
+
 class SourceError(BitquantError):
     """The model to convert or evaluate cannot be found, read or trusted."""
 

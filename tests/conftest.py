@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,9 +53,37 @@ def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype
     return folder
 
 
+TOKENIZER_VOCAB = 320
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer (320 tokens) trained on the vendored text, saved as transformers files."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([(DATA / "alice29.txt").read_text()[:50_000]], vocab_size=TOKENIZER_VOCAB, min_frequency=2, show_progress=False)
+    folder = tmp_path_factory.mktemp("tokenizer")
+    PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer).save_pretrained(folder)
+    return folder
+
+
+def add_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
+    for p in tokenizer_dir.iterdir():
+        shutil.copy(p, model_dir / p.name)
+    return model_dir
+
+
 @pytest.fixture
 def tiny_llama(tmp_path: Path) -> Path:
     return make_checkpoint(tmp_path / "tiny-llama")
+
+
+@pytest.fixture
+def tiny_lm(tmp_path: Path, tiny_tokenizer_dir: Path) -> Path:
+    """A tiny random Llama with a working tokenizer, for evaluation tests."""
+    return add_tokenizer(make_checkpoint(tmp_path / "tiny-lm", vocab_size=TOKENIZER_VOCAB), tiny_tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,225 @@
+"""Perplexity of a model on a text, and how far a ternary model strays from its source.
+
+Sliding-window causal-LM perplexity: windows of ``context`` tokens start every ``stride``
+tokens; each token is scored once, by the first window that has it as a target beyond
+the previous window's end (the usual transformers recipe). The first token of the text,
+and with ``stride == context`` the first token of every window, has no context inside
+its window and is not scored. ``stderr`` is the standard error of the mean token NLL
+carried to perplexity (ppl × se); tokens are correlated, so it is a lower bound.
+
+``compare`` runs a baseline and a quantized model over the same windows and adds the mean
+KL divergence KL(P_baseline ‖ P_quantized) of the next-token distributions and the top-1
+agreement rate, which stay informative where perplexity explodes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bitquant import runtime
+from bitquant.errors import UsageError
+from bitquant.source import resolve_source
+from bitquant.text import Tokens, tokenize_file
+
+#: Called after each window: (windows done, windows in all).
+WindowProgress = Callable[[int, int], None]
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    context: int = 512
+    stride: int | None = None  # None: the window length (non-overlapping windows)
+    max_tokens: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.stride is None:
+            object.__setattr__(self, "stride", self.context)
+        if self.context < 2:
+            raise UsageError(f"--context must be at least 2 tokens, got {self.context}")
+        if not 1 <= self.stride <= self.context:
+            raise UsageError(f"--stride must be between 1 and --context ({self.context}), got {self.stride}")
+        if self.max_tokens is not None and self.max_tokens < self.context:
+            raise UsageError(f"--max-tokens ({self.max_tokens}) must be at least --context ({self.context})")
+
+    def resolved_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+        return self.device
+
+    def resolved_dtype(self, device: str) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if device == "cpu" else torch.bfloat16
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class EvalResult:
+    model: str
+    mode: str  # "full precision", "ternary W1.58A8" or "ternary weights-only"
+    perplexity: float
+    stderr: float
+    nll_mean: float
+    tokens: int  # scored tokens
+    windows: int
+    text: str
+    text_sha256: str
+    text_tokens: int  # tokens of text used (after --max-tokens)
+    truncated: bool
+    context: int
+    stride: int
+    device: str
+    dtype: str
+    seconds: float  # forward passes only
+    tokens_per_second: float  # tokens through the model per second
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over ``n`` tokens."""
+    spans, prev_end = [], 0
+    for begin in range(0, n, stride):
+        end = min(begin + context, n)
+        first = max(prev_end, begin + 1)
+        if first < end:
+            spans.append((begin, end, first))
+        prev_end = end
+        if end == n:
+            break
+    return spans
+
+
+def _window_logits(model, ids: torch.Tensor, begin: int, end: int, first: int) -> torch.Tensor:
+    """Float32 logits of the positions that predict tokens first..end-1."""
+    logits = model(ids[None, begin:end]).logits[0]
+    return logits[first - 1 - begin : end - 1 - begin].float()
+
+
+def _summary(nll: torch.Tensor) -> tuple[float, float, float]:
+    mean = float(nll.mean())
+    se = float(nll.std() / math.sqrt(nll.numel())) if nll.numel() > 1 else 0.0
+    ppl = math.exp(mean) if mean < 700 else math.inf
+    return ppl, ppl * se, mean
+
+
+@torch.inference_mode()
+def token_nlls(model, ids: list[int], context: int, stride: int, device: str, progress: WindowProgress | None = None):
+    """Per-token NLLs (float64) and the number of tokens run through the model."""
+    t = torch.tensor(ids, device=device)
+    spans = windows(len(ids), context, stride)
+    out, forwarded = [], 0
+    for i, (begin, end, first) in enumerate(spans, start=1):
+        logits = _window_logits(model, t, begin, end, first)
+        out.append(F.cross_entropy(logits, t[first:end], reduction="none").double().cpu())
+        forwarded += end - begin
+        if progress:
+            progress(i, len(spans))
+    return torch.cat(out), forwarded
+
+
+def evaluate(
+    model: str,
+    text: str | Path,
+    *,
+    settings: EvalSettings = EvalSettings(),
+    act_quant: bool = True,
+    revision: str | None = None,
+    token: str | None = None,
+    progress: WindowProgress | None = None,
+) -> EvalResult:
+    """Perplexity of ``model`` (Hub id, folder, bitquant output, embedded:NAME) on a text file."""
+    folder = resolve_source(model, revision=revision, token=token).path
+    tokens = tokenize_for(folder, text, settings)
+    device = settings.resolved_device()
+    dtype = settings.resolved_dtype(device)
+    lm, mode = runtime.load_model(folder, dtype, device, act_quant=act_quant)
+    started = time.perf_counter()
+    nll, forwarded = token_nlls(lm, tokens.ids, settings.context, settings.stride, device, progress)
+    seconds = time.perf_counter() - started
+    ppl, se, mean = _summary(nll)
+    return EvalResult(
+        model=model, mode=mode, perplexity=ppl, stderr=se, nll_mean=mean, tokens=nll.numel(),
+        windows=len(windows(len(tokens.ids), settings.context, settings.stride)), text=str(text),
+        text_sha256=tokens.sha256, text_tokens=len(tokens.ids), truncated=tokens.truncated,
+        context=settings.context, stride=settings.stride, device=device, dtype=str(dtype).replace("torch.", ""),
+        seconds=round(seconds, 3), tokens_per_second=round(forwarded / seconds, 2) if seconds else 0.0,
+    )
+
+
+def tokenize_for(folder: Path, text: str | Path, settings: EvalSettings) -> Tokens:
+    """Validate and tokenize ``text`` with the tokenizer of the model in ``folder``."""
+    tokenizer = runtime.load_tokenizer(folder)
+    return tokenize_file(text, tokenizer, min_tokens=settings.context, max_tokens=settings.max_tokens)
+
+
+@torch.inference_mode()
+def compare(
+    baseline: Path,
+    quantized: Path,
+    tokens: Tokens,
+    *,
+    settings: EvalSettings = EvalSettings(),
+    progress: WindowProgress | None = None,
+) -> dict:
+    """Perplexity of both models on the same tokens, plus KL and top-1 agreement.
+
+    Both models are held in memory at once (window by window comparison keeps the
+    per-token distributions out of memory). Returns the ``perplexity`` object of a
+    conversion report.
+    """
+    device = settings.resolved_device()
+    dtype = settings.resolved_dtype(device)
+    base, _ = runtime.load_model(baseline, dtype, device)
+    quant, mode = runtime.load_model(quantized, dtype, device)
+    t = torch.tensor(tokens.ids, device=device)
+    spans = windows(len(tokens.ids), settings.context, settings.stride)
+    nll_b, nll_q, kl, agree = [], [], [], []
+    started = time.perf_counter()
+    for i, (begin, end, first) in enumerate(spans, start=1):
+        target = t[first:end]
+        lb = F.log_softmax(_window_logits(base, t, begin, end, first), dim=-1)
+        lq = F.log_softmax(_window_logits(quant, t, begin, end, first), dim=-1)
+        nll_b.append(F.nll_loss(lb, target, reduction="none").double().cpu())
+        nll_q.append(F.nll_loss(lq, target, reduction="none").double().cpu())
+        kl.append((lb.exp() * (lb - lq)).sum(-1).double().cpu())
+        agree.append((lb.argmax(-1) == lq.argmax(-1)).cpu())
+        if progress:
+            progress(i, len(spans))
+    seconds = time.perf_counter() - started
+    ppl_b, se_b, _ = _summary(torch.cat(nll_b))
+    ppl_q, se_q, _ = _summary(torch.cat(nll_q))
+    return {
+        "baseline": ppl_b,
+        "baseline_stderr": se_b,
+        "quantized": ppl_q,
+        "quantized_stderr": se_q,
+        "ratio": ppl_q / ppl_b,
+        "delta": ppl_q - ppl_b,
+        "kl_mean": float(torch.cat(kl).mean()),
+        "top1_agreement": float(torch.cat(agree).float().mean()),
+        "tokens": int(sum(e - f for _, e, f in spans)),
+        "text": tokens.path,
+        "text_sha256": tokens.sha256,
+        "text_tokens": len(tokens.ids),
+        "context": settings.context,
+        "stride": settings.stride,
+        "max_tokens": settings.max_tokens,
+        "quantized_mode": mode,
+        "device": device,
+        "dtype": str(dtype).replace("torch.", ""),
+        "seconds": round(seconds, 3),
+    }

@@ -1,0 +1,174 @@
+"""Run models in torch for evaluation: FP checkpoints as they are, ternary ones as deployed.
+
+A packed ternary checkpoint (transformers BitNet offline layout) is loaded by building the
+architecture from its config, unpacking each packed weight **once** into a
+:class:`TernaryLinear`, and loading every other tensor from the memory-mapped files.
+transformers' own ``BitLinear`` unpacks on every forward pass; this does not.
+
+:class:`TernaryLinear` computes exactly what ``BitLinear`` does (W1.58A8, as in the
+BitNet b1.58 paper): each token's activations are quantized to 8 bits with absmax scaling
+(``127 / max|x|``, clamped at 1e-5), multiplied by the {-1, 0, 1} codes, and divided by
+the activation scale and by ``weight_scale`` (= 1/s). ``act_quant=False`` skips the
+activation step (weights-only ternary).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bitquant.errors import SourceError
+from bitquant.formats.hf_bitnet import SCALE_SUFFIX
+from bitquant.packing import unpack_ternary
+from bitquant.source import open_checkpoint
+from bitquant.tensorfile import SafetensorsReader
+
+ACT_QMAX = 127.0
+ACT_EPS = 1e-5
+
+
+class TernaryLinear(torch.nn.Module):
+    """y = (act_quant(x) @ codes^T) / (act_scale * weight_scale) + bias, codes unpacked once.
+
+    With activation quantization the product of 8-bit activations and ternary codes is a
+    sum of integers, computed exactly by ``torch._int_mm`` (int8 x int8 -> int32; several
+    times faster than a float32 GEMM on CPUs with VNNI). The float path gives the same
+    numbers (every partial sum is an integer far below 2^24) and is used without
+    activation quantization, or where ``_int_mm`` does not take the shape (CUDA needs
+    more than 16 rows and dimensions divisible by 8).
+    """
+
+    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_quant: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.act_quant = act_quant
+        dtype = weight_scale.dtype
+        self.register_buffer("codes_t", codes.to(torch.int8).t().contiguous() if act_quant else None)
+        self.register_buffer("codes_f", None if act_quant else codes.to(dtype))
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("bias", bias)
+
+    def _int8_ok(self, rows: int) -> bool:
+        if self.codes_t.device.type == "cpu":
+            return True
+        return rows > 16 and self.in_features % 8 == 0 and self.out_features % 8 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.act_quant:
+            y = F.linear(x, self.codes_f) / self.weight_scale
+            return y if self.bias is None else y + self.bias
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        scale = ACT_QMAX / x2.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+        q = (x2 * scale).round_().clamp_(-ACT_QMAX - 1, ACT_QMAX)
+        if self._int8_ok(x2.shape[0]):
+            acc = torch._int_mm(q.to(torch.int8), self.codes_t).to(x.dtype)
+        else:
+            acc = q @ self.codes_t.to(x.dtype)
+        y = acc / (scale * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}"
+
+
+def is_ternary(folder: Path) -> bool:
+    """True for a checkpoint in the transformers BitNet layout."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    qc = config.get("quantization_config") or {}
+    return qc.get("quant_method") == "bitnet"
+
+
+def load_fp(folder: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """An FP16/BF16/FP32 checkpoint, through transformers (validated first)."""
+    from transformers import AutoModelForCausalLM
+
+    open_checkpoint(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+    return model.to(device).eval()
+
+
+def load_ternary(folder: Path, dtype: torch.dtype, device: str, act_quant: bool = True) -> torch.nn.Module:
+    """A bitquant (or any transformers BitNet offline) checkpoint, unpacked once."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # build plain Linear layers; ternary ones are swapped in
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # random init, replaced below
+    files = _weight_files(folder)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with SafetensorsReader(f) as reader:
+            names = set(reader.names())
+            for name in reader.names():
+                if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in names:
+                    continue
+                tensor = reader.get(name)
+                if tensor.dtype == torch.uint8 and name + SCALE_SUFFIX in names:
+                    _install(model, name, tensor, reader.get(name + SCALE_SUFFIX), dtype, act_quant)
+                else:
+                    state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor.clone()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [m for m in missing if not _ternary_param(model, m) and not (m == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SourceError(
+            f"{folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-convert it"
+        )
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return model.to(device).eval()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted({folder / v for v in json.loads(index.read_text())["weight_map"].values()})
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise SourceError(f"{folder} has no *.safetensors weights")
+    return files
+
+
+def _install(model, name: str, packed: torch.Tensor, weight_scale: torch.Tensor, dtype, act_quant: bool) -> None:
+    module_name = name.removesuffix(".weight")
+    parent_name, _, leaf = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, leaf)
+    codes = unpack_ternary(packed)
+    if tuple(codes.shape) != (old.out_features, old.in_features):
+        raise SourceError(f"packed weight {name} has shape {tuple(codes.shape)}, expected {(old.out_features, old.in_features)}")
+    bias = None if old.bias is None else old.bias.detach()  # replaced by load_state_dict below
+    setattr(parent, leaf, TernaryLinear(codes, weight_scale.to(dtype), bias, act_quant))
+
+
+def _ternary_param(model, key: str) -> bool:
+    module_name, _, attr = key.rpartition(".")
+    try:
+        return isinstance(model.get_submodule(module_name), TernaryLinear) and attr in ("codes_t", "codes_f", "weight_scale")
+    except AttributeError:
+        return False
+
+
+def load_model(folder: Path, dtype: torch.dtype, device: str, act_quant: bool = True) -> tuple[torch.nn.Module, str]:
+    """Load any supported checkpoint; returns the model and its mode label."""
+    if is_ternary(folder):
+        mode = "ternary W1.58A8" if act_quant else "ternary weights-only"
+        return load_ternary(folder, dtype, device, act_quant), mode
+    return load_fp(folder, dtype, device), "full precision"
+
+
+def load_tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        raise SourceError(f"{folder} has no tokenizer files; evaluation needs the tokenizer of the model")
+    return AutoTokenizer.from_pretrained(folder)

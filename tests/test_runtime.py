@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from bitquant import runtime
+from bitquant.convert import convert
+from bitquant.runtime import TernaryLinear, is_ternary, load_ternary
+from conftest import make_checkpoint
+from reference import RefTernaryLinear
+
+IDS = torch.tensor([[5, 9, 33, 2, 71, 64, 18, 90, 11, 40]])
+
+
+def random_layer(out=48, inp=40, bias=True, act_quant=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-1, 2, (out, inp), generator=g, dtype=torch.int8)
+    ws = torch.tensor([37.5])
+    b = torch.randn(out, generator=g) if bias else None
+    return codes, ws, b
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_int8_kernel_equals_float_reference(rows):
+    codes, ws, b = random_layer()
+    x = torch.randn(2, rows, 40)
+    ours = TernaryLinear(codes, ws, b)(x)
+    ref = RefTernaryLinear(codes, ws, b)(x)
+    assert ours.shape == (2, rows, 48)
+    assert torch.allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_float_fallback_equals_int8_kernel(monkeypatch):
+    codes, ws, b = random_layer(bias=False)
+    layer = TernaryLinear(codes, ws, b)
+    x = torch.randn(30, 40)
+    fast = layer(x)
+    monkeypatch.setattr(TernaryLinear, "_int8_ok", lambda self, rows: False)
+    assert torch.equal(layer(x), fast)  # integer sums are exact in float32 too
+
+
+def test_weights_only_is_plain_dequantized_linear():
+    codes, ws, b = random_layer()
+    x = torch.randn(5, 40)
+    y = TernaryLinear(codes, ws, b, act_quant=False)(x)
+    assert torch.allclose(y, x @ (codes.float() / ws).t() + b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(y, TernaryLinear(codes, ws, b)(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture
+def converted(tmp_path):
+    src = make_checkpoint(tmp_path / "src", arch="qwen2", tied=True)
+    convert(str(src), tmp_path / "out")
+    return src, tmp_path / "out"
+
+
+def test_loaded_ternary_model_equals_transformers_bitlinear(converted):
+    from transformers import AutoModelForCausalLM
+
+    src, out = converted
+    assert is_ternary(out) and not is_ternary(src)
+    ours = load_ternary(out, torch.float32, "cpu")
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert type(theirs.model.layers[0].mlp.up_proj).__name__ == "BitLinear"
+    assert isinstance(ours.model.layers[0].mlp.up_proj, TernaryLinear)
+    assert ours.model.layers[0].self_attn.q_proj.bias is not None
+    with torch.no_grad():
+        a, b = ours(IDS).logits, theirs(IDS).logits
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert ours.lm_head.weight.data_ptr() == ours.model.embed_tokens.weight.data_ptr()  # tied
+
+
+def test_weights_only_model_equals_dequantized_fp_forward(converted):
+    from transformers import AutoModelForCausalLM
+    from safetensors import safe_open
+
+    src, out = converted
+    ours = load_ternary(out, torch.float32, "cpu", act_quant=False)
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with safe_open(out / "model.safetensors", "pt") as f, torch.no_grad():
+        for name, module in fp.named_modules():
+            if isinstance(getattr(ours.get_submodule(name), "codes_f", None), torch.Tensor):
+                codes = ours.get_submodule(name).codes_f
+                module.weight.copy_(codes / f.get_tensor(name + ".weight_scale").float())
+        assert torch.allclose(ours(IDS).logits, fp(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mismatched_checkpoint_is_reported(converted):
+    from safetensors.torch import load_file, save_file
+
+    _, out = converted
+    sd = load_file(out / "model.safetensors")
+    del sd["model.norm.weight"]
+    save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
+    from bitquant.errors import SourceError
+
+    with pytest.raises(SourceError, match="does not match its config"):
+        runtime.load_ternary(out, torch.float32, "cpu")
