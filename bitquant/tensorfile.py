@@ -9,7 +9,7 @@ transformers; the header keys are written in the order given, so the bytes are
 deterministic.
 
 The reader maps the file (copy-on-write, never written) and returns zero-copy tensor
-views, after validating the header against the file size so that truncated or corrupted
+views that keep the mapping alive, after validating the header against the file size so that truncated or corrupted
 files are reported clearly instead of crashing later.
 """
 
@@ -139,11 +139,10 @@ class SafetensorsReader:
         return flat.view(spec.dtype).view(spec.shape)
 
     def close(self) -> None:
-        if self._map is not None:
-            try:
-                self._map.close()
-            except BufferError:
-                pass  # a tensor view still references the map; it is released with it
+        """Close the file. The mapping is not unmapped here: tensors returned by ``get``
+        keep it alive and it is released with the last of them (unmapping under a live
+        view would crash)."""
+        self._map = None
         self._file.close()
 
     def __enter__(self) -> "SafetensorsReader":
