@@ -18,8 +18,9 @@ from typing import Callable
 
 import torch
 
-from bitquant import __version__, card
+from bitquant import __version__, card, evaluate
 from bitquant.errors import SourceError, TensorError
+from bitquant.evaluate import EvalSettings, WindowProgress
 from bitquant.formats import hf_bitnet
 from bitquant.recipe import Recipe, load_recipe
 from bitquant.report import ConvertReport, KeptTensor, LayerStats, OutputFile, SizeStats
@@ -30,6 +31,9 @@ from bitquant.ternary import check_float, quantize_absmean
 
 #: Default largest output shard, in bytes (as transformers' save_pretrained).
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
+
+#: Evaluation settings of ``convert --eval-text``: the first 16,384 tokens, windows of 512.
+DEFAULT_EVAL = EvalSettings(context=512, stride=512, max_tokens=16384)
 
 #: Called after each source tensor: (tensors done, tensors in all, name just done).
 ProgressFn = Callable[[int, int, str], None]
@@ -95,9 +99,14 @@ def convert(
     overwrite: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
     progress: ProgressFn | None = None,
+    eval_text: str | Path | None = None,
+    eval_settings: EvalSettings = DEFAULT_EVAL,
+    eval_progress: WindowProgress | None = None,
 ) -> ConvertReport:
     """Convert ``model`` (Hub id, folder or ``embedded:NAME``) into a ternary checkpoint at ``out``.
 
+    With ``eval_text``, the source and the result are evaluated on the same tokens and the
+    report gains a ``perplexity`` object (see :func:`bitquant.evaluate.compare`).
     Returns the report, which is also written to ``out/report.json`` with a model card in
     ``out/README.md``. ``out`` appears only when everything succeeded.
     """
@@ -109,6 +118,7 @@ def convert(
     ckpt = open_checkpoint(source.path)
     plan = plan_conversion(ckpt, recipe)
     shards = hf_bitnet.plan_shards(plan.specs, max_shard_size)
+    tokens = evaluate.tokenize_for(ckpt.path, eval_text, eval_settings) if eval_text is not None else None
 
     with staged_output(out, overwrite) as tmp:
         layers, files = _write_weights(ckpt, plan, shards, tmp, recipe, progress)
@@ -117,6 +127,9 @@ def convert(
         hf_bitnet.write_index(tmp, shards)
         hf_bitnet.copy_files(ckpt.path, tmp, CARRIED_FILES)
         files += _hash_small_files(tmp, exclude={f.name for f in files})
+        perplexity = None
+        if tokens is not None:
+            perplexity = evaluate.compare(ckpt.path, tmp, tokens, settings=eval_settings, progress=eval_progress)
         report = ConvertReport(
             bitquant_version=__version__,
             source=source.to_dict(),
@@ -131,6 +144,7 @@ def convert(
             versions=_versions(),
             elapsed_seconds=0.0,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            perplexity=perplexity,
             notes=_notes(layers),
         )
         report.elapsed_seconds = round(time.monotonic() - started, 3)

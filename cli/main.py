@@ -6,6 +6,7 @@ code; anything unexpected becomes one line and exit code 1. ``--debug`` shows tr
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import sys
@@ -103,32 +104,78 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private or gated models.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--eval-text", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="Measure perplexity, KL and top-1 agreement of source and result on this UTF-8 text.")
+@click.option("--eval-max-tokens", type=click.IntRange(min=2), default=16384, show_default=True, help="Tokens of --eval-text to use.")
+@click.option("--eval-context", type=click.IntRange(min=2), default=512, show_default=True, help="Window length for --eval-text.")
+@click.option("--eval-stride", type=click.IntRange(min=1), default=None, help="Window step for --eval-text (default: the window length).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
 @debug_option
-def convert(model, out, config, exclude, revision, token, overwrite, max_shard_size, as_json):
+def convert(model, out, config, exclude, revision, token, overwrite, max_shard_size, eval_text, eval_max_tokens,
+            eval_context, eval_stride, as_json):
     """Convert MODEL (Hub id, local folder, or embedded:smollm2-135m) into a packed ternary model.
 
     \b
     Examples:
       bitquant convert embedded:smollm2-135m -o smollm2-ternary
-      bitquant convert ./my-llama-fp16 -o ./my-llama-ternary --config absmean
+      bitquant convert ./my-llama-fp16 -o ./my-llama-ternary --eval-text book.txt
       bitquant convert HuggingFaceTB/SmolLM2-135M --revision main -o smollm2-ternary
     """
     from bitquant.convert import convert as run_convert
+    from bitquant.evaluate import EvalSettings
     from bitquant.recipe import load_recipe
 
     recipe = load_recipe(config)
     if exclude:
         recipe = recipe.replace(exclude=tuple(recipe.exclude) + tuple(exclude))
-    with render.tensor_progress(enabled=not as_json) as progress:
+    settings = EvalSettings(context=eval_context, stride=eval_stride, max_tokens=eval_max_tokens)
+    with render.tensor_progress(enabled=not as_json) as progress, render.window_progress(enabled=not as_json) as eval_progress:
         report = run_convert(
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite,
-            max_shard_size=max_shard_size, progress=progress,
+            max_shard_size=max_shard_size, progress=progress, eval_text=eval_text, eval_settings=settings,
+            eval_progress=eval_progress,
         )
     if as_json:
         click.echo(report.to_json(), nl=False)
     else:
         render.convert_summary(report, out)
+
+
+@cli.command("eval")
+@click.argument("model")
+@click.argument("text_file", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--context", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Tokens between window starts (default: --context).")
+@click.option("--max-tokens", type=click.IntRange(min=2), default=None, help="Use only the first N tokens (read in a stream).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")
+@click.option("--weights-only", is_flag=True, help="Ternary models: skip the 8-bit activation quantization.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@debug_option
+def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weights_only, revision, token, as_json):
+    """Perplexity of MODEL (FP16/BF16 checkpoint, bitquant output, Hub id or embedded:NAME) on TEXT_FILE.
+
+    Ternary models run as deployed: ternary weights and 8-bit per-token activations (W1.58A8).
+
+    \b
+    Examples:
+      bitquant eval embedded:smollm2-135m book.txt
+      bitquant eval ./smollm2-ternary book.txt --json
+      bitquant eval ./smollm2-ternary book.txt --weights-only --max-tokens 4096
+    """
+    from bitquant.evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(context=context, stride=stride, max_tokens=max_tokens, device=device, dtype=dtype)
+    with render.window_progress(enabled=not as_json) as progress:
+        result = evaluate(model, text_file, settings=settings, act_quant=not weights_only, revision=revision,
+                          token=token, progress=progress)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        render.eval_summary(result)
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from bitquant.evaluate import EvalResult
 from bitquant.report import ConvertReport
 
 out = Console(soft_wrap=True)
@@ -45,6 +46,31 @@ def tensor_progress(enabled: bool = True, label: str = "quantizing") -> Iterator
             bar.update(task, completed=done, total=total, description=name)
 
         yield update
+
+
+@contextmanager
+def window_progress(enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar over evaluation windows, on a terminal only."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    with Progress(
+        TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+    ) as bar:
+        task = bar.add_task("windows", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def eval_summary(r: EvalResult) -> None:
+    t = Table(title=f"bitquant eval {r.model}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("perplexity", f"{_fmt(r.perplexity)} ± {_fmt(r.stderr)}")
+    t.add_row("model", f"{r.model} ({r.mode})")
+    t.add_row("text", f"{r.text} ({r.text_tokens:,} tokens{', truncated by --max-tokens' if r.truncated else ''}; sha256 {r.text_sha256[:12]})")
+    t.add_row("scored tokens", f"{r.tokens:,} in {r.windows} windows (context {r.context}, stride {r.stride})")
+    t.add_row("speed", f"{r.tokens_per_second:,.0f} tokens/s, {r.seconds:.1f} s ({r.device}, {r.dtype})")
+    out.print(t)
 
 
 def convert_summary(report: ConvertReport, out_dir: Path) -> None:

@@ -119,3 +119,20 @@ print(json.dumps({{"logits": logits.tolist()}}))
     err = float((got_logits - logits).norm() / logits.norm())
     assert err < 0.01, f"relative logit error {err:.4f}"
     assert float((got_logits.argmax(-1) == logits.argmax(-1)).float().mean()) > 0.95
+
+
+def test_eval_agrees_with_transformers_bitnet_loader(smollm2_fp16, tmp_path):
+    """On a well-conditioned real model, bitquant's ternary eval equals transformers' within 0.5%."""
+    from transformers import AutoModelForCausalLM
+
+    from bitquant.evaluate import EvalSettings, evaluate, token_nlls, tokenize_for
+
+    out = tmp_path / "middle"
+    convert(str(smollm2_fp16), out, recipe=load_recipe("absmean-middle"))
+    settings = EvalSettings(context=512, max_tokens=2048)
+    ours = evaluate(str(out), DATA / "alice29.txt", settings=settings)
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    nll, _ = token_nlls(theirs, tokenize_for(out, DATA / "alice29.txt", settings).ids, 512, 512, "cpu")
+    ppl_theirs = float(torch.exp(nll.mean()))
+    assert ours.mode == "ternary W1.58A8"
+    assert abs(ours.perplexity / ppl_theirs - 1) < 0.005, (ours.perplexity, ppl_theirs)
