@@ -45,6 +45,9 @@ class Recipe:
     ``indivisible`` says what to do with a projection whose output size is not a multiple
     of 4 (the packed layout needs it): ``error`` stops, ``keep`` keeps it in full precision
     and lists it in the report.
+
+    ``eval_*`` are the evaluation settings of ``convert --eval-text``; ``max_ppl_ratio`` and
+    ``max_kl`` are quality gates checked against that evaluation (``None``: no gate).
     """
 
     name: str = DEFAULT_RECIPE
@@ -55,6 +58,11 @@ class Recipe:
     projections: tuple[str, ...] = PROJECTIONS
     exclude: tuple[str, ...] = ()
     indivisible: str = "error"
+    eval_context: int = 512
+    eval_stride: int | None = None
+    eval_max_tokens: int = 16384
+    max_ppl_ratio: float | None = None
+    max_kl: float | None = None
     description: str = ""
 
     def __post_init__(self) -> None:
@@ -73,8 +81,15 @@ class Recipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **changes: Any) -> "Recipe":
-        """A copy with some fields overridden (command-line options); validated again."""
-        return dataclasses.replace(self, **_coerce(changes))
+        """A copy with the given fields overridden (command-line options); ``None`` values
+        mean "not given" and leave the field as it is. Validated again."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **_coerce(given)) if given else self
+
+    @property
+    def gates(self) -> dict[str, float]:
+        """The quality gates that are set."""
+        return {k: v for k, v in (("max_ppl_ratio", self.max_ppl_ratio), ("max_kl", self.max_kl)) if v is not None}
 
     def is_target(self, module: str) -> bool:
         """True when ``module`` (e.g. ``model.layers.3.mlp.up_proj``) is to be ternarized."""
@@ -94,6 +109,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "projections": (tuple,),
     "exclude": (tuple,),
     "indivisible": (str,),
+    "eval_context": (int,),
+    "eval_stride": (int, type(None)),
+    "eval_max_tokens": (int,),
+    "max_ppl_ratio": (float, int, type(None)),
+    "max_kl": (float, int, type(None)),
     "description": (str,),
 }
 
@@ -110,7 +130,7 @@ def _validate(r: Recipe) -> None:
     for name, types in _TYPES.items():
         value = getattr(r, name)
         if isinstance(value, bool) or not isinstance(value, types):
-            want = " or ".join("list" if t is tuple else t.__name__ for t in types)
+            want = " or ".join({tuple: "list", type(None): "null"}.get(t, t.__name__) for t in types)
             raise RecipeError(f"recipe field {name!r} must be a {want}, got {value!r}")
     for name in ("projections", "exclude"):
         for item in getattr(r, name):
@@ -128,6 +148,17 @@ def _validate(r: Recipe) -> None:
         raise RecipeError(f"recipe field 'projections' names unknown projections {unknown}; known: {list(PROJECTIONS)}")
     if not 0 < r.eps < 1:
         raise RecipeError(f"recipe field 'eps' must be between 0 and 1, got {r.eps}")
+    if r.eval_context < 2 or r.eval_max_tokens < r.eval_context:
+        raise RecipeError(
+            f"recipe fields 'eval_context' ({r.eval_context}) and 'eval_max_tokens' ({r.eval_max_tokens}) "
+            "need 2 <= eval_context <= eval_max_tokens"
+        )
+    if r.eval_stride is not None and not 1 <= r.eval_stride <= r.eval_context:
+        raise RecipeError(f"recipe field 'eval_stride' must be between 1 and eval_context, got {r.eval_stride}")
+    for gate in ("max_ppl_ratio", "max_kl"):
+        value = getattr(r, gate)
+        if value is not None and value <= 0:
+            raise RecipeError(f"recipe field {gate!r} must be positive, got {value}")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -153,7 +184,7 @@ def recipe_from_dict(data: Any, origin: str) -> Recipe:
     try:
         return Recipe(**_coerce(data))
     except RecipeError as e:
-        raise RecipeError(f"recipe {origin}: {e.message}") from None
+        raise RecipeError(f"recipe {origin}: {e.message.removeprefix('recipe ')}") from None
 
 
 def load_recipe(spec: str | Path | None = None) -> Recipe:

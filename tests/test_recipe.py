@@ -71,3 +71,10 @@ def test_invalid_yaml_and_missing_files(tmp_path):
         load_recipe("fancy")
     with pytest.raises(RecipeError, match="YAML mapping"):
         load_recipe(write(tmp_path, "- a\n- b\n"))
+
+
+def test_example_nightly_recipe_loads():
+    from conftest import REPO
+
+    r = load_recipe(REPO / "examples" / "nightly-recipe.yaml")
+    assert r.gates == {"max_ppl_ratio": 1.05, "max_kl": 0.05}
