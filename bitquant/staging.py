@@ -1,14 +1,19 @@
 """Atomic output folders: write beside the target, rename at the end.
 
-``staged_output(out)`` yields a fresh hidden folder next to ``out`` (same filesystem, so
-the final rename is atomic). If the body raises (an error, Ctrl-C, a SIGTERM turned into
-an exception by the CLI) the staging folder is removed and ``out`` is untouched. An
-existing ``out`` is refused unless ``overwrite``; then it is replaced only after the new
-output is complete, by renaming it aside first, so a failure never loses it.
+``staged_output(out)`` yields a hidden folder next to ``out`` (same filesystem, so the
+final rename is atomic). ``out`` is untouched until the body has succeeded. An existing
+``out`` is refused unless ``overwrite``; then it is replaced only after the new output is
+complete, by renaming it aside first, so a failure never loses it.
+
+With a ``key`` (the conversion fingerprint) the staging folder is named after it, so an
+interrupted run can be resumed: on Ctrl-C or SIGTERM (``KeyboardInterrupt``) the folder is
+kept, and after SIGKILL it is simply still there. On any other error it is removed.
+Staging folders of the same output with another key are stale and are removed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -16,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from bitquant.errors import OutputError
+from bitquant.errors import OutputError, WriteFailure
 
 STAGING_PREFIX = ".bitquant-tmp-"
 
@@ -39,12 +44,26 @@ def _umask() -> int:
     return mask
 
 
+def _make_staging(out: Path, key: str | None) -> Path:
+    if key is None:
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-", dir=out.parent))
+    tmp = out.parent / f"{STAGING_PREFIX}{out.name}-{key[:16]}"
+    for stale in out.parent.glob(f"{STAGING_PREFIX}{out.name}-*"):
+        if stale != tmp and stale.is_dir() and len(stale.name) == len(tmp.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp.mkdir(exist_ok=True)
+    return tmp
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO}
+
+
 @contextmanager
-def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(out: Path, overwrite: bool = False, key: str | None = None) -> Iterator[Path]:
     out = Path(out).absolute()
     check_target(out, overwrite)
     try:
-        tmp = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-", dir=out.parent))
+        tmp = _make_staging(out, key)
     except OSError as e:
         raise OutputError(f"cannot write into {out.parent}: {e.strerror}; choose another -o") from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like any new folder
@@ -58,6 +77,17 @@ def staged_output(out: Path, overwrite: bool = False) -> Iterator[Path]:
             shutil.rmtree(aside, ignore_errors=True)
         else:
             tmp.rename(out)
+    except KeyboardInterrupt:
+        if key is None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in _WRITE_ERRNOS:
+            raise WriteFailure(
+                f"writing the output beside {out} failed: {e.strerror}; free some space or choose another -o"
+            ) from e
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -187,7 +187,7 @@ class SafetensorsStreamWriter:
             self._hash.update(data)
             self.nbytes += len(data) if isinstance(data, bytes) else data.nbytes
         except OSError as e:
-            raise WriteFailure(f"writing {self.path} failed: {e.strerror}; free some space or choose another output folder") from None
+            raise WriteFailure(f"writing {self.path.name} failed: {e.strerror}; free some space or choose another output folder") from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.specs):
@@ -212,7 +212,7 @@ class SafetensorsStreamWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
         except OSError as e:
-            raise WriteFailure(f"writing {self.path} failed: {e.strerror}; free some space or choose another output folder") from None
+            raise WriteFailure(f"writing {self.path.name} failed: {e.strerror}; free some space or choose another output folder") from None
         finally:
             self._f.close()
 

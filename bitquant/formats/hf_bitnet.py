@@ -24,6 +24,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -96,16 +97,31 @@ def plan_shards(specs: list[TensorSpec], max_shard_size: int) -> list[Shard]:
 
 
 class ShardedWriter:
-    """Streams tensors into the planned shards, opening each file when the previous fills."""
+    """Streams tensors into the planned shards, opening each file when the previous fills.
 
-    def __init__(self, folder: Path, shards: list[Shard]):
+    Shards named in ``done`` (finished by an interrupted run and verified) are not
+    written again: tensors planned for them are ignored. ``on_shard`` is called with each
+    shard's :class:`OutputFile` once it is flushed.
+    """
+
+    def __init__(self, folder: Path, shards: list[Shard], done: dict[str, OutputFile] | None = None,
+                 on_shard: Callable[[OutputFile], None] | None = None):
         self.folder = folder
-        self._pending = list(shards)
+        self.done = dict(done or {})
+        self._pending = [s for s in shards if s.filename not in self.done]
+        self._shard_of = {spec.name: shard.filename for shard in shards for spec in shard.specs}
+        self._on_shard = on_shard
         self._writer: SafetensorsStreamWriter | None = None
         self._left = 0
-        self.files: list[OutputFile] = []
+        self.files: list[OutputFile] = list(self.done.values())
+
+    def skips(self, name: str) -> bool:
+        """True when ``name`` belongs to a shard that is already finished."""
+        return self._shard_of[name] in self.done
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self.skips(name):
+            return
         if self._writer is None:
             shard = self._pending.pop(0)
             self._writer = SafetensorsStreamWriter(self.folder / shard.filename, list(shard.specs))
@@ -114,8 +130,11 @@ class ShardedWriter:
         self._left -= 1
         if self._left == 0:
             self._writer.close()
-            self.files.append(OutputFile(self._writer.path.name, self._writer.nbytes, self._writer.sha256))
+            done = OutputFile(self._writer.path.name, self._writer.nbytes, self._writer.sha256)
+            self.files.append(done)
             self._writer = None
+            if self._on_shard:
+                self._on_shard(done)
 
     def close(self) -> list[OutputFile]:
         if self._writer is not None or self._pending:
