@@ -58,6 +58,7 @@ class ConvertReport:
     architecture: str
     recipe: dict[str, Any]
     recipe_sha256: str
+    fingerprint: str  # sha256 over source (commit or file stats), recipe, bitquant version, eval text
     format: str
     size: SizeStats
     layers: list[LayerStats]
@@ -67,13 +68,30 @@ class ConvertReport:
     elapsed_seconds: float
     created_at: str
     perplexity: dict[str, Any] | None = None
+    gates: list[dict[str, Any]] | None = None  # one GateResult per gate that was set
+    resumed_shards: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    published: dict[str, Any] | None = None  # where --push-to-hub uploaded it
+    up_to_date: bool = False  # set when convert found OUT already up to date (not saved)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d.pop("up_to_date")
         for layer in d["layers"]:
             layer["shape"] = list(layer["shape"])
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ConvertReport":
+        d = dict(d)
+        d["size"] = SizeStats(**d["size"])
+        d["layers"] = [LayerStats(**{**l, "shape": tuple(l["shape"])}) for l in d["layers"]]
+        d["kept_full_precision"] = [KeptTensor(**k) for k in d["kept_full_precision"]]
+        d["files"] = [OutputFile(**f) for f in d["files"]]
+        return cls(**d)
+
+    def gates_failed(self) -> list[dict[str, Any]]:
+        return [g for g in self.gates or [] if not g["passed"]]
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n"

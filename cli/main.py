@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from bitquant import __version__
-from bitquant.errors import EXIT_RUNTIME, EXIT_USAGE, BitquantError
+from bitquant.errors import EXIT_GATE, EXIT_RUNTIME, BitquantError
 
 from bitquant.cli import render
 
@@ -39,7 +39,9 @@ class _Group(click.Group):
             _fail(ctx, e.message, e.exit_code, e)
         except KeyboardInterrupt as e:
             what = "terminated" if isinstance(e, Terminated) else "interrupted"
-            _fail(ctx, f"{what}; nothing was written under the output name", EXIT_INTERRUPTED, e)
+            if ctx.invoked_subcommand == "convert":
+                what += "; nothing was written under the output name, and a re-run resumes from the finished shards"
+            _fail(ctx, what, EXIT_INTERRUPTED, e)
         except Exception as e:  # an internal failure: still one line, unless --debug
             first = str(e).splitlines()[0] if str(e) else ""
             _fail(ctx, f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", EXIT_RUNTIME, e)
@@ -100,45 +102,60 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
 @click.option("--config", "config", default=None, metavar="NAME|FILE", help="Recipe: a bundled name (absmean, absmean-middle) or a YAML file. Default: absmean.")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep modules matching this shell pattern in full precision (repeatable), e.g. 'model.layers.0.*'.")
-@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
-@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private or gated models.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (Hub ids only).")
+@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private or gated models, and for --push-to-hub.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@click.option("--force", is_flag=True, help="Convert even when OUT is already up to date (implies --overwrite).")
 @click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--eval-text", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
               help="Measure perplexity, KL and top-1 agreement of source and result on this UTF-8 text.")
-@click.option("--eval-max-tokens", type=click.IntRange(min=2), default=16384, show_default=True, help="Tokens of --eval-text to use.")
-@click.option("--eval-context", type=click.IntRange(min=2), default=512, show_default=True, help="Window length for --eval-text.")
+@click.option("--eval-max-tokens", type=click.IntRange(min=2), default=None, help="Tokens of --eval-text to use (recipe default 16384).")
+@click.option("--eval-context", type=click.IntRange(min=2), default=None, help="Window length for --eval-text (recipe default 512).")
 @click.option("--eval-stride", type=click.IntRange(min=1), default=None, help="Window step for --eval-text (default: the window length).")
+@click.option("--max-ppl-ratio", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if ternary/source perplexity exceeds this.")
+@click.option("--max-kl", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if the mean KL (nats) exceeds this.")
+@click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Upload OUT to this Hub repo when done (not when a gate failed).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--push-revision", default=None, metavar="BRANCH", help="With --push-to-hub: branch to commit to (created if needed).")
+@click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
 @debug_option
-def convert(model, out, config, exclude, revision, token, overwrite, max_shard_size, eval_text, eval_max_tokens,
-            eval_context, eval_stride, as_json):
+def convert(model, out, config, exclude, revision, token, overwrite, force, max_shard_size, eval_text, eval_max_tokens,
+            eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json):
     """Convert MODEL (Hub id, local folder, or embedded:smollm2-135m) into a packed ternary model.
+
+    Exit codes: 0 done (or already up to date), 1 runtime failure, 2 bad input, 3 quality gate failed
+    (the output is still written).
 
     \b
     Examples:
       bitquant convert embedded:smollm2-135m -o smollm2-ternary
-      bitquant convert ./my-llama-fp16 -o ./my-llama-ternary --eval-text book.txt
+      bitquant convert ./my-llama-fp16 -o ./my-llama-ternary --eval-text book.txt --max-ppl-ratio 1.5
       bitquant convert HuggingFaceTB/SmolLM2-135M --revision main -o smollm2-ternary
     """
     from bitquant.convert import convert as run_convert
-    from bitquant.evaluate import EvalSettings
     from bitquant.recipe import load_recipe
 
     recipe = load_recipe(config)
-    if exclude:
-        recipe = recipe.replace(exclude=tuple(recipe.exclude) + tuple(exclude))
-    settings = EvalSettings(context=eval_context, stride=eval_stride, max_tokens=eval_max_tokens)
+    recipe = recipe.replace(
+        exclude=tuple(recipe.exclude) + tuple(exclude) if exclude else None,
+        eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
+        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl,
+    )
     with render.tensor_progress(enabled=not as_json) as progress, render.window_progress(enabled=not as_json) as eval_progress:
         report = run_convert(
-            model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite,
-            max_shard_size=max_shard_size, progress=progress, eval_text=eval_text, eval_settings=settings,
-            eval_progress=eval_progress,
+            model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
+            max_shard_size=max_shard_size, progress=progress, eval_text=eval_text, eval_progress=eval_progress,
+            push_to_hub=push_to_hub, push_private=private, push_revision=push_revision, push_create_pr=create_pr,
         )
     if as_json:
         click.echo(report.to_json(), nl=False)
     else:
         render.convert_summary(report, out)
+    failed = report.gates_failed()
+    if failed:
+        click.echo(f"error: quality gate failed: {'; '.join(render.gate_line(g) for g in failed)}; output written to {out}", err=True)
+        click.get_current_context().exit(EXIT_GATE)
 
 
 @cli.command("eval")

@@ -73,7 +73,18 @@ def eval_summary(r: EvalResult) -> None:
     out.print(t)
 
 
+def gate_line(g: dict) -> str:
+    what = "perplexity ratio" if g["gate"] == "max_ppl_ratio" else "mean KL"
+    if g["passed"]:
+        return f"{what} {_fmt(g['value'])} <= {_fmt(g['limit'])} ({g['option']}) passed"
+    return f"{what} {_fmt(g['value'])} > {_fmt(g['limit'])} ({g['option']}), {_fmt(g['value'] / g['limit'])}x the limit"
+
+
 def convert_summary(report: ConvertReport, out_dir: Path) -> None:
+    if report.up_to_date:
+        out.print(f"{out_dir} is up to date (same source, recipe {report.recipe_sha256[:12]}, bitquant "
+                  f"{report.bitquant_version}); nothing to do. Use --force to convert again.")
+        return
     size = report.size
     s = report.summary()
     t = Table(title=f"bitquant convert -> {out_dir}", show_header=False, title_justify="left")
@@ -95,6 +106,10 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
         t.add_row("KL / top-1", f"{_fmt(ppl['kl_mean'])} nats, {ppl['top1_agreement']:.1%} agreement")
     else:
         t.add_row("perplexity", "not measured (add --eval-text FILE)")
+    for g in report.gates or []:
+        t.add_row("gate", ("[green]" if g["passed"] else "[red]") + gate_line(g))
+    if report.published:
+        t.add_row("published", report.published["url"])
     t.add_row("elapsed", f"{report.elapsed_seconds:.1f} s")
     out.print(t)
     for note in report.notes:
