@@ -136,3 +136,44 @@ def test_eval_agrees_with_transformers_bitnet_loader(smollm2_fp16, tmp_path):
     ppl_theirs = float(torch.exp(nll.mean()))
     assert ours.mode == "ternary W1.58A8"
     assert abs(ours.perplexity / ppl_theirs - 1) < 0.005, (ours.perplexity, ppl_theirs)
+
+
+def test_nightly_properties_on_smollm2(smollm2_fp16, tmp_path):
+    """Same inputs -> identical files; a second run is skipped fast; SIGKILL half-way then resume."""
+    import subprocess
+    import sys
+    import time
+
+    from bitquant.cli.main import cli
+    from click.testing import CliRunner
+
+    a = convert(str(smollm2_fp16), tmp_path / "a", max_shard_size=5_000_000)
+    b = convert(str(smollm2_fp16), tmp_path / "b", max_shard_size=5_000_000)
+    assert len([f for f in a.files if f.name.endswith(".safetensors")]) >= 4
+    assert [(f.name, f.sha256) for f in a.files] == [(f.name, f.sha256) for f in b.files]
+
+    start = time.monotonic()
+    r = CliRunner().invoke(cli, ["convert", str(smollm2_fp16), "-o", str(tmp_path / "a"), "--max-shard-size", "5MB"])
+    skipped_in = time.monotonic() - start
+    assert r.exit_code == 0 and "is up to date" in r.output
+    assert skipped_in < 5, skipped_in
+
+    killer = (
+        "import os, signal, sys\n"
+        "import bitquant.convert as c\n"
+        "real = c.quantize_absmean; n = [0]\n"
+        "def dying(*a, **k):\n"
+        "    n[0] += 1\n"
+        "    if n[0] == 105: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(*a, **k)\n"
+        "c.quantize_absmean = dying\n"
+        "from bitquant.cli.main import main\n"
+        f"sys.argv = ['bitquant', 'convert', {str(smollm2_fp16)!r}, '-o', {str(tmp_path / 'c')!r}, '--max-shard-size', '5MB']\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", killer], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == -9 and not (tmp_path / "c").exists()
+    c = convert(str(smollm2_fp16), tmp_path / "c", max_shard_size=5_000_000)
+    assert c.resumed_shards, "nothing was resumed"
+    assert [(f.name, f.sha256) for f in c.files] == [(f.name, f.sha256) for f in a.files]
+    print(f"\nshards {len(a.files)}, resumed {len(c.resumed_shards)}, skip took {skipped_in:.2f} s")

@@ -1,0 +1,259 @@
+"""Every bad input a user can give: one clear line, the right exit code, nothing lost.
+
+Each case runs the real command line in a subprocess (Hub cases against a local fake
+Hub). The last test renders every case's exit code and message into
+``docs/bad-inputs.md`` and checks that the committed file is current; run with
+``BITQUANT_WRITE_DOCS=1`` to rewrite it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+from conftest import DATA, REPO, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint
+from fake_hub import FakeHub
+
+DOC = REPO / "docs" / "bad-inputs.md"
+TEXT = str(DATA / "alice29.txt")
+
+
+@dataclass
+class Case:
+    id: str
+    what: str
+    setup: Callable  # (tmp: Path, src: Path, hub_url: str) -> (args, extra env)
+    code: int
+    expect: str
+    limit_file_size: bool = False
+
+
+def edit_config(src, **changes):
+    cfg = json.loads((src / "config.json").read_text())
+    cfg.update(changes)
+    (src / "config.json").write_text(json.dumps(cfg))
+
+
+def edit_weights(src, fn):
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(src / "model.safetensors")
+    fn(sd)
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def conv(src, *extra):
+    return ["convert", str(src), "-o", "out", *extra]
+
+
+def s_nan(tmp, src, hub):
+    edit_weights(src, lambda sd: sd["model.layers.1.mlp.up_proj.weight"].__setitem__((0, 0), float("nan")))
+    return conv(src), {}
+
+
+def s_inf(tmp, src, hub):
+    edit_weights(src, lambda sd: sd["model.layers.0.self_attn.k_proj.weight"].__setitem__((1, 2), float("inf")))
+    return conv(src), {}
+
+
+def s_int(tmp, src, hub):
+    import torch
+
+    edit_weights(src, lambda sd: sd.__setitem__("model.layers.0.mlp.down_proj.weight", sd["model.layers.0.mlp.down_proj.weight"].to(torch.int32)))
+    return conv(src), {}
+
+
+def s_truncated(tmp, src, hub):
+    data = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(data[: len(data) // 2])
+    return conv(src), {}
+
+
+def s_corrupt_header(tmp, src, hub):
+    data = bytearray((src / "model.safetensors").read_bytes())
+    data[8:40] = b"#" * 32
+    (src / "model.safetensors").write_bytes(bytes(data))
+    return conv(src), {}
+
+
+def s_missing_shard(tmp, src, hub):
+    index = {"metadata": {}, "weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors",
+                                            "lm_head.weight": "model-00002-of-00002.safetensors"}}
+    (src / "model.safetensors").rename(src / "model-00001-of-00002.safetensors")
+    (src / "model.safetensors.index.json").write_text(json.dumps(index))
+    return conv(src), {}
+
+
+def s_escape(tmp, src, hub):
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"lm_head.weight": "../../etc/passwd"}}))
+    return conv(src), {}
+
+
+def s_pickle(tmp, src, hub):
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")
+    return conv(src), {}
+
+
+def s_out_exists(tmp, src, hub):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "precious.txt").write_text("keep me")
+    return conv(src), {}
+
+
+def s_recipe(body):
+    def setup(tmp, src, hub):
+        (tmp / "recipe.yaml").write_text(body)
+        return conv(src, "--config", "recipe.yaml"), {}
+
+    return setup
+
+
+def s_text(content):
+    def setup(tmp, src, hub):
+        if content is not None:
+            (tmp / "book.txt").write_bytes(content)
+        return conv(src, "--eval-text", "book.txt"), {}
+
+    return setup
+
+
+def s_eval_text(content):
+    def setup(tmp, src, hub):
+        if content is not None:
+            (tmp / "book.txt").write_bytes(content)
+        return ["eval", str(src), "book.txt"], {}
+
+    return setup
+
+
+HUB = lambda repo, token: lambda tmp, src, hub: (["convert", repo, "-o", "out"], {"HF_ENDPOINT": hub, "HF_HUB_OFFLINE": "0", **({"HF_TOKEN": token} if token else {})})
+
+CASES = [
+    Case("hub-missing", "Hub id that does not exist", HUB("acme/no-such-model", "hf_write"), 2, "was not found on the Hub"),
+    Case("hub-gated", "gated repo, no token", HUB("acme/gated", None), 2, "is a gated model"),
+    Case("hub-private", "private repo, no token", HUB("acme/secret", None), 2, "if it is private"),
+    Case("hub-offline", "offline (HF_HUB_OFFLINE=1), no cached copy", lambda t, s, h: (["convert", "acme/model", "-o", "out"], {}), 2, "not in the local Hub cache"),
+    Case("bad-id", "neither a folder nor a valid Hub id", lambda t, s, h: (["convert", "no such model!", "-o", "out"], {}), 2, "neither an existing folder"),
+    Case("no-config", "folder without config.json", lambda t, s, h: ((s / "config.json").unlink() or conv(s), {}), 2, "has no config.json"),
+    Case("architecture", "unsupported architecture", lambda t, s, h: (edit_config(s, architectures=["GPT2LMHeadModel"]) or conv(s), {}), 2, "is not supported"),
+    Case("pickle", "pickle-only checkpoint (.bin)", s_pickle, 2, "only pickle weights"),
+    Case("truncated", "truncated safetensors file", s_truncated, 2, "probably truncated or corrupted"),
+    Case("corrupted", "corrupted safetensors header", s_corrupt_header, 2, "header is not JSON"),
+    Case("missing-shard", "index names a missing shard", s_missing_shard, 2, "which is missing"),
+    Case("escaping-index", "index path escaping the folder", s_escape, 2, "refusing to read it"),
+    Case("nan", "NaN in a weight", s_nan, 2, "contains NaN or Inf"),
+    Case("inf", "Inf in a weight", s_inf, 2, "contains NaN or Inf"),
+    Case("int-dtype", "a weight that is not float", s_int, 2, "not a float type"),
+    Case("out-exists", "output folder exists", s_out_exists, 2, "already exists; pass --overwrite"),
+    Case("out-unwritable", "output folder cannot be written", lambda t, s, h: (["convert", str(s), "-o", "/sys/bitquant-out"], {}), 2, "cannot write into /sys"),
+    Case("disk-full", "disk fills up during the write", lambda t, s, h: (conv(s), {}), 1, "free some space", limit_file_size=True),
+    Case("sigint", "SIGINT during the write", lambda t, s, h: (conv(s), {"BQ_TEST_SIGNAL": "SIGINT"}), 130, "interrupted; nothing was written under the output name, and a re-run resumes"),
+    Case("sigterm", "SIGTERM during the write", lambda t, s, h: (conv(s), {"BQ_TEST_SIGNAL": "SIGTERM"}), 130, "terminated; nothing was written under the output name, and a re-run resumes"),
+    Case("text-missing", "eval text missing", s_text(None), 2, "does not exist"),
+    Case("text-empty", "eval text empty", s_text(b""), 2, "is empty"),
+    Case("text-short", "eval text shorter than one window", s_text(b"Too short to evaluate.\n"), 2, "fewer than one window"),
+    Case("text-binary", "eval text is binary", s_text(bytes(range(256)) * 8), 2, "NUL bytes"),
+    Case("text-latin1", "eval text is not UTF-8", s_text("Caf\u00e9 cr\u00e8me ".encode("latin-1") * 300), 2, "not UTF-8 text"),
+    Case("eval-short", "`bitquant eval` on a too short text", s_eval_text(b"One line.\n"), 2, "fewer than one window"),
+    Case("recipe-unknown", "recipe with an unknown key", s_recipe("name: x\nschema: 1\nepsilon: 0.1\n"), 2, "unknown field 'epsilon'"),
+    Case("recipe-type", "recipe with a wrong type", s_recipe("name: x\nschema: 1\neps: tiny\n"), 2, "field 'eps' must be a float"),
+    Case("recipe-yaml", "recipe that is not YAML", s_recipe("name: [x\n"), 2, "not valid YAML"),
+    Case("gate-no-text", "quality gate without --eval-text", lambda t, s, h: (conv(s, "--max-kl", "0.5"), {}), 2, "need --eval-text"),
+    Case("bad-option", "bad option value", lambda t, s, h: (conv(s, "--max-shard-size", "huge"), {}), 2, "is not a size"),
+]
+
+# Runs the CLI; with BQ_TEST_SIGNAL it sends itself that signal while the first matrix is quantized.
+RUNNER = """
+import os, signal, sys
+sig = os.environ.get("BQ_TEST_SIGNAL")
+if sig:
+    import bitquant.convert as c
+    real = c.quantize_absmean
+    def dying(*a, **k):
+        os.kill(os.getpid(), getattr(signal, sig))
+        return real(*a, **k)
+    c.quantize_absmean = dying
+from bitquant.cli.main import main
+sys.argv = ["bitquant", *sys.argv[1:]]
+main()
+"""
+
+RESULTS: dict[str, tuple[int, str]] = {}
+
+
+def _limit_file_size():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+
+def run_case(case: Case, tmp: Path, tokenizer: Path) -> tuple[int, str]:
+    src = add_tokenizer(make_checkpoint(tmp / "src", vocab_size=TOKENIZER_VOCAB), tokenizer)
+    with FakeHub(gated={"acme/gated"}, private={"acme/secret"}) as hub:
+        args, extra = case.setup(tmp, src, hub.url)
+        env = {**os.environ, "HF_HOME": str(tmp / "hf"), "HF_HUB_OFFLINE": "1", **extra}
+        if "HF_TOKEN" not in extra:
+            env.pop("HF_TOKEN", None)
+        proc = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, cwd=tmp, env=env,
+                              timeout=300, preexec_fn=_limit_file_size if case.limit_file_size else None)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    message = lines[-1] if lines else ""
+    assert proc.returncode == case.code, proc.stderr
+    assert case.expect in message, proc.stderr
+    assert "Traceback" not in proc.stderr
+    if case.code != 2 or not message.startswith("Error: "):  # click's own usage errors print a usage line first
+        assert len(lines) == 1, proc.stderr
+    if case.id == "out-exists":
+        assert (tmp / "out" / "precious.txt").read_text() == "keep me"
+    else:
+        assert not (tmp / "out").exists()
+    leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(".bitquant-tmp-")]
+    if case.id in ("sigint", "sigterm"):
+        assert len(leftovers) <= 1  # kept for resume
+    else:
+        assert not leftovers, leftovers
+    return proc.returncode, message.replace(str(tmp), "<tmp>").replace(hub.url, "<hub>")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tmp_path, tiny_tokenizer_dir):
+    RESULTS[case.id] = run_case(case, tmp_path, tiny_tokenizer_dir)
+
+
+def render() -> str:
+    lines = [
+        "# Bad inputs: messages and exit codes",
+        "",
+        "Produced by `tests/test_bad_inputs.py` (which fails when this file is out of date;",
+        "`BITQUANT_WRITE_DOCS=1 python -m pytest tests/test_bad_inputs.py` rewrites it). Every case",
+        "prints one line on stderr (no traceback unless `--debug`), and leaves nothing under the",
+        "output name; an existing output is never clobbered. `<tmp>` is the working folder.",
+        "",
+        "| case | exit code | message |",
+        "|---|---|---|",
+    ]
+    for c in CASES:
+        code, message = RESULTS[c.id]
+        escaped = message.replace("|", "\\|")
+        lines.append(f"| {c.what} | {code} | `{escaped}` |")
+    return "\n".join(lines) + "\n"
+
+
+def test_docs_table_is_current(tmp_path, tiny_tokenizer_dir):
+    for i, case in enumerate(CASES):
+        if case.id not in RESULTS:  # when run alone (-k), run the missing cases here
+            (tmp_path / str(i)).mkdir()
+            RESULTS[case.id] = run_case(case, tmp_path / str(i), tiny_tokenizer_dir)
+    text = render()
+    if os.environ.get("BITQUANT_WRITE_DOCS"):
+        DOC.parent.mkdir(exist_ok=True)
+        DOC.write_text(text)
+    assert DOC.is_file() and DOC.read_text() == text, "docs/bad-inputs.md is out of date: rerun with BITQUANT_WRITE_DOCS=1"
