@@ -140,7 +140,7 @@ def test_report_sizes_and_hashes_match_disk(tmp_path):
     for f in report.files:
         assert f.bytes == on_disk[f.name].stat().st_size
         assert f.sha256 == hashlib.sha256(on_disk[f.name].read_bytes()).hexdigest()
-    assert {f.name for f in report.files} == set(on_disk) - {"report.json", "README.md"}
+    assert {f.name for f in report.files} == set(on_disk) - {"report.json"}
     q = report.size.quantized_params
     assert report.size.bits_per_weight_quantized == pytest.approx(8 * (q / 4 + 2 * len(report.layers)) / q, rel=1e-3)
     saved = json.loads((out / "report.json").read_text())
