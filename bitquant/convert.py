@@ -33,7 +33,8 @@ from bitquant.report import ConvertReport, KeptTensor, LayerStats, OutputFile, S
 from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_source
 from bitquant.staging import check_target, staged_output
 from bitquant.tensorfile import TensorSpec
-from bitquant.ternary import check_float, quantize_absmean
+from bitquant.kernels import quantize_pack
+from bitquant.ternary import check_float
 
 #: Default largest output shard, in bytes (as transformers' save_pretrained).
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
@@ -231,12 +232,12 @@ def _write_weights(
             if all(writer.skips(o) for o in plan.outputs[name]):
                 pass
             elif name in plan.quantize:
-                t = quantize_absmean(tensor, eps=recipe.eps, name=name)
+                t = quantize_pack(tensor, eps=recipe.eps, name=name)
                 stat = LayerStats(name.removesuffix(".weight"), tuple(tensor.shape), t.scale, t.zero_fraction,
                                   t.relative_error, t.scale_clamped)
                 layers[stat.name] = stat
                 shard_layers.setdefault(shard_of[name], []).append(stat)
-                for out_name, out_tensor in hf_bitnet.encode(name, t.codes, t.scale, tensor.dtype):
+                for out_name, out_tensor in hf_bitnet.encode(name, t.packed, t.scale, tensor.dtype):
                     writer.write(out_name, out_tensor)
             else:
                 writer.write(name, tensor)
@@ -291,6 +292,6 @@ def _notes(layers: list[LayerStats], reused: list[str], n_shards: int) -> list[s
 
 
 def _versions() -> dict[str, str]:
-    import transformers
+    from importlib.metadata import version
 
-    return {"bitquant": __version__, "torch": torch.__version__, "transformers": transformers.__version__}
+    return {"bitquant": __version__, "torch": torch.__version__, "transformers": version("transformers")}

@@ -96,7 +96,8 @@ def zero_fraction(codes: torch.Tensor) -> float:
 def quantize_absmean(w: torch.Tensor, eps: float = DEFAULT_EPS, name: str = "weight") -> TernaryTensor:
     """Ternarize one weight matrix with the BitNet b1.58 absmean recipe.
 
-    Makes one float32 copy of ``w``; the reconstruction error comes from dot products,
+    The reference implementation (the fast path for FP16/BF16 is :mod:`bitquant.kernels`).
+    The reconstruction error comes from float64 dot products,
     ||W - sQ||^2 = ||W||^2 - 2s<W,Q> + s^2 nnz(Q), so no error matrix is materialized.
     """
     check_float(w, name)
@@ -104,11 +105,12 @@ def quantize_absmean(w: torch.Tensor, eps: float = DEFAULT_EPS, name: str = "wei
     mean = mean_abs(w32, name)
     s = torch.clamp(mean, min=eps)
     q = torch.round(w32 / s).clamp_(-1, 1)
-    flat_w, flat_q = w32.reshape(-1), q.reshape(-1)
+    flat_q = q.reshape(-1)
     nnz = int(torch.count_nonzero(flat_q))
-    w_norm2 = float(torch.dot(flat_w, flat_w))
+    w64 = w32.reshape(-1).to(torch.float64)  # statistics in float64, like the fused kernel
+    w_norm2 = float(torch.dot(w64, w64))
     scale = float(s)
-    err2 = w_norm2 - 2 * scale * float(torch.dot(flat_w, flat_q)) + scale * scale * nnz
+    err2 = w_norm2 - 2 * scale * float(torch.dot(w64, flat_q.to(torch.float64))) + scale * scale * nnz
     rel = (max(err2, 0.0) / w_norm2) ** 0.5 if w_norm2 > 0 else 0.0
     return TernaryTensor(
         codes=q.to(torch.int8),

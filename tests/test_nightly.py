@@ -73,14 +73,14 @@ def test_same_inputs_give_identical_files(tiny_lm, tmp_path):
 KILLER = """
 import os, signal, sys
 import bitquant.convert as c
-real = c.quantize_absmean
+real = c.quantize_pack
 calls = {{"n": 0}}
 def dying(*a, **k):
     calls["n"] += 1
     if calls["n"] == {kill_at}:
         os.kill(os.getpid(), signal.{signal})
     return real(*a, **k)
-c.quantize_absmean = dying
+c.quantize_pack = dying
 from bitquant.cli.main import main
 sys.argv = ["bitquant", "convert", {src!r}, "-o", {out!r}, "--max-shard-size", "20000"]
 main()

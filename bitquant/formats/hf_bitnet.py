@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from bitquant.packing import pack_ternary, packed_shape
+from bitquant.packing import packed_shape
 from bitquant.report import OutputFile
 from bitquant.tensorfile import SafetensorsStreamWriter, TensorSpec
 
@@ -49,10 +49,11 @@ def packed_specs(name: str, spec: TensorSpec) -> list[TensorSpec]:
     ]
 
 
-def encode(name: str, codes: torch.Tensor, scale: float, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
-    """The tensors stored for one ternarized weight (order matches :func:`packed_specs`)."""
+def encode(name: str, packed: torch.Tensor, scale: float, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+    """The tensors stored for one ternarized weight (order matches :func:`packed_specs`):
+    the packed codes, and 1/s in the model dtype."""
     inverse = torch.tensor([1.0 / scale], dtype=torch.float64).to(dtype)
-    return [(name, pack_ternary(codes)), (scale_name(name), inverse)]
+    return [(name, packed), (scale_name(name), inverse)]
 
 
 def quantization_config(kept_modules: list[str]) -> dict:
