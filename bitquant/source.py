@@ -149,7 +149,8 @@ class Checkpoint:
                     yield f, r.spec(name)
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(name, tensor) pairs, one at a time; each tensor is a view of a memory map."""
+        """(name, tensor) pairs, one at a time; each tensor is a view of a memory map,
+        valid until the next pair is requested (its pages are then released)."""
         for f in self.files:
             reader = SafetensorsReader(f)
             try:
@@ -157,6 +158,7 @@ class Checkpoint:
                     if self.weight_map and self.weight_map.get(name) != f:
                         continue
                     yield name, reader.get(name)
+                    reader.release(name)
             finally:
                 reader.close()
 

@@ -19,7 +19,9 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
@@ -138,6 +140,20 @@ class SafetensorsReader:
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=self._data_start + start)
         return flat.view(spec.dtype).view(spec.shape)
 
+    def release(self, name: str) -> None:
+        """Drop ``name``'s pages from this process's memory (they stay in the page cache).
+
+        Touched pages of a file mapping count towards the process's resident memory
+        until unmapped; streaming a model through one mapping would otherwise end with
+        the whole shard resident. Pages are re-read from the file if touched again."""
+        if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start, end = self.header[name]["data_offsets"]
+        first = (self._data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
+        last = self._data_start + end
+        if last > first:
+            self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
+
     def close(self) -> None:
         """Close the file. The mapping is not unmapped here: tensors returned by ``get``
         keep it alive and it is released with the last of them (unmapping under a live
@@ -168,9 +184,14 @@ class SafetensorsStreamWriter:
     """Write a safetensors file whose tensors are known up front, one tensor at a time.
 
     ``write`` must be called once per spec, in spec order; each tensor's dtype and shape
-    are checked against its spec. Nothing is buffered beyond the tensor being written.
-    The sha256 of the file and its size are kept as it is written (``sha256``, ``nbytes``).
+    are checked against its spec. The bytes are written and hashed by a background
+    thread (both release the GIL, so they overlap the caller's quantization of the next
+    tensor); at most ``QUEUE`` tensors wait for it. A write error surfaces as
+    :class:`WriteFailure` from the next ``write`` or from ``close``. The sha256 of the
+    file and its size are available after ``close`` (``sha256``, ``nbytes``).
     """
+
+    QUEUE = 4
 
     def __init__(self, path: str | Path, specs: list[TensorSpec], metadata: dict[str, str] | None = None):
         self.path = Path(path)
@@ -178,16 +199,33 @@ class SafetensorsStreamWriter:
         self._next = 0
         self._hash = hashlib.sha256()
         self.nbytes = 0
+        self._error: OSError | None = None
         self._f: BinaryIO = open(self.path, "wb")
-        self._write(build_header(self.specs, metadata))
+        self._queue: queue.Queue = queue.Queue(maxsize=self.QUEUE)
+        self._thread = threading.Thread(target=self._drain, name=f"write {self.path.name}", daemon=True)
+        self._thread.start()
+        self._put(build_header(self.specs, metadata))
 
-    def _write(self, data: bytes | memoryview) -> None:
-        try:
-            self._f.write(data)
-            self._hash.update(data)
-            self.nbytes += len(data) if isinstance(data, bytes) else data.nbytes
-        except OSError as e:
-            raise WriteFailure(f"writing {self.path.name} failed: {e.strerror}; free some space or choose another output folder") from None
+    def _drain(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is not None:
+                continue
+            try:
+                self._f.write(item)
+                self._hash.update(item)
+                self.nbytes += item.nbytes if isinstance(item, memoryview) else len(item)
+            except OSError as e:
+                self._error = e
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise WriteFailure(
+                f"writing {self.path.name} failed: {self._error.strerror}; free some space or choose another output folder"
+            ) from None
+
+    def _put(self, data: bytes | memoryview) -> None:
+        self._raise_if_failed()
+        self._queue.put(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self._next >= len(self.specs):
@@ -199,20 +237,27 @@ class SafetensorsStreamWriter:
                 f"{spec.name!r} {spec.dtype} {spec.shape}"
             )
         if tensor.numel():
-            data = tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()
-            self._write(memoryview(data))
+            self._put(memoryview(tensor.detach().contiguous().view(-1).view(torch.uint8).numpy()))
         self._next += 1
 
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
     def close(self) -> None:
-        """Flush to disk; raises if tensors are missing."""
-        if self._next != len(self.specs):
-            self._f.close()
-            raise ValueError(f"{self.path}: {len(self.specs) - self._next} planned tensors were never written")
+        """Wait for the queued bytes, flush them to disk; raises if tensors are missing."""
+        self._stop()
         try:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-        except OSError as e:
-            raise WriteFailure(f"writing {self.path.name} failed: {e.strerror}; free some space or choose another output folder") from None
+            if self._next != len(self.specs):
+                raise ValueError(f"{self.path}: {len(self.specs) - self._next} planned tensors were never written")
+            self._raise_if_failed()
+            try:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            except OSError as e:
+                self._error = e
+                self._raise_if_failed()
         finally:
             self._f.close()
 
@@ -221,4 +266,5 @@ class SafetensorsStreamWriter:
         return self._hash.hexdigest()
 
     def abort(self) -> None:
+        self._stop()
         self._f.close()
