@@ -1,0 +1,99 @@
+"""Write a synthetic FP16 LLaMA checkpoint with the exact tensor names, shapes and sharding
+of a real one, filled with random normal values (std 0.02; norms 1.0).
+
+Values do not change the cost of quantization, so speed and memory can be measured
+without the Hub. Tensors are streamed into the shards, so memory stays small. A
+word-level tokenizer of the right vocabulary size is written beside them.
+
+    python bench/make_checkpoint.py llama2-7b /tmp/llama2-7b-synthetic     # 13.5 GB
+    python bench/make_checkpoint.py tinyllama-1b /tmp/tinyllama-synthetic  # 2.2 GB
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from bitquant.formats.hf_bitnet import plan_shards, write_index
+from bitquant.tensorfile import SafetensorsStreamWriter, TensorSpec
+
+PRESETS = {
+    # meta-llama/Llama-2-7b-hf
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                      tie_word_embeddings=False),
+    # TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T
+    "tinyllama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                         num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         tie_word_embeddings=False),
+}
+
+
+def tensor_specs(cfg: dict) -> list[TensorSpec]:
+    h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
+    f16 = torch.float16
+    specs = [TensorSpec("model.embed_tokens.weight", f16, (v, h))]
+    for n in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{n}."
+        specs += [
+            TensorSpec(p + "input_layernorm.weight", f16, (h,)),
+            TensorSpec(p + "self_attn.q_proj.weight", f16, (h, h)),
+            TensorSpec(p + "self_attn.k_proj.weight", f16, (kv, h)),
+            TensorSpec(p + "self_attn.v_proj.weight", f16, (kv, h)),
+            TensorSpec(p + "self_attn.o_proj.weight", f16, (h, h)),
+            TensorSpec(p + "post_attention_layernorm.weight", f16, (h,)),
+            TensorSpec(p + "mlp.gate_proj.weight", f16, (i, h)),
+            TensorSpec(p + "mlp.up_proj.weight", f16, (i, h)),
+            TensorSpec(p + "mlp.down_proj.weight", f16, (h, i)),
+        ]
+    specs.append(TensorSpec("model.norm.weight", f16, (h,)))
+    if not cfg["tie_word_embeddings"]:
+        specs.append(TensorSpec("lm_head.weight", f16, (v, h)))
+    return specs
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("preset", choices=sorted(PRESETS))
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--max-shard-size", type=int, default=5 * 10**9)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    cfg = PRESETS[args.preset]
+    args.out.mkdir(parents=True, exist_ok=False)
+    gen = torch.Generator().manual_seed(args.seed)
+    shards = plan_shards(tensor_specs(cfg), args.max_shard_size)
+    for shard in shards:
+        writer = SafetensorsStreamWriter(args.out / shard.filename, list(shard.specs))
+        for spec in shard.specs:
+            if spec.name.endswith("norm.weight"):
+                t = torch.ones(spec.shape, dtype=spec.dtype)
+            else:
+                t = torch.empty(spec.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=gen).to(spec.dtype)
+            writer.write(spec.name, t)
+        writer.close()
+        print(f"wrote {shard.filename} ({shard.nbytes / 1e9:.2f} GB)")
+    write_index(args.out, shards)
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+              "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "rope_theta": 10000.0, **cfg}
+    (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    write_tokenizer(args.out, cfg["vocab_size"])
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """A word-level tokenizer of the right vocabulary size (converters load and copy one)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
+if __name__ == "__main__":
+    main()
