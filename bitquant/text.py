@@ -11,12 +11,12 @@ compared.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from bitquant.errors import TextError
+from bitquant.fingerprint import file_sha256
 
 CHUNK_BYTES = 1 << 16
 
@@ -70,14 +70,6 @@ def _pieces(path: Path, whole: bool) -> Iterator[str]:
             yield _decode(buf, path, offset)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def tokenize_file(path: str | Path, tokenizer, min_tokens: int, max_tokens: int | None = None) -> Tokens:
     """Tokenize a text file, validating it; raises :class:`TextError` for unusable input."""
     path = Path(path)
@@ -98,4 +90,4 @@ def tokenize_file(path: str | Path, tokenizer, min_tokens: int, max_tokens: int 
         raise TextError(
             f"{path} has {len(ids)} tokens, fewer than one window of {min_tokens}; pass a longer text or a smaller --context"
         )
-    return Tokens(ids, str(path), _sha256(path), truncated)
+    return Tokens(ids, str(path), file_sha256(path), truncated)
