@@ -99,7 +99,7 @@ class FakeHub:
                 m = re.match(r"^/api/models/([^/]+/[^/]+)/(preupload|commit|branch)/([^?]+)(\?.*)?$", self.path)
                 if not m or m.group(1) not in hub.repos:
                     return self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                repo, action, rev, query = m.group(1), m.group(2), m.group(3), m.group(4) or ""
+                repo, action, rev = m.group(1), m.group(2), m.group(3)
                 state = hub.repos[repo]
                 body = self._body()
                 if action == "branch":

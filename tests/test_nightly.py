@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from bitquant.cli.main import cli
 from bitquant.convert import convert
-from conftest import DATA, make_checkpoint
+from conftest import DATA
 from fake_hub import FakeHub
 
 TEXT = str(DATA / "alice29.txt")
@@ -159,6 +159,10 @@ def test_push_to_hub_uploads_the_output(tiny_lm, tmp_path):
         report = json.loads((tmp_path / "out" / "report.json").read_text())
         assert report["published"]["url"].startswith(hub.url + "/acme/tiny-ternary/commit/")
 
+        again = cli_proc(["convert", str(tiny_lm), "-o", "out", "--push-to-hub", "acme/tiny-ternary"], env, tmp_path)
+        assert again.returncode == 0 and "is up to date" in again.stdout
+        assert len(repo["messages"]) == 1  # already published there: not uploaded again
+
         p = cli_proc(["convert", str(tiny_lm), "-o", "out2", "--push-to-hub", "acme/tiny-ternary", "--push-revision", "nightly"], env, tmp_path)
         assert p.returncode == 0, p.stderr
         assert "model.safetensors" in repo["branches"]["nightly"]
@@ -173,6 +177,9 @@ def test_push_without_write_token_and_after_a_failed_gate(tiny_lm, tmp_path):
         assert p.returncode == 1
         assert "refused the upload" in p.stderr and "HF_TOKEN" in p.stderr and p.stderr.count("\n") == 1
         assert (tmp_path / "out" / "model.safetensors").is_file()  # the output is kept
+        retry = cli_proc(["convert", str(tiny_lm), "-o", "out", "--push-to-hub", "acme/x"], hub_env(hub, tmp_path), tmp_path)
+        assert retry.returncode == 0, retry.stderr  # up to date, but not yet published: uploads now
+        assert "model.safetensors" in hub.repos["acme/x"]["branches"]["main"]
         p = cli_proc(["convert", str(tiny_lm), "-o", "gated", *EVAL, "--max-kl", "1e-9", "--push-to-hub", "acme/y"],
                      hub_env(hub, tmp_path), tmp_path)
         assert p.returncode == 3 and "acme/y" not in hub.repos

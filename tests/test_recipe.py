@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 
 from bitquant.errors import RecipeError
@@ -13,7 +15,7 @@ def test_default_recipe_is_plain_absmean():
 
 def test_recipe_is_frozen_and_hash_stable():
     r = load_recipe("absmean")
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         r.eps = 0.1
     assert r.sha256() == load_recipe("absmean").sha256()
     assert r.replace(exclude=("model.layers.0.*",)).sha256() != r.sha256()

