@@ -122,7 +122,9 @@ def convert(
     started = time.monotonic()
     recipe = recipe or load_recipe()
     out = Path(out)
-    check_target(out.absolute(), overwrite=True)  # parent exists; existing OUT is decided below
+    # Fail before any download: the parent must exist, and an existing OUT that is not a
+    # bitquant output needs --overwrite (one that is may turn out to be up to date).
+    check_target(out.absolute(), overwrite or force or (out / REPORT).is_file())
     if recipe.gates and eval_text is None:
         raise UsageError("quality gates (--max-ppl-ratio, --max-kl) need --eval-text FILE to measure against")
     source = resolve_source(model, revision=revision, token=token)
@@ -137,6 +139,9 @@ def convert(
     if not force:
         existing = up_to_date(out, fingerprint)
         if existing is not None:
+            published_here = (existing.published or {}).get("repo_id") == push_to_hub
+            if push_to_hub and not existing.gates_failed() and not published_here:  # e.g. the last upload failed
+                publish(out, existing, push_to_hub, token, push_private, push_revision, push_create_pr)
             return existing
     check_target(out.absolute(), overwrite or force)
 
@@ -217,7 +222,7 @@ def _write_weights(
     """Quantize and write every tensor, skipping those of shards the journal has finished."""
     layers: dict[str, LayerStats] = {}
     shard_layers: dict[str, list[LayerStats]] = {}
-    for name, info in journal.shards.items():
+    for info in journal.shards.values():
         for d in info["layers"]:
             layers[d["name"]] = LayerStats(**{**d, "shape": tuple(d["shape"])})
     done = {name: OutputFile(name, info["bytes"], info["sha256"]) for name, info in journal.shards.items()}
