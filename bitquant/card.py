@@ -20,6 +20,39 @@ def _base_model(source: ModelSource) -> str:
     return source.path.name
 
 
+def _load_transformers() -> list[str]:
+    return [
+        "## Load",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM",
+        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # needs accelerate',
+        "```",
+        "",
+    ]
+
+
+def _load_gguf(gguf: dict) -> list[str]:
+    lines = [
+        "## Run with llama.cpp",
+        "",
+        f"`{gguf['file']}` is a llama-architecture GGUF whose ternary projections are {gguf['type']} "
+        "(llama.cpp runs TQ types on CPU, Metal and Vulkan).",
+        "",
+        "```bash",
+        f"llama-cli -m {gguf['file']} -p \"Once upon a time\"",
+        "```",
+        "",
+    ]
+    if gguf["not_tq"]:
+        lines += [
+            f"{len(gguf['not_tq'])} ternary matrices have rows that are not a multiple of 256 and are stored "
+            f"exactly as {', '.join(sorted({e['stored_as'] for e in gguf['not_tq']}))} (same values, more bytes).",
+            "",
+        ]
+    return lines
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
@@ -27,15 +60,16 @@ def _fmt(x: float) -> str:
 def render(report: ConvertReport, source: ModelSource) -> str:
     size = report.size
     summary = report.summary()
+    gguf = report.gguf
     lines = [
         "---",
         f"base_model: {_base_model(source)}",
-        "library_name: transformers",
-        "tags:",
+        *(["tags:"] if gguf else ["library_name: transformers", "tags:"]),
         "- bitnet",
         "- ternary",
         "- bitquant",
         f"- bitquant-{report.bitquant_version}",
+        *(["- gguf", "- llama.cpp"] if gguf else []),
         "---",
         "",
         f"# Ternary (1.58-bit) conversion of {source.spec}",
@@ -49,13 +83,7 @@ def render(report: ConvertReport, source: ModelSource) -> str:
         "quantization-aware training. Applied to an ordinary FP16/BF16 model it usually destroys it "
         "(SmolLM2-135M: perplexity 23.6 becomes about 6.4e7). Check the perplexity below before use.",
         "",
-        "## Load",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM",
-        'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # needs accelerate',
-        "```",
-        "",
+        *(_load_gguf(gguf) if gguf else _load_transformers()),
         "## Measured",
         "",
         "| quantity | value |",

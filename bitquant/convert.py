@@ -23,10 +23,10 @@ from typing import Callable
 import torch
 
 from bitquant import __version__, card, evaluate, gates
-from bitquant.errors import SourceError, TensorError, UsageError
+from bitquant.errors import SourceError, TensorError, UsageError, WriteFailure
 from bitquant.evaluate import EvalSettings, WindowProgress
 from bitquant.fingerprint import conversion_fingerprint, file_sha256, source_fingerprint
-from bitquant.formats import hf_bitnet
+from bitquant.formats import gguf, hf_bitnet
 from bitquant.journal import Journal
 from bitquant.recipe import Recipe, load_recipe
 from bitquant.report import ConvertReport, KeptTensor, LayerStats, OutputFile, SizeStats
@@ -34,6 +34,7 @@ from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_
 from bitquant.staging import check_target, staged_output
 from bitquant.tensorfile import TensorSpec
 from bitquant.kernels import quantize_pack
+from bitquant.packing import unpack_ternary
 from bitquant.ternary import check_float
 
 #: Default largest output shard, in bytes (as transformers' save_pretrained).
@@ -101,6 +102,7 @@ def convert(
     overwrite: bool = False,
     force: bool = False,
     max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
+    strict: bool = False,
     progress: ProgressFn | None = None,
     eval_text: str | Path | None = None,
     eval_progress: WindowProgress | None = None,
@@ -127,8 +129,15 @@ def convert(
     check_target(out.absolute(), overwrite or force or (out / REPORT).is_file())
     if recipe.gates and eval_text is None:
         raise UsageError("quality gates (--max-ppl-ratio, --max-kl) need --eval-text FILE to measure against")
+    if recipe.format in gguf.TYPES and eval_text is not None:
+        raise UsageError(
+            "--eval-text measures the transformers layout; convert without --format to evaluate, "
+            "or measure the GGUF with llama.cpp (see README)"
+        )
     source = resolve_source(model, revision=revision, token=token)
     ckpt = open_checkpoint(source.path)
+    if recipe.format in gguf.TYPES:
+        gguf.check_config(ckpt.config)
     plan = plan_conversion(ckpt, recipe)
     shards = hf_bitnet.plan_shards(plan.specs, max_shard_size)
     settings = EvalSettings(context=recipe.eval_context, stride=recipe.eval_stride, max_tokens=recipe.eval_max_tokens)
@@ -148,11 +157,16 @@ def convert(
     with staged_output(out, overwrite or force, key=fingerprint) as tmp:
         journal = Journal.load(tmp, fingerprint)
         reused = sorted(journal.shards)
-        layers, files = _write_weights(ckpt, plan, shards, tmp, recipe, journal, progress)
-        hf_bitnet.write_config(tmp, ckpt.config, [k.name for k in plan.kept])
-        hf_bitnet.write_index(tmp, shards)
-        hf_bitnet.copy_files(ckpt.path, tmp, CARRIED_FILES)
         perplexity = gate_results = None
+        if recipe.format in gguf.TYPES:
+            layers, files, size, gguf_info = _write_gguf(ckpt, plan, tmp, recipe, source, strict, progress)
+        else:
+            gguf_info = None
+            layers, files = _write_weights(ckpt, plan, shards, tmp, recipe, journal, progress)
+            hf_bitnet.write_config(tmp, ckpt.config, [k.name for k in plan.kept])
+            hf_bitnet.write_index(tmp, shards)
+            hf_bitnet.copy_files(ckpt.path, tmp, CARRIED_FILES)
+            size = _size_stats(ckpt, plan, shards, files, layers)
         if tokens is not None:
             perplexity = evaluate.compare(ckpt.path, tmp, tokens, settings=settings, progress=eval_progress)
             gate_results = [g.__dict__ for g in gates.check(recipe.gates, perplexity)]
@@ -164,7 +178,7 @@ def convert(
             recipe_sha256=recipe.sha256(),
             fingerprint=fingerprint,
             format=recipe.format,
-            size=_size_stats(ckpt, plan, shards, files, layers),
+            size=size,
             layers=layers,
             kept_full_precision=plan.kept,
             files=[],
@@ -175,6 +189,7 @@ def convert(
             gates=gate_results,
             resumed_shards=reused,
             notes=_notes(layers, reused, len(shards)),
+            gguf=gguf_info,
         )
         (tmp / "README.md").write_text(card.render(report, source), encoding="utf-8")
         journal.remove()
@@ -255,6 +270,64 @@ def _write_weights(
         raise
     order = {n: i for i, n in enumerate(plan.outputs)}
     return sorted(layers.values(), key=lambda l: order[l.name + ".weight"]), files
+
+
+def _write_gguf(ckpt: Checkpoint, plan: Plan, folder: Path, recipe: Recipe, source, strict: bool, progress):
+    """Stream the checkpoint into OUT/model.gguf; returns layer stats, files, sizes, GGUF details."""
+    tq = gguf.TYPES[recipe.format]
+    entries = [gguf.plan_entry(spec.name, spec.shape, spec.name in plan.quantize, tq, strict) for _, spec in ckpt.iter_specs()]
+    layers: list[LayerStats] = []
+
+    def arrays():
+        for i, (name, tensor) in enumerate(ckpt.iter_tensors(), start=1):
+            entry = entries[i - 1]
+            if entry.kind == "ternary":
+                t = quantize_pack(tensor, eps=recipe.eps, name=name)
+                layers.append(LayerStats(name.removesuffix(".weight"), tuple(tensor.shape), t.scale, t.zero_fraction,
+                                         t.relative_error, t.scale_clamped))
+                codes = unpack_ternary(t.packed)
+                heads = gguf.rope_heads(ckpt.config, name)
+                yield gguf.encode_ternary(entry, gguf.permute_for_rope(codes, heads) if heads else codes, t.scale)
+            else:
+                heads = gguf.rope_heads(ckpt.config, name)
+                yield gguf.encode_plain(entry, gguf.permute_for_rope(tensor, heads) if heads else tensor)
+            if progress:
+                progress(i, len(entries), name)
+
+    path = folder / "model.gguf"
+    try:
+        gguf.write_file(path, ckpt.config, ckpt.path, source.spec, tq, entries, arrays())
+    except OSError as e:
+        raise WriteFailure(f"writing model.gguf failed: {e.strerror}; free some space or choose another output folder") from None
+    files = [OutputFile(path.name, path.stat().st_size, file_sha256(path))]
+    by_type: dict[str, int] = {}
+    for e in entries:
+        by_type[e.qtype] = by_type.get(e.qtype, 0) + e.nbytes
+    ternary = [e for e in entries if e.kind == "ternary"]
+    quantized_params = sum(e.shape[0] * e.shape[1] for e in ternary)
+    quantized_bytes = sum(e.nbytes for e in ternary)
+    total_bytes = sum(e.nbytes for e in entries)
+    source_bytes = ckpt.source_bytes()
+    size = SizeStats(
+        source_bytes=source_bytes,
+        output_bytes=files[0].bytes,
+        compression_ratio=round(source_bytes / files[0].bytes, 4),
+        quantized_params=quantized_params,
+        quantized_bytes=quantized_bytes,
+        bits_per_weight_quantized=round(8 * quantized_bytes / quantized_params, 4),
+        total_params=plan.total_params,
+        total_tensor_bytes=total_bytes,
+        bits_per_weight_model=round(8 * total_bytes / plan.total_params, 4),
+    )
+    info = {
+        "file": path.name,
+        "type": tq,
+        "bytes_by_type": dict(sorted(by_type.items())),
+        "not_tq": [{"name": e.hf_name.removesuffix(".weight"), "stored_as": e.qtype,
+                    "reason": f"rows of {e.shape[1]} weights are not a multiple of {gguf.QK_TQ}"}
+                   for e in ternary if e.qtype != tq],
+    }
+    return layers, files, size, info
 
 
 def _hash_files(folder: Path, exclude: set[str]) -> list[OutputFile]:

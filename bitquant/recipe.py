@@ -30,7 +30,7 @@ SCHEMA_VERSION = 1
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 METHODS = ("absmean",)
-FORMATS = ("hf-bitnet",)
+FORMATS = ("hf-bitnet", "gguf-tq2_0", "gguf-tq1_0")
 INDIVISIBLE_POLICIES = ("error", "keep")
 
 DEFAULT_RECIPE = "absmean"

@@ -72,6 +72,7 @@ class ConvertReport:
     resumed_shards: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     published: dict[str, Any] | None = None  # where --push-to-hub uploaded it
+    gguf: dict[str, Any] | None = None  # GGUF outputs: file, type, bytes_by_type, not_tq
     up_to_date: bool = False  # set when convert found OUT already up to date (not saved)
 
     def to_dict(self) -> dict[str, Any]:

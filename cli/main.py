@@ -107,6 +107,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--force", is_flag=True, help="Convert even when OUT is already up to date (implies --overwrite).")
 @click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--format", "fmt", type=click.Choice(["hf-bitnet", "gguf-tq2_0", "gguf-tq1_0"]), default=None,
+              help="Output format: transformers BitNet layout (default) or a llama.cpp GGUF with TQ2_0/TQ1_0 projections.")
+@click.option("--strict", is_flag=True, help="GGUF: refuse a projection that cannot be TQ (rows not a multiple of 256) instead of storing it as Q8_0.")
 @click.option("--eval-text", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
               help="Measure perplexity, KL and top-1 agreement of source and result on this UTF-8 text.")
 @click.option("--eval-max-tokens", type=click.IntRange(min=2), default=None, help="Tokens of --eval-text to use (recipe default 16384).")
@@ -120,7 +123,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
 @debug_option
-def convert(model, out, config, exclude, revision, token, overwrite, force, max_shard_size, eval_text, eval_max_tokens,
+def convert(model, out, config, exclude, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
             eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json):
     """Convert MODEL (Hub id, local folder, or embedded:smollm2-135m) into a packed ternary model.
 
@@ -132,6 +135,7 @@ def convert(model, out, config, exclude, revision, token, overwrite, force, max_
       bitquant convert embedded:smollm2-135m -o smollm2-ternary
       bitquant convert ./my-llama-fp16 -o ./my-llama-ternary --eval-text book.txt --max-ppl-ratio 1.5
       bitquant convert HuggingFaceTB/SmolLM2-135M --revision main -o smollm2-ternary
+      bitquant convert embedded:smollm2-135m -o smollm2-gguf --format gguf-tq2_0
     """
     from bitquant.convert import convert as run_convert
     from bitquant.recipe import load_recipe
@@ -140,12 +144,12 @@ def convert(model, out, config, exclude, revision, token, overwrite, force, max_
     recipe = recipe.replace(
         exclude=tuple(recipe.exclude) + tuple(exclude) if exclude else None,
         eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
-        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl,
+        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, format=fmt,
     )
     with render.tensor_progress(enabled=not as_json) as progress, render.window_progress(enabled=not as_json) as eval_progress:
         report = run_convert(
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
-            max_shard_size=max_shard_size, progress=progress, eval_text=eval_text, eval_progress=eval_progress,
+            max_shard_size=max_shard_size, strict=strict, progress=progress, eval_text=eval_text, eval_progress=eval_progress,
             push_to_hub=push_to_hub, push_private=private, push_revision=push_revision, push_create_pr=create_pr,
         )
     if as_json:
