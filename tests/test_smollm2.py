@@ -176,3 +176,42 @@ def test_nightly_properties_on_smollm2(smollm2_fp16, tmp_path):
     assert c.resumed_shards, "nothing was resumed"
     assert [(f.name, f.sha256) for f in c.files] == [(f.name, f.sha256) for f in a.files]
     print(f"\nshards {len(a.files)}, resumed {len(c.resumed_shards)}, skip took {skipped_in:.2f} s")
+
+
+def test_gguf_of_smollm2_in_llama_cpp(smollm2_fp16, tmp_path):
+    """Tokenization, logits and perplexity of llama.cpp against bitquant on the real model.
+
+    SmolLM2's hidden size (576) is not a multiple of 256, so its q/k/v/o/gate/up matrices are
+    exact Q8_0 and only down_proj is TQ. llama.cpp quantizes activations per 32/256-value
+    block, finer than W1.58A8's per-token absmax, so it is compared with bitquant's
+    weights-only forward (measured against W1.58A8 too, for the README)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import numpy as np
+    from transformers import AutoTokenizer
+
+    from bitquant.evaluate import EvalSettings, evaluate, tokenize_for
+    from bitquant.runtime import load_ternary
+    from test_gguf import llama_logits, llama_perplexity
+
+    recipe = load_recipe("absmean-middle")
+    report = convert(str(smollm2_fp16), tmp_path / "gguf", recipe=recipe.replace(format="gguf-tq2_0"))
+    convert(str(smollm2_fp16), tmp_path / "hf", recipe=recipe)
+    path = tmp_path / "gguf" / "model.gguf"
+    assert {e["stored_as"] for e in report.gguf["not_tq"]} == {"Q8_0"} and "TQ2_0" in report.gguf["bytes_by_type"]
+
+    tok = AutoTokenizer.from_pretrained(smollm2_fp16)
+    prompt = (DATA / "alice29.txt").read_text()[600:6000]
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == tok(prompt, add_special_tokens=False)["input_ids"]
+
+    settings = EvalSettings(context=512, max_tokens=2048)
+    ids = tokenize_for(smollm2_fp16, DATA / "alice29.txt", settings).ids
+    got = llama_logits(path, ids[:256])
+    with torch.no_grad():
+        ref = load_ternary(tmp_path / "hf", torch.float32, "cpu", act_quant=False)(torch.tensor([ids[:256]])).logits[0].double().numpy()
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    assert rel <= 0.03 and top1 >= 0.95, (rel, top1)
+    ours = evaluate(str(tmp_path / "hf"), DATA / "alice29.txt", settings=settings, act_quant=False).perplexity
+    theirs = llama_perplexity(path, ids, 512)
+    assert abs(theirs / ours - 1) <= 0.03, (theirs, ours)

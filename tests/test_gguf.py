@@ -1,0 +1,190 @@
+"""GGUF export, judged by llama.cpp itself (llama-cpp-python)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from bitquant.cli.main import cli
+from bitquant.convert import convert
+from bitquant.errors import TensorError, UnsupportedModelError, UsageError
+from bitquant.evaluate import EvalSettings, evaluate, tokenize_for, windows
+from bitquant.recipe import Recipe
+from bitquant.runtime import load_ternary
+from conftest import DATA, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is installed by the README's set-up command")
+
+TEXT = DATA / "alice29.txt"
+GGUF_DIMS = dict(vocab_size=TOKENIZER_VOCAB, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
+
+
+def llama(path: Path, ctx: int = 256, **kw):
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, verbose=False, n_ctx=ctx, n_batch=ctx, **kw)
+
+
+def llama_logits(path: Path, ids: list[int]) -> np.ndarray:
+    llm = llama(path, ctx=max(64, len(ids)))
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float64)
+
+
+def llama_perplexity(path: Path, ids: list[int], ctx: int) -> float:
+    """Same windows and scored tokens as bitquant.evaluate."""
+    llm = llama(path, ctx=ctx)
+    nll = []
+    for begin, end, first in windows(len(ids), ctx, ctx):
+        llm.reset()
+        llm.eval(ids[begin:end])
+        logits = np.array(llm.scores[: end - begin], dtype=np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        nll += [-logp[t - 1 - begin, ids[t]] for t in range(first, end)]
+    return math.exp(float(np.mean(nll)))
+
+
+@pytest.fixture
+def tiny(tmp_path, tiny_tokenizer_dir):
+    return add_tokenizer(make_checkpoint(tmp_path / "src", **GGUF_DIMS), tiny_tokenizer_dir)
+
+
+@pytest.mark.parametrize("fmt,qtype", [("gguf-tq2_0", "TQ2_0"), ("gguf-tq1_0", "TQ1_0")])
+def test_llama_cpp_loads_tokenizes_and_agrees_with_the_reference(tiny, tmp_path, fmt, qtype):
+    report = convert(str(tiny), tmp_path / "gguf", recipe=Recipe(format=fmt))
+    convert(str(tiny), tmp_path / "hf")
+    assert report.gguf["type"] == qtype and not report.gguf["not_tq"]
+    assert set(report.gguf["bytes_by_type"]) == {"F16", "F32", qtype}
+    path = tmp_path / "gguf" / "model.gguf"
+    assert report.size.output_bytes == path.stat().st_size
+    assert report.size.bits_per_weight_quantized == (2.0625 if qtype == "TQ2_0" else 1.6875)
+
+    from transformers import AutoTokenizer
+
+    prompt = TEXT.read_text()[600:2600]
+    theirs = AutoTokenizer.from_pretrained(tiny)(prompt, add_special_tokens=False)["input_ids"]
+    ours = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False).tokenize(prompt.encode(), add_bos=False, special=False)
+    assert ours == theirs
+
+    ids = theirs[:128]
+    with torch.no_grad():
+        ref = load_ternary(tmp_path / "hf", torch.float32, "cpu")(torch.tensor([ids])).logits[0].double().numpy()
+    got = llama_logits(path, ids)
+    rel = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    assert rel <= 0.03 and top1 >= 0.95, (rel, top1)
+
+    settings = EvalSettings(context=128, max_tokens=1024)
+    ours_ppl = evaluate(str(tmp_path / "hf"), TEXT, settings=settings).perplexity
+    ppl = llama_perplexity(path, tokenize_for(tiny, TEXT, settings).ids, 128)
+    assert abs(ppl / ours_ppl - 1) <= 0.03, (ppl, ours_ppl)
+
+
+def test_rows_not_multiple_of_256_are_exact_q8_0(tmp_path, tiny_tokenizer_dir):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    src = add_tokenizer(make_checkpoint(tmp_path / "src", **{**GGUF_DIMS, "intermediate_size": 320}), tiny_tokenizer_dir)
+    report = convert(str(src), tmp_path / "gguf", recipe=Recipe(format="gguf-tq2_0"))
+    not_tq = {e["name"]: e["stored_as"] for e in report.gguf["not_tq"]}
+    assert not_tq == {"model.layers.0.mlp.down_proj": "Q8_0", "model.layers.1.mlp.down_proj": "Q8_0"}
+    assert "Q8_0" in report.gguf["bytes_by_type"]
+    stats = {l.name: l for l in report.layers}
+    reader = GGUFReader(tmp_path / "gguf" / "model.gguf")
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    values = dequantize(tensor.data, tensor.tensor_type)
+    s = np.float16(stats["model.layers.0.mlp.down_proj"].scale)
+    assert set(np.unique(values)) <= {-float(s), 0.0, float(s)}  # exactly the ternary values
+    llama(tmp_path / "gguf" / "model.gguf").eval([1, 2, 3])  # and llama.cpp runs it
+    with pytest.raises(TensorError, match="not a multiple of 256.*drop --strict"):
+        convert(str(src), tmp_path / "strict", recipe=Recipe(format="gguf-tq2_0"), strict=True)
+    assert not (tmp_path / "strict").exists()
+
+
+def test_q_and_k_rows_are_permuted_for_rope(tiny, tmp_path):
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+    from safetensors import safe_open
+
+    from bitquant.formats.gguf import permute_for_rope
+    from reference import absmean_reference
+
+    convert(str(tiny), tmp_path / "gguf", recipe=Recipe(format="gguf-tq2_0"))
+    reader = GGUFReader(tmp_path / "gguf" / "model.gguf")
+    with safe_open(tiny / "model.safetensors", "pt") as f:
+        for hf, name, heads in [("self_attn.q_proj", "attn_q", 4), ("self_attn.k_proj", "attn_k", 2), ("self_attn.v_proj", "attn_v", None)]:
+            codes, s = absmean_reference(f.get_tensor(f"model.layers.1.{hf}.weight"))
+            want = torch.from_numpy(codes)
+            want = permute_for_rope(want, heads) if heads else want
+            tensor = next(t for t in reader.tensors if t.name == f"blk.1.{name}.weight")
+            got = dequantize(tensor.data, tensor.tensor_type) / np.float16(s)
+            assert np.array_equal(np.rint(got).astype(np.int8), want.numpy()), name
+
+
+def test_cli_format_option_and_refusals(tiny, tmp_path, tiny_tokenizer_dir):
+    runner = CliRunner()
+    r = runner.invoke(cli, ["convert", str(tiny), "-o", str(tmp_path / "g"), "--format", "gguf-tq2_0"])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "g" / "model.gguf").is_file() and (tmp_path / "g" / "report.json").is_file()
+    card = (tmp_path / "g" / "README.md").read_text()
+    assert "llama.cpp" in card and "- gguf\n" in card
+    r = runner.invoke(cli, ["convert", str(tiny), "-o", str(tmp_path / "e"), "--format", "gguf-tq1_0", "--eval-text", str(TEXT)])
+    assert r.exit_code == 2 and "--eval-text measures the transformers layout" in r.stderr
+    qwen = add_tokenizer(make_checkpoint(tmp_path / "qwen", arch="qwen2", **GGUF_DIMS), tiny_tokenizer_dir)
+    with pytest.raises(UnsupportedModelError, match="supports LlamaForCausalLM and MistralForCausalLM, not Qwen2ForCausalLM"):
+        convert(str(qwen), tmp_path / "q", recipe=Recipe(format="gguf-tq2_0"))
+    with pytest.raises(UsageError):
+        convert(str(tiny), tmp_path / "x", recipe=Recipe(format="gguf-tq2_0"), eval_text=TEXT)
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_dir(tmp_path_factory):
+    """A Llama-style SentencePiece tokenizer (BPE with byte fallback, 512 pieces) trained on the text."""
+    spm = pytest.importorskip("sentencepiece")
+    from transformers import AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("sp")
+    spm.SentencePieceTrainer.train(input=str(TEXT), model_prefix=str(folder / "tokenizer"), vocab_size=512, model_type="bpe",
+                                   byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    (folder / "tokenizer_config.json").write_text(
+        '{"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": true}'
+    )
+    (folder / "tokenizer.vocab").unlink()
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)  # adds tokenizer.json, as Llama repos ship both
+    return folder
+
+
+def test_sentencepiece_tokenizer_matches_in_llama_cpp(tmp_path, sentencepiece_dir):
+    from transformers import AutoTokenizer
+
+    src = add_tokenizer(make_checkpoint(tmp_path / "src", **{**GGUF_DIMS, "vocab_size": 512}), sentencepiece_dir)
+    convert(str(src), tmp_path / "g", recipe=Recipe(format="gguf-tq2_0"))
+    tok = AutoTokenizer.from_pretrained(src)
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "g" / "model.gguf"), vocab_only=True, verbose=False)
+    prompt = TEXT.read_text()[600:3000]
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=False) == tok(prompt, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(b"Alice", add_bos=True) == tok("Alice")["input_ids"]
+
+
+def test_unsupported_pre_tokenizer_is_a_clear_error(tiny, tmp_path):
+    import json
+
+    tj = json.loads((tiny / "tokenizer.json").read_text())
+    tj["pre_tokenizer"] = {"type": "Metaspace", "replacement": "_"}
+    (tiny / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UnsupportedModelError, match="cannot yet name this tokenizer's pre-tokenizer \\(Metaspace\\)"):
+        convert(str(tiny), tmp_path / "g", recipe=Recipe(format="gguf-tq2_0"))
+    assert not (tmp_path / "g").exists()
+
+
+def test_bpe_without_merges_is_refused(tiny, tmp_path):
+    import json
+
+    tj = json.loads((tiny / "tokenizer.json").read_text())
+    tj["model"]["merges"] = []
+    (tiny / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UnsupportedModelError, match="no merges, which llama.cpp needs"):
+        convert(str(tiny), tmp_path / "g", recipe=Recipe(format="gguf-tq2_0"))
