@@ -3,7 +3,7 @@ of a real one, filled with random normal values (std 0.02; norms 1.0).
 
 Values do not change the cost of quantization, so speed and memory can be measured
 without the Hub. Tensors are streamed into the shards, so memory stays small. A
-word-level tokenizer of the right vocabulary size is written beside them.
+byte-level BPE tokenizer of the right vocabulary size is written beside them.
 
     python bench/make_checkpoint.py llama2-7b /tmp/llama2-7b-synthetic     # 13.5 GB
     python bench/make_checkpoint.py tinyllama-1b /tmp/tinyllama-synthetic  # 2.2 GB
@@ -85,14 +85,26 @@ def main() -> None:
 
 
 def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """A word-level tokenizer of the right vocabulary size (converters load and copy one)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    """A byte-level BPE tokenizer of the right vocabulary size: the 256 byte symbols, then
+    tokens merged from pairs of them. Converters load and copy it; llama.cpp loads it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab_size)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+    symbols = list(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0}
+    for sym in sorted(symbols):
+        vocab[sym] = len(vocab)
+    merges = []
+    for a in sorted(symbols):
+        for b in sorted(symbols):
+            if len(vocab) >= vocab_size:
+                break
+            vocab[a + b] = len(vocab)
+            merges.append((a, b))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(folder)
 
 
 if __name__ == "__main__":
