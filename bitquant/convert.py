@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from bitquant import __version__, card, evaluate, gates
-from bitquant.errors import SourceError, TensorError, UsageError, WriteFailure
+from bitquant.errors import SourceError, TensorError, UsageError
 from bitquant.evaluate import EvalSettings, WindowProgress
 from bitquant.fingerprint import conversion_fingerprint, file_sha256, source_fingerprint
 from bitquant.formats import gguf, hf_bitnet
@@ -34,7 +34,6 @@ from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_
 from bitquant.staging import check_target, staged_output
 from bitquant.tensorfile import TensorSpec
 from bitquant.kernels import quantize_pack
-from bitquant.packing import unpack_ternary
 from bitquant.ternary import check_float
 
 #: Default largest output shard, in bytes (as transformers' save_pretrained).
@@ -159,7 +158,8 @@ def convert(
         reused = sorted(journal.shards)
         perplexity = gate_results = None
         if recipe.format in gguf.TYPES:
-            layers, files, size, gguf_info = _write_gguf(ckpt, plan, tmp, recipe, source, strict, progress)
+            layers, files, size, gguf_info = gguf.export(ckpt, plan.quantize, plan.total_params, tmp, recipe.format,
+                                                          recipe.eps, source.spec, strict, progress)
         else:
             gguf_info = None
             layers, files = _write_weights(ckpt, plan, shards, tmp, recipe, journal, progress)
@@ -272,64 +272,6 @@ def _write_weights(
     return sorted(layers.values(), key=lambda l: order[l.name + ".weight"]), files
 
 
-def _write_gguf(ckpt: Checkpoint, plan: Plan, folder: Path, recipe: Recipe, source, strict: bool, progress):
-    """Stream the checkpoint into OUT/model.gguf; returns layer stats, files, sizes, GGUF details."""
-    tq = gguf.TYPES[recipe.format]
-    entries = [gguf.plan_entry(spec.name, spec.shape, spec.name in plan.quantize, tq, strict) for _, spec in ckpt.iter_specs()]
-    layers: list[LayerStats] = []
-
-    def arrays():
-        for i, (name, tensor) in enumerate(ckpt.iter_tensors(), start=1):
-            entry = entries[i - 1]
-            if entry.kind == "ternary":
-                t = quantize_pack(tensor, eps=recipe.eps, name=name)
-                layers.append(LayerStats(name.removesuffix(".weight"), tuple(tensor.shape), t.scale, t.zero_fraction,
-                                         t.relative_error, t.scale_clamped))
-                codes = unpack_ternary(t.packed)
-                heads = gguf.rope_heads(ckpt.config, name)
-                yield gguf.encode_ternary(entry, gguf.permute_for_rope(codes, heads) if heads else codes, t.scale)
-            else:
-                heads = gguf.rope_heads(ckpt.config, name)
-                yield gguf.encode_plain(entry, gguf.permute_for_rope(tensor, heads) if heads else tensor)
-            if progress:
-                progress(i, len(entries), name)
-
-    path = folder / "model.gguf"
-    try:
-        gguf.write_file(path, ckpt.config, ckpt.path, source.spec, tq, entries, arrays())
-    except OSError as e:
-        raise WriteFailure(f"writing model.gguf failed: {e.strerror}; free some space or choose another output folder") from None
-    files = [OutputFile(path.name, path.stat().st_size, file_sha256(path))]
-    by_type: dict[str, int] = {}
-    for e in entries:
-        by_type[e.qtype] = by_type.get(e.qtype, 0) + e.nbytes
-    ternary = [e for e in entries if e.kind == "ternary"]
-    quantized_params = sum(e.shape[0] * e.shape[1] for e in ternary)
-    quantized_bytes = sum(e.nbytes for e in ternary)
-    total_bytes = sum(e.nbytes for e in entries)
-    source_bytes = ckpt.source_bytes()
-    size = SizeStats(
-        source_bytes=source_bytes,
-        output_bytes=files[0].bytes,
-        compression_ratio=round(source_bytes / files[0].bytes, 4),
-        quantized_params=quantized_params,
-        quantized_bytes=quantized_bytes,
-        bits_per_weight_quantized=round(8 * quantized_bytes / quantized_params, 4),
-        total_params=plan.total_params,
-        total_tensor_bytes=total_bytes,
-        bits_per_weight_model=round(8 * total_bytes / plan.total_params, 4),
-    )
-    info = {
-        "file": path.name,
-        "type": tq,
-        "bytes_by_type": dict(sorted(by_type.items())),
-        "not_tq": [{"name": e.hf_name.removesuffix(".weight"), "stored_as": e.qtype,
-                    "reason": f"rows of {e.shape[1]} weights are not a multiple of {gguf.QK_TQ}"}
-                   for e in ternary if e.qtype != tq],
-    }
-    return layers, files, size, info
-
-
 def _hash_files(folder: Path, exclude: set[str]) -> list[OutputFile]:
     return [
         OutputFile(p.name, p.stat().st_size, file_sha256(p))
@@ -345,18 +287,8 @@ def _size_stats(ckpt: Checkpoint, plan: Plan, shards: list, files: list[OutputFi
     quantized_names = {o for name in plan.quantize for o in plan.outputs[name]}
     quantized_bytes = sum(s.nbytes for s in plan.specs if s.name in quantized_names)
     total_tensor_bytes = sum(s.nbytes for s in plan.specs)
-    source_bytes = ckpt.source_bytes()
-    return SizeStats(
-        source_bytes=source_bytes,
-        output_bytes=output_bytes,
-        compression_ratio=round(source_bytes / output_bytes, 4),
-        quantized_params=quantized_params,
-        quantized_bytes=quantized_bytes,
-        bits_per_weight_quantized=round(8 * quantized_bytes / quantized_params, 4),
-        total_params=plan.total_params,
-        total_tensor_bytes=total_tensor_bytes,
-        bits_per_weight_model=round(8 * total_tensor_bytes / plan.total_params, 4),
-    )
+    return SizeStats.from_counts(ckpt.source_bytes(), output_bytes, quantized_params, quantized_bytes,
+                                 plan.total_params, total_tensor_bytes)
 
 
 def _notes(layers: list[LayerStats], reused: list[str], n_shards: int) -> list[str]:

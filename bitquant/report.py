@@ -43,6 +43,22 @@ class SizeStats:
     total_tensor_bytes: int  # every stored tensor's data
     bits_per_weight_model: float  # 8 * total_tensor_bytes / total_params
 
+    @classmethod
+    def from_counts(cls, source_bytes: int, output_bytes: int, quantized_params: int, quantized_bytes: int,
+                    total_params: int, total_tensor_bytes: int) -> "SizeStats":
+        """The ratios derived from the raw byte and parameter counts."""
+        return cls(
+            source_bytes=source_bytes,
+            output_bytes=output_bytes,
+            compression_ratio=round(source_bytes / output_bytes, 4),
+            quantized_params=quantized_params,
+            quantized_bytes=quantized_bytes,
+            bits_per_weight_quantized=round(8 * quantized_bytes / quantized_params, 4),
+            total_params=total_params,
+            total_tensor_bytes=total_tensor_bytes,
+            bits_per_weight_model=round(8 * total_tensor_bytes / total_params, 4),
+        )
+
 
 @dataclass(frozen=True)
 class OutputFile:

@@ -27,7 +27,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bitquant.errors import TensorError, UnsupportedModelError
+from bitquant.errors import TensorError, UnsupportedModelError, WriteFailure
+from bitquant.fingerprint import file_sha256
+from bitquant.kernels import quantize_pack
+from bitquant.packing import unpack_ternary
+from bitquant.report import LayerStats, OutputFile, SizeStats
 
 TYPES = {"gguf-tq2_0": "TQ2_0", "gguf-tq1_0": "TQ1_0"}
 QK_TQ = 256  # weights per TQ block
@@ -239,3 +243,53 @@ def write_file(path: Path, config: dict, tokenizer_folder: Path, name: str, tq: 
             raise ValueError(f"{e.name}: {array.nbytes} bytes, planned {e.nbytes}")
         writer.write_tensor_data(array)
     writer.close()
+
+
+def export(ckpt, quantize: set[str], total_params: int, folder: Path, fmt: str, eps: float, name: str,
+           strict: bool = False, progress=None):
+    """Stream checkpoint ``ckpt`` into ``folder/model.gguf``, ternarizing the weights named in
+    ``quantize``. Returns the layer stats, the output file, the size stats and the GGUF
+    details for the report."""
+    tq = TYPES[fmt]
+    entries = [plan_entry(spec.name, spec.shape, spec.name in quantize, tq, strict) for _, spec in ckpt.iter_specs()]
+    layers: list[LayerStats] = []
+
+    def arrays():
+        for i, (hf_name, tensor) in enumerate(ckpt.iter_tensors(), start=1):
+            entry = entries[i - 1]
+            heads = rope_heads(ckpt.config, hf_name)
+            if entry.kind == "ternary":
+                t = quantize_pack(tensor, eps=eps, name=hf_name)
+                layers.append(LayerStats(hf_name.removesuffix(".weight"), tuple(tensor.shape), t.scale, t.zero_fraction,
+                                         t.relative_error, t.scale_clamped))
+                codes = unpack_ternary(t.packed)
+                yield encode_ternary(entry, permute_for_rope(codes, heads) if heads else codes, t.scale)
+            else:
+                yield encode_plain(entry, permute_for_rope(tensor, heads) if heads else tensor)
+            if progress:
+                progress(i, len(entries), hf_name)
+
+    path = folder / "model.gguf"
+    try:
+        write_file(path, ckpt.config, ckpt.path, name, tq, entries, arrays())
+    except OSError as e:
+        raise WriteFailure(f"writing model.gguf failed: {e.strerror}; free some space or choose another output folder") from None
+    files = [OutputFile(path.name, path.stat().st_size, file_sha256(path))]
+    by_type: dict[str, int] = {}
+    for e in entries:
+        by_type[e.qtype] = by_type.get(e.qtype, 0) + e.nbytes
+    ternary = [e for e in entries if e.kind == "ternary"]
+    quantized_params = sum(e.shape[0] * e.shape[1] for e in ternary)
+    quantized_bytes = sum(e.nbytes for e in ternary)
+    total_bytes = sum(e.nbytes for e in entries)
+    size = SizeStats.from_counts(ckpt.source_bytes(), files[0].bytes, quantized_params, quantized_bytes,
+                                 total_params, total_bytes)
+    info = {
+        "file": path.name,
+        "type": tq,
+        "bytes_by_type": dict(sorted(by_type.items())),
+        "not_tq": [{"name": e.hf_name.removesuffix(".weight"), "stored_as": e.qtype,
+                    "reason": f"rows of {e.shape[1]} weights are not a multiple of {QK_TQ}"}
+                   for e in ternary if e.qtype != tq],
+    }
+    return layers, files, size, info
