@@ -143,6 +143,7 @@ def evaluate(
 ) -> EvalResult:
     """Perplexity of ``model`` (Hub id, folder, bitquant output, embedded:NAME) on a text file."""
     folder = resolve_source(model, revision=revision, token=token).path
+    runtime.check_evaluable(folder)
     tokens = tokenize_for(folder, text, settings)
     device = settings.resolved_device()
     dtype = settings.resolved_dtype(device)

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bitquant.errors import SourceError
+from bitquant.errors import SourceError, UnsupportedModelError
 from bitquant.formats.hf_bitnet import SCALE_SUFFIX
 from bitquant.packing import unpack_ternary
 from bitquant.source import open_checkpoint
@@ -164,6 +164,15 @@ def load_model(folder: Path, dtype: torch.dtype, device: str, act_quant: bool = 
         mode = "ternary W1.58A8" if act_quant else "ternary weights-only"
         return load_ternary(folder, dtype, device, act_quant), mode
     return load_fp(folder, dtype, device), "full precision"
+
+
+def check_evaluable(folder: Path) -> None:
+    """Refuse folders that bitquant's torch runtime cannot run, with the reason."""
+    if not (folder / "config.json").is_file() and any(folder.glob("*.gguf")):
+        raise UnsupportedModelError(
+            f"{folder} holds a GGUF for llama.cpp; bitquant eval runs the transformers layout: "
+            "convert without --format to evaluate, or measure the GGUF with llama.cpp (see README)"
+        )
 
 
 def load_tokenizer(folder: Path):

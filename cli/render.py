@@ -103,6 +103,12 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
     if ppl:
         t.add_row("perplexity", f"{_fmt(ppl['baseline'])} -> {_fmt(ppl['quantized'])} (x{_fmt(ppl['ratio'])})")
         t.add_row("KL / top-1", f"{_fmt(ppl['kl_mean'])} nats, {ppl['top1_agreement']:.1%} agreement")
+    elif report.gguf:
+        t.add_row("gguf", f"{report.gguf['file']}: " + ", ".join(f"{k} {_bytes(v)}" for k, v in report.gguf["bytes_by_type"].items()))
+        if report.gguf["not_tq"]:
+            t.add_row("not TQ", f"{len(report.gguf['not_tq'])} matrices with rows not a multiple of 256, stored exactly as "
+                      + "/".join(sorted({e["stored_as"] for e in report.gguf["not_tq"]})))
+        t.add_row("perplexity", "not measured here: measure the GGUF with llama.cpp (see README)")
     else:
         t.add_row("perplexity", "not measured (add --eval-text FILE)")
     for g in report.gates or []:

@@ -135,6 +135,14 @@ def s_eval_text(content):
     return setup
 
 
+def s_eval_gguf(tmp, src, hub):
+    from bitquant.convert import convert
+    from bitquant.recipe import Recipe
+
+    convert(str(src), tmp / "gguf-out", recipe=Recipe(format="gguf-tq2_0"))
+    return ["eval", "gguf-out", TEXT], {}
+
+
 HUB = lambda repo, token: lambda tmp, src, hub: (["convert", repo, "-o", "out"], {"HF_ENDPOINT": hub, "HF_HUB_OFFLINE": "0", **({"HF_TOKEN": token} if token else {})})
 
 CASES = [
@@ -164,6 +172,7 @@ CASES = [
     Case("text-binary", "eval text is binary", s_text(bytes(range(256)) * 8), 2, "NUL bytes"),
     Case("text-latin1", "eval text is not UTF-8", s_text("Caf\u00e9 cr\u00e8me ".encode("latin-1") * 300), 2, "not UTF-8 text"),
     Case("eval-short", "`bitquant eval` on a too short text", s_eval_text(b"One line.\n"), 2, "fewer than one window"),
+    Case("eval-gguf", "`bitquant eval` on a GGUF output", s_eval_gguf, 2, "holds a GGUF for llama.cpp"),
     Case("recipe-unknown", "recipe with an unknown key", s_recipe("name: x\nschema: 1\nepsilon: 0.1\n"), 2, "unknown field 'epsilon'"),
     Case("recipe-type", "recipe with a wrong type", s_recipe("name: x\nschema: 1\neps: tiny\n"), 2, "field 'eps' must be a float"),
     Case("recipe-yaml", "recipe that is not YAML", s_recipe("name: [x\n"), 2, "not valid YAML"),

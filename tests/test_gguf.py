@@ -128,6 +128,9 @@ def test_cli_format_option_and_refusals(tiny, tmp_path, tiny_tokenizer_dir):
     runner = CliRunner()
     r = runner.invoke(cli, ["convert", str(tiny), "-o", str(tmp_path / "g"), "--format", "gguf-tq2_0"])
     assert r.exit_code == 0, r.output
+    assert "TQ2_0" in r.output and "measure the GGUF with llama.cpp" in r.output
+    r = runner.invoke(cli, ["eval", str(tmp_path / "g"), str(TEXT)])
+    assert r.exit_code == 2 and "holds a GGUF for llama.cpp" in r.stderr
     assert (tmp_path / "g" / "model.gguf").is_file() and (tmp_path / "g" / "report.json").is_file()
     card = (tmp_path / "g" / "README.md").read_text()
     assert "llama.cpp" in card and "- gguf\n" in card
