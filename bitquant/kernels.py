@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from bitquant.packing import pack_ternary, packed_shape
-from bitquant.ternary import check_float, quantize_absmean
+from bitquant.ternary import check_float, quantize_absmean, relative_error_from_sums
 
 SUPPORTED = (torch.float16, torch.bfloat16)
 
@@ -144,11 +144,10 @@ def _fused(w: torch.Tensor, eps: float, name: str) -> PackedTernary:
     wq = float(count @ (v * c))
     w2 = float(count @ (v * v))
     scale = float(s)
-    err2 = w2 - 2 * scale * wq + scale * scale * nnz
     return PackedTernary(
         packed=torch.from_numpy(packed),
         scale=scale,
         scale_clamped=bool(np.float32(mean) < np.float32(eps)),
         zero_fraction=1.0 - nnz / w.numel(),
-        relative_error=(max(err2, 0.0) / w2) ** 0.5 if w2 > 0 else 0.0,
+        relative_error=relative_error_from_sums(w2, wq, nnz, scale),
     )

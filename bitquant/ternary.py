@@ -88,6 +88,15 @@ def relative_error(w: torch.Tensor, codes: torch.Tensor, scale: float) -> float:
     return float(torch.linalg.vector_norm(diff) / norm)
 
 
+def relative_error_from_sums(w_norm2: float, w_dot_codes: float, nnz: int | float, scale: float) -> float:
+    """||W - s*Q|| / ||W|| from ||W||^2, <W,Q> and nnz(Q) (= ||Q||^2 for ternary Q):
+    ||W - sQ||^2 = ||W||^2 - 2s<W,Q> + s^2 nnz(Q). 0.0 for an all-zero W."""
+    if w_norm2 <= 0:
+        return 0.0
+    err2 = w_norm2 - 2 * scale * w_dot_codes + scale * scale * nnz
+    return (max(err2, 0.0) / w_norm2) ** 0.5
+
+
 def zero_fraction(codes: torch.Tensor) -> float:
     """Share of zero codes."""
     return float((codes == 0).sum()) / codes.numel()
@@ -108,10 +117,8 @@ def quantize_absmean(w: torch.Tensor, eps: float = DEFAULT_EPS, name: str = "wei
     flat_q = q.reshape(-1)
     nnz = int(torch.count_nonzero(flat_q))
     w64 = w32.reshape(-1).to(torch.float64)  # statistics in float64, like the fused kernel
-    w_norm2 = float(torch.dot(w64, w64))
     scale = float(s)
-    err2 = w_norm2 - 2 * scale * float(torch.dot(w64, flat_q.to(torch.float64))) + scale * scale * nnz
-    rel = (max(err2, 0.0) / w_norm2) ** 0.5 if w_norm2 > 0 else 0.0
+    rel = relative_error_from_sums(float(torch.dot(w64, w64)), float(torch.dot(w64, flat_q.to(torch.float64))), nnz, scale)
     return TernaryTensor(
         codes=q.to(torch.int8),
         scale=scale,
