@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from bitquant.errors import SourceError, UnsupportedModelError
 from bitquant.formats.hf_bitnet import SCALE_SUFFIX
 from bitquant.packing import unpack_ternary
-from bitquant.source import open_checkpoint
+from bitquant.source import checkpoint_files, open_checkpoint
 from bitquant.tensorfile import SafetensorsReader
 
 ACT_QMAX = 127.0
@@ -104,7 +104,7 @@ def load_ternary(folder: Path, dtype: torch.dtype, device: str, act_quant: bool 
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain Linear layers; ternary ones are swapped in
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # random init, replaced below
-    files = _weight_files(folder)
+    files, _ = checkpoint_files(folder)
     state: dict[str, torch.Tensor] = {}
     for f in files:
         with SafetensorsReader(f) as reader:
@@ -126,16 +126,6 @@ def load_ternary(folder: Path, dtype: torch.dtype, device: str, act_quant: bool 
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.to(device).eval()
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted({folder / v for v in json.loads(index.read_text())["weight_map"].values()})
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise SourceError(f"{folder} has no *.safetensors weights")
-    return files
 
 
 def _install(model, name: str, packed: torch.Tensor, weight_scale: torch.Tensor, dtype, act_quant: bool) -> None:

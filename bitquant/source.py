@@ -181,23 +181,12 @@ def _inside(folder: Path, name: str) -> Path:
     return candidate
 
 
-def open_checkpoint(folder: Path) -> Checkpoint:
-    """Validate a checkpoint folder: config, supported architecture, safetensors shards."""
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise SourceError(f"{folder} has no config.json; point at a Hugging Face checkpoint folder")
-    config = _read_json(config_path, "config")
-    archs = config.get("architectures") or []
-    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
-        name = archs[0] if archs else f"model_type {config.get('model_type')!r}"
-        raise UnsupportedModelError(
-            f"architecture {name} is not supported; bitquant converts {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "unknown")
-        raise UnsupportedModelError(
-            f"{folder} is already quantized ({method}); convert the FP16/BF16 checkpoint instead"
-        )
+def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, Path]]:
+    """The safetensors files of a checkpoint folder and, when sharded, its weight map.
+
+    The index is checked: every shard it names must exist inside the folder. A folder
+    with only pickle weights is refused, saying why.
+    """
     index_path = folder / "model.safetensors.index.json"
     weight_map: dict[str, Path] = {}
     if index_path.is_file():
@@ -222,4 +211,25 @@ def open_checkpoint(folder: Path) -> Checkpoint:
                 "unpickling can run arbitrary code: convert the checkpoint to safetensors first"
             )
         raise SourceError(f"{folder} has no *.safetensors weights; point at a checkpoint folder")
+    return files, weight_map
+
+
+def open_checkpoint(folder: Path) -> Checkpoint:
+    """Validate a checkpoint folder: config, supported architecture, safetensors shards."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise SourceError(f"{folder} has no config.json; point at a Hugging Face checkpoint folder")
+    config = _read_json(config_path, "config")
+    archs = config.get("architectures") or []
+    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
+        name = archs[0] if archs else f"model_type {config.get('model_type')!r}"
+        raise UnsupportedModelError(
+            f"architecture {name} is not supported; bitquant converts {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+    if config.get("quantization_config"):
+        method = config["quantization_config"].get("quant_method", "unknown")
+        raise UnsupportedModelError(
+            f"{folder} is already quantized ({method}); convert the FP16/BF16 checkpoint instead"
+        )
+    files, weight_map = checkpoint_files(folder)
     return Checkpoint(folder, config, files, weight_map)
