@@ -116,8 +116,5 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
         )
     finally:
         hf_logging.set_verbosity(verbosity)
-    lm.config.quantization_config = None
-    if hasattr(lm.config, "to_dict"):
-        lm.config.__dict__.pop("quantization_config", None)
-    lm.save_pretrained(out)
+    lm.save_pretrained(out)  # dequantized: a plain FP16 config, no quantization_config
     tok.save_pretrained(out)
