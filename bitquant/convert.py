@@ -153,7 +153,7 @@ def convert(
             return existing
     check_target(out.absolute(), overwrite or force)
 
-    with staged_output(out, overwrite or force, key=fingerprint) as tmp:
+    with staged_output(out, fingerprint, overwrite or force) as tmp:
         journal = Journal.load(tmp, fingerprint)
         reused = sorted(journal.shards)
         perplexity = gate_results = None

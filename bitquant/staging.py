@@ -1,11 +1,11 @@
 """Atomic output folders: write beside the target, rename at the end.
 
-``staged_output(out)`` yields a hidden folder next to ``out`` (same filesystem, so the
+``staged_output(out, key)`` yields a hidden folder next to ``out`` (same filesystem, so the
 final rename is atomic). ``out`` is untouched until the body has succeeded. An existing
 ``out`` is refused unless ``overwrite``; then it is replaced only after the new output is
 complete, by renaming it aside first, so a failure never loses it.
 
-With a ``key`` (the conversion fingerprint) the staging folder is named after it, so an
+The staging folder is named after ``key`` (the conversion fingerprint), so an
 interrupted run can be resumed: on Ctrl-C or SIGTERM (``KeyboardInterrupt``) the folder is
 kept, and after SIGKILL it is simply still there. On any other error it is removed.
 Staging folders of the same output with another key are stale and are removed.
@@ -14,7 +14,6 @@ Staging folders of the same output with another key are stale and are removed.
 from __future__ import annotations
 
 import errno
-import os
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -38,15 +37,7 @@ def check_target(out: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {out}: its parent folder {parent} does not exist")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _make_staging(out: Path, key: str | None) -> Path:
-    if key is None:
-        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{out.name}-", dir=out.parent))
+def _make_staging(out: Path, key: str) -> Path:
     tmp = out.parent / f"{STAGING_PREFIX}{out.name}-{key[:16]}"
     for stale in out.parent.glob(f"{STAGING_PREFIX}{out.name}-*"):
         if stale != tmp and stale.is_dir() and len(stale.name) == len(tmp.name):
@@ -59,14 +50,13 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO
 
 
 @contextmanager
-def staged_output(out: Path, overwrite: bool = False, key: str | None = None) -> Iterator[Path]:
+def staged_output(out: Path, key: str, overwrite: bool = False) -> Iterator[Path]:
     out = Path(out).absolute()
     check_target(out, overwrite)
     try:
         tmp = _make_staging(out, key)
     except OSError as e:
         raise OutputError(f"cannot write into {out.parent}: {e.strerror}; choose another -o") from None
-    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output should look like any new folder
     try:
         yield tmp
         check_target(out, overwrite)  # something may have appeared meanwhile
@@ -77,9 +67,7 @@ def staged_output(out: Path, overwrite: bool = False, key: str | None = None) ->
             shutil.rmtree(aside, ignore_errors=True)
         else:
             tmp.rename(out)
-    except KeyboardInterrupt:
-        if key is None:
-            shutil.rmtree(tmp, ignore_errors=True)
+    except KeyboardInterrupt:  # keep the finished shards for a re-run to resume
         raise
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
