@@ -239,24 +239,22 @@ def _write_weights(
     shard_layers: dict[str, list[LayerStats]] = {}
     for info in journal.shards.values():
         for d in info["layers"]:
-            layers[d["name"]] = LayerStats(**{**d, "shape": tuple(d["shape"])})
+            layers[d["name"]] = LayerStats.from_dict(d)
     done = {name: OutputFile(name, info["bytes"], info["sha256"]) for name, info in journal.shards.items()}
 
     def finished(shard: OutputFile) -> None:
         journal.record(shard.name, shard.bytes, shard.sha256, [l.__dict__ for l in shard_layers.pop(shard.name, [])])
 
     writer = hf_bitnet.ShardedWriter(folder, shards, done=done, on_shard=finished)
-    shard_of = {spec.name: shard.filename for shard in shards for spec in shard.specs}
     try:
         for i, (name, tensor) in enumerate(ckpt.iter_tensors(), start=1):
             if all(writer.skips(o) for o in plan.outputs[name]):
                 pass
             elif name in plan.quantize:
                 t = quantize_pack(tensor, eps=recipe.eps, name=name)
-                stat = LayerStats(name.removesuffix(".weight"), tuple(tensor.shape), t.scale, t.zero_fraction,
-                                  t.relative_error, t.scale_clamped)
+                stat = LayerStats.of(name, tensor.shape, t)
                 layers[stat.name] = stat
-                shard_layers.setdefault(shard_of[name], []).append(stat)
+                shard_layers.setdefault(writer.shard_of(name), []).append(stat)
                 for out_name, out_tensor in hf_bitnet.encode(name, t.packed, t.scale, tensor.dtype):
                     writer.write(out_name, out_tensor)
             else:

@@ -22,6 +22,18 @@ class LayerStats:
     relative_error: float  # ||W - s*Wq|| / ||W||
     scale_clamped: bool = False  # mean|W| was below eps (e.g. an all-zero matrix)
 
+    @classmethod
+    def of(cls, weight_name: str, shape, result) -> "LayerStats":
+        """From a quantization result (``scale``, ``zero_fraction``, ``relative_error``,
+        ``scale_clamped``) of the weight ``weight_name`` (``....weight``)."""
+        return cls(weight_name.removesuffix(".weight"), tuple(shape), result.scale, result.zero_fraction,
+                   result.relative_error, result.scale_clamped)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LayerStats":
+        """Inverse of its JSON form (where ``shape`` is a list)."""
+        return cls(**{**d, "shape": tuple(d["shape"])})
+
 
 @dataclass(frozen=True)
 class KeptTensor:
@@ -102,7 +114,7 @@ class ConvertReport:
     def from_dict(cls, d: dict[str, Any]) -> "ConvertReport":
         d = dict(d)
         d["size"] = SizeStats(**d["size"])
-        d["layers"] = [LayerStats(**{**l, "shape": tuple(l["shape"])}) for l in d["layers"]]
+        d["layers"] = [LayerStats.from_dict(l) for l in d["layers"]]
         d["kept_full_precision"] = [KeptTensor(**k) for k in d["kept_full_precision"]]
         d["files"] = [OutputFile(**f) for f in d["files"]]
         return cls(**d)

@@ -260,8 +260,7 @@ def export(ckpt, quantize: set[str], total_params: int, folder: Path, fmt: str, 
             heads = rope_heads(ckpt.config, hf_name)
             if entry.kind == "ternary":
                 t = quantize_pack(tensor, eps=eps, name=hf_name)
-                layers.append(LayerStats(hf_name.removesuffix(".weight"), tuple(tensor.shape), t.scale, t.zero_fraction,
-                                         t.relative_error, t.scale_clamped))
+                layers.append(LayerStats.of(hf_name, tensor.shape, t))
                 codes = unpack_ternary(t.packed)
                 yield encode_ternary(entry, permute_for_rope(codes, heads) if heads else codes, t.scale)
             else:

@@ -116,9 +116,13 @@ class ShardedWriter:
         self._left = 0
         self.files: list[OutputFile] = list(self.done.values())
 
+    def shard_of(self, name: str) -> str:
+        """The file that output tensor ``name`` is planned into."""
+        return self._shard_of[name]
+
     def skips(self, name: str) -> bool:
         """True when ``name`` belongs to a shard that is already finished."""
-        return self._shard_of[name] in self.done
+        return self.shard_of(name) in self.done
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         if self.skips(name):
