@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
+from itertools import chain
+from typing import Callable, Iterator
 
 import torch
 
-from bitquant import __version__, card, evaluate, gates
+from bitquant import __version__, calibrate, card, evaluate, gates, runtime
 from bitquant.errors import SourceError, TensorError, UsageError
 from bitquant.evaluate import EvalSettings, WindowProgress
 from bitquant.fingerprint import conversion_fingerprint, file_sha256, source_fingerprint
@@ -34,6 +35,7 @@ from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_
 from bitquant.staging import check_target, staged_output
 from bitquant.tensorfile import TensorSpec
 from bitquant.kernels import quantize_pack
+from bitquant.methods import mixed
 from bitquant.ternary import check_float
 
 #: Default largest output shard, in bytes (as transformers' save_pretrained).
@@ -57,8 +59,14 @@ class Plan:
     total_params: int  # every weight of the model
 
 
-def plan_conversion(ckpt: Checkpoint, recipe: Recipe) -> Plan:
-    """Decide every source tensor's fate and every output tensor's spec."""
+def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | None = None) -> Plan:
+    """Decide every source tensor's fate and every output tensor's spec.
+
+    ``keep`` maps projections (module names) chosen to stay in full precision to the
+    reason. Calibrated recipes write tensors block by block (the order calibration
+    produces them): every tensor outside the decoder blocks first, then block 0, 1, ...
+    """
+    keep = keep or {}
     quantize: set[str] = set()
     outputs: dict[str, list[str]] = {}
     specs: list[TensorSpec] = []
@@ -71,6 +79,8 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe) -> Plan:
         out = [spec]
         if is_projection and not recipe.is_target(module):
             kept.append(KeptTensor(module, "excluded by the recipe"))
+        elif is_projection and module in keep:
+            kept.append(KeptTensor(module, keep[module]))
         elif is_projection:
             check_float(torch.empty((), dtype=spec.dtype), spec.name)
             if len(spec.shape) == 2 and spec.shape[0] % 4 and recipe.indivisible == "keep":
@@ -80,6 +90,9 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe) -> Plan:
                 quantize.add(spec.name)
         outputs[spec.name] = [s.name for s in out]
         specs.extend(out)
+    if recipe.calibrated:
+        position = {s.name: i for i, s in enumerate(specs)}
+        specs.sort(key=lambda s: (_layer_index(s.name), position[s.name]))
     if not quantize:
         raise TensorError(
             f"no projection of {ckpt.path} matches the recipe, so nothing would be quantized; check its exclude patterns"
@@ -89,6 +102,13 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe) -> Plan:
             f"{ckpt.path} has untied embeddings but no lm_head.weight; the checkpoint is incomplete, download it again"
         )
     return Plan(quantize, outputs, specs, kept, len(outputs), total_params)
+
+
+def _layer_index(name: str) -> int:
+    """Decoder block of a tensor name, -1 outside the blocks."""
+    if name.startswith(calibrate.LAYER_PREFIX):
+        return int(name.split(".")[2])
+    return -1
 
 
 def convert(
@@ -109,13 +129,16 @@ def convert(
     push_private: bool = False,
     push_revision: str | None = None,
     push_create_pr: bool = False,
+    calib_text: str | Path | None = None,
+    device: str = "auto",
 ) -> ConvertReport:
     """Convert ``model`` (Hub id, folder or ``embedded:NAME``) into a ternary checkpoint at ``out``.
 
     With ``eval_text``, the source and the result are evaluated on the same tokens (the
     recipe's ``eval_*`` settings) and the report gains ``perplexity`` and, for the gates the
     recipe sets, ``gates``. A failed gate does not stop the output being written; check
-    ``report.gates_failed()``. When ``out`` already holds a conversion with the same
+    ``report.gates_failed()``. Calibrated recipes (``recipe.calibrated``) read
+    ``calib_text`` (default: the bundled text) and run on ``device``. When ``out`` already holds a conversion with the same
     fingerprint, nothing is done and its report is returned with ``up_to_date`` set, unless
     ``force``. ``push_to_hub`` uploads the finished folder unless a gate failed.
     Returns the report, also written to ``out/report.json`` with a model card in ``out/README.md``.
@@ -133,16 +156,31 @@ def convert(
             "--eval-text measures the transformers layout; convert without --format to evaluate, "
             "or measure the GGUF with llama.cpp (see README)"
         )
+    if recipe.calibrated and recipe.format in gguf.TYPES:
+        raise UsageError(
+            f"recipe {recipe.name!r} is calibrated, and calibrated weights are written in the transformers layout "
+            "only; drop --format, or use the absmean recipe for GGUF"
+        )
+    if calib_text is not None and not recipe.calibrated:
+        raise UsageError(f"--calib-text is used by calibrated recipes only; recipe {recipe.name!r} needs none "
+                         "(pass e.g. --config gptq)")
+    device = runtime.resolve_device(device)
     source = resolve_source(model, revision=revision, token=token)
     ckpt = open_checkpoint(source.path)
     if recipe.format in gguf.TYPES:
         gguf.check_config(ckpt.config)
     plan = plan_conversion(ckpt, recipe)
-    shards = hf_bitnet.plan_shards(plan.specs, max_shard_size)
     settings = EvalSettings(context=recipe.eval_context, stride=recipe.eval_stride, max_tokens=recipe.eval_max_tokens)
     tokens = evaluate.tokenize_for(ckpt.path, eval_text, settings) if eval_text is not None else None
-    eval_key = {"text_sha256": tokens.sha256} if tokens else None
-    fingerprint = conversion_fingerprint(__version__, recipe.sha256(), source_fingerprint(source, ckpt), eval_key)
+    calib = None
+    if recipe.calibrated:
+        calib = calibrate.load_calibration(ckpt.path, calib_text, recipe.calib_tokens, recipe.calib_context)
+        if tokens is not None and calib.sha256 == tokens.sha256:
+            raise UsageError("--calib-text and --eval-text are the same file; evaluate on held-out text")
+    key = {"text_sha256": tokens.sha256} if tokens else None
+    if calib is not None:
+        key = {**(key or {}), "calib_text_sha256": calib.sha256, "device": device}
+    fingerprint = conversion_fingerprint(__version__, recipe.sha256(), source_fingerprint(source, ckpt), key)
 
     if not force:
         existing = up_to_date(out, fingerprint)
@@ -153,6 +191,13 @@ def convert(
             return existing
     check_target(out.absolute(), overwrite or force)
 
+    calibration = None
+    calib_started = time.monotonic()
+    if calib is not None:
+        blocks = calibrate.Blocks(ckpt, device)
+        plan, calibration = _calibrated_plan(ckpt, recipe, plan, blocks, calib, progress)
+    shards = hf_bitnet.plan_shards(plan.specs, max_shard_size)
+
     with staged_output(out, fingerprint, overwrite or force) as tmp:
         journal = Journal.load(tmp, fingerprint)
         reused = sorted(journal.shards)
@@ -162,7 +207,13 @@ def convert(
                                                           recipe.eps, source.spec, strict, progress)
         else:
             gguf_info = None
-            layers, files = _write_weights(ckpt, plan, shards, tmp, recipe, journal, progress)
+            if calib is None:
+                items = _absmean_items(ckpt, plan, recipe)
+            else:
+                items = _calibrated_items(ckpt, plan, recipe, blocks, calib, calibration)
+            layers, files = _write_weights(plan, shards, tmp, items, journal, progress)
+            if calibration is not None:
+                calibration["seconds"] = round(time.monotonic() - calib_started, 3)
             hf_bitnet.write_config(tmp, ckpt.config, [k.name for k in plan.kept])
             hf_bitnet.write_index(tmp, shards)
             hf_bitnet.copy_files(ckpt.path, tmp, CARRIED_FILES)
@@ -190,6 +241,7 @@ def convert(
             resumed_shards=reused,
             notes=_notes(layers, reused, len(shards)),
             gguf=gguf_info,
+            calibration=calibration,
         )
         (tmp / "README.md").write_text(card.render(report, source), encoding="utf-8")
         journal.remove()
@@ -231,9 +283,68 @@ def up_to_date(out: Path, fingerprint: str) -> ConvertReport | None:
     return report
 
 
-def _write_weights(
-    ckpt: Checkpoint, plan: Plan, shards: list, folder: Path, recipe: Recipe, journal: Journal, progress: ProgressFn | None
-) -> tuple[list[LayerStats], list[OutputFile]]:
+#: A tensor to write: (source name, tensor, None) as it is, or (source name, FP weight,
+#: make) where ``make()`` returns its quantization (``packed``, ``scale`` and statistics).
+Item = tuple[str, torch.Tensor, Callable[[], object] | None]
+
+
+def _absmean_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe) -> Iterator[Item]:
+    """Source tensors in file order; projections are ternarized (absmean) when written."""
+    for name, tensor in ckpt.iter_tensors():
+        if name in plan.quantize:
+            yield name, tensor, lambda t=tensor, n=name: quantize_pack(t, eps=recipe.eps, name=n)
+        else:
+            yield name, tensor, None
+
+
+def _calibrated_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe, blocks: calibrate.Blocks,
+                      calib: calibrate.Calibration, calibration: dict) -> Iterator[Item]:
+    """Tensors outside the decoder blocks, then each block as calibration finishes it."""
+    outside = ((n, t, None) for n, t in ckpt.iter_tensors() if _layer_index(n) < 0)
+    log = calibrate.CalibrationLog()
+    targets = {name.removesuffix(".weight") for name in plan.quantize}
+    layers = calibrate.quantize_layers(blocks, calib, targets, method=recipe.method, equalize_scales=recipe.equalize,
+                                       damp=recipe.damp, eps=recipe.eps, log=log, tune_steps=recipe.tune_steps)
+    inside = ((n, t, None if q is None else (lambda q=q: q)) for n, t, q in layers)
+    yield from chain(outside, inside)
+    calibration["transforms"] = log.transforms
+    calibration["tuning"] = log.tuning
+
+
+def _calibrated_plan(ckpt: Checkpoint, recipe: Recipe, plan: Plan, blocks: calibrate.Blocks,
+                     calib: calibrate.Calibration, progress: ProgressFn | None) -> tuple[Plan, dict]:
+    """The plan after mixed precision has chosen what to keep, and the report's
+    ``calibration`` section (completed as the layers are quantized)."""
+    info = {
+        "text": calib.path, "text_sha256": calib.sha256, "tokens": calib.tokens, "sequences": int(calib.ids.shape[0]),
+        "context": int(calib.ids.shape[1]), "method": recipe.method, "equalize": recipe.equalize, "damp": recipe.damp,
+        "tune_steps": recipe.tune_steps, "device": blocks.device, "seconds": 0.0, "transforms": [], "tuning": [],
+        "mixed_precision": None,
+    }
+    if recipe.target_bits_per_weight is not None:
+        targets = {name.removesuffix(".weight") for name in plan.quantize}
+        damage = calibrate.measure_damage(blocks, calib, targets, progress=progress)
+        params = {s.name.removesuffix(".weight"): s.numel for _, s in ckpt.iter_specs()
+                  if s.name.removesuffix(".weight") in targets}
+        full_bits = 8 * next(s.dtype.itemsize for _, s in ckpt.iter_specs() if s.name.endswith("_proj.weight"))
+        choices = mixed.choose(damage, params, recipe.target_bits_per_weight, full_bits)
+        n = len(choices)
+        keep = {c.name: (f"mixed precision: ternarizing it alone disturbs its block's output by {c.damage:.3g} "
+                         f"(rank {c.rank} of {n} by damage per extra bit; budget "
+                         f"{recipe.target_bits_per_weight:g} bits/weight)") for c in choices if c.kept}
+        info["mixed_precision"] = {
+            "target_bits_per_weight": recipe.target_bits_per_weight,
+            "bits_per_projection_weight": round(mixed.bits_per_weight(choices, full_bits), 4),
+            "kept_bits_per_weight": full_bits,
+            "kept": sorted(keep),
+            "damage": {c.name: round(c.damage, 6) for c in choices},
+        }
+        plan = plan_conversion(ckpt, recipe, keep)
+    return plan, info
+
+
+def _write_weights(plan: Plan, shards: list, folder: Path, items: Iterator[Item], journal: Journal,
+                   progress: ProgressFn | None) -> tuple[list[LayerStats], list[OutputFile]]:
     """Quantize and write every tensor, skipping those of shards the journal has finished."""
     layers: dict[str, LayerStats] = {}
     shard_layers: dict[str, list[LayerStats]] = {}
@@ -247,11 +358,11 @@ def _write_weights(
 
     writer = hf_bitnet.ShardedWriter(folder, shards, done=done, on_shard=finished)
     try:
-        for i, (name, tensor) in enumerate(ckpt.iter_tensors(), start=1):
+        for i, (name, tensor, make) in enumerate(items, start=1):
             if all(writer.skips(o) for o in plan.outputs[name]):
                 pass
-            elif name in plan.quantize:
-                t = quantize_pack(tensor, eps=recipe.eps, name=name)
+            elif make is not None:
+                t = make()
                 stat = LayerStats.of(name, tensor.shape, t)
                 layers[stat.name] = stat
                 shard_layers.setdefault(writer.shard_of(name), []).append(stat)

@@ -53,11 +53,7 @@ class EvalSettings:
             raise UsageError(f"--max-tokens ({self.max_tokens}) must be at least --context ({self.context})")
 
     def resolved_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
-        return self.device
+        return runtime.resolve_device(self.device)
 
     def resolved_dtype(self, device: str) -> torch.dtype:
         if self.dtype == "auto":

@@ -29,7 +29,9 @@ SCHEMA_VERSION = 1
 #: The seven projections of a LLaMA-family decoder block.
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-METHODS = ("absmean",)
+#: ``absmean``: BitNet b1.58 rounding, no calibration (exact for ternary-trained models).
+#: ``gptq``: error feedback while rounding, on calibration text (:mod:`bitquant.methods.gptq`).
+METHODS = ("absmean", "gptq")
 FORMATS = ("hf-bitnet", "gguf-tq2_0", "gguf-tq1_0")
 INDIVISIBLE_POLICIES = ("error", "keep")
 
@@ -46,6 +48,16 @@ class Recipe:
     of 4 (the packed layout needs it): ``error`` stops, ``keep`` keeps it in full precision
     and lists it in the report.
 
+    Calibrated recipes (``method: gptq``, ``equalize: true`` or a
+    ``target_bits_per_weight``) run ``calib_tokens`` tokens of calibration text, in
+    sequences of ``calib_context``, through the model layer by layer (see
+    :mod:`bitquant.calibrate`). ``equalize`` folds per-channel scales into the RMSNorm
+    gains and between v/o and up/down; ``target_bits_per_weight`` keeps the projections
+    that ternarizing damages most in full precision, while the average bits per projection
+    weight stays within it; ``damp`` is GPTQ's Hessian dampening (share of the mean diagonal);
+    ``tune_steps`` > 0 fits each block's RMSNorm gains and ternary scales to the FP block's
+    output for that many Adam steps (:mod:`bitquant.methods.tune`).
+
     ``eval_*`` are the evaluation settings of ``convert --eval-text``; ``max_ppl_ratio`` and
     ``max_kl`` are quality gates checked against that evaluation (``None``: no gate).
     """
@@ -58,6 +70,12 @@ class Recipe:
     projections: tuple[str, ...] = PROJECTIONS
     exclude: tuple[str, ...] = ()
     indivisible: str = "error"
+    equalize: bool = False
+    target_bits_per_weight: float | None = None
+    calib_tokens: int = 16384
+    calib_context: int = 512
+    damp: float = 0.01
+    tune_steps: int = 0
     eval_context: int = 512
     eval_stride: int | None = None
     eval_max_tokens: int = 16384
@@ -91,6 +109,12 @@ class Recipe:
         """The quality gates that are set."""
         return {k: v for k, v in (("max_ppl_ratio", self.max_ppl_ratio), ("max_kl", self.max_kl)) if v is not None}
 
+    @property
+    def calibrated(self) -> bool:
+        """True when the recipe needs calibration text."""
+        return (self.method != "absmean" or self.equalize or self.target_bits_per_weight is not None
+                or self.tune_steps > 0)
+
     def is_target(self, module: str) -> bool:
         """True when ``module`` (e.g. ``model.layers.3.mlp.up_proj``) is to be ternarized."""
         leaf = module.rsplit(".", 1)[-1]
@@ -109,6 +133,12 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "projections": (tuple,),
     "exclude": (tuple,),
     "indivisible": (str,),
+    "equalize": (bool,),
+    "target_bits_per_weight": (float, int, type(None)),
+    "calib_tokens": (int,),
+    "calib_context": (int,),
+    "damp": (float, int),
+    "tune_steps": (int,),
     "eval_context": (int,),
     "eval_stride": (int, type(None)),
     "eval_max_tokens": (int,),
@@ -129,7 +159,7 @@ def _coerce(d: dict[str, Any]) -> dict[str, Any]:
 def _validate(r: Recipe) -> None:
     for name, types in _TYPES.items():
         value = getattr(r, name)
-        if isinstance(value, bool) or not isinstance(value, types):
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
             want = " or ".join({tuple: "list", type(None): "null"}.get(t, t.__name__) for t in types)
             raise RecipeError(f"recipe field {name!r} must be a {want}, got {value!r}")
     for name in ("projections", "exclude"):
@@ -155,6 +185,20 @@ def _validate(r: Recipe) -> None:
         )
     if r.eval_stride is not None and not 1 <= r.eval_stride <= r.eval_context:
         raise RecipeError(f"recipe field 'eval_stride' must be between 1 and eval_context, got {r.eval_stride}")
+    if r.target_bits_per_weight is not None and not 2 <= r.target_bits_per_weight <= 16:
+        raise RecipeError(
+            f"recipe field 'target_bits_per_weight' must be between 2 (all ternary) and 16 (all kept), "
+            f"got {r.target_bits_per_weight}"
+        )
+    if r.calib_context < 2 or r.calib_tokens < r.calib_context:
+        raise RecipeError(
+            f"recipe fields 'calib_context' ({r.calib_context}) and 'calib_tokens' ({r.calib_tokens}) "
+            "need 2 <= calib_context <= calib_tokens"
+        )
+    if r.tune_steps < 0:
+        raise RecipeError(f"recipe field 'tune_steps' must be 0 (off) or more, got {r.tune_steps}")
+    if not 0 < r.damp < 1:
+        raise RecipeError(f"recipe field 'damp' must be between 0 and 1, got {r.damp}")
     for gate in ("max_ppl_ratio", "max_kl"):
         value = getattr(r, gate)
         if value is not None and value <= 0:

@@ -21,13 +21,19 @@ class LayerStats:
     zero_fraction: float
     relative_error: float  # ||W - s*Wq|| / ||W||
     scale_clamped: bool = False  # mean|W| was below eps (e.g. an all-zero matrix)
+    # Calibrated recipes only: relative squared error of the layer's output on calibration
+    # inputs, tr(dW H dW^T) / tr(W H W^T), for the method and for absmean rounding.
+    output_error: float | None = None
+    absmean_output_error: float | None = None
 
     @classmethod
     def of(cls, weight_name: str, shape, result) -> "LayerStats":
         """From a quantization result (``scale``, ``zero_fraction``, ``relative_error``,
-        ``scale_clamped``) of the weight ``weight_name`` (``....weight``)."""
+        ``scale_clamped``, optionally ``output_error`` and ``absmean_output_error``) of the
+        weight ``weight_name`` (``....weight``)."""
         return cls(weight_name.removesuffix(".weight"), tuple(shape), result.scale, result.zero_fraction,
-                   result.relative_error, result.scale_clamped)
+                   result.relative_error, result.scale_clamped, getattr(result, "output_error", None),
+                   getattr(result, "absmean_output_error", None))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerStats":
@@ -101,6 +107,7 @@ class ConvertReport:
     notes: list[str] = field(default_factory=list)
     published: dict[str, Any] | None = None  # where --push-to-hub uploaded it
     gguf: dict[str, Any] | None = None  # GGUF outputs: file, type, bytes_by_type, not_tq
+    calibration: dict[str, Any] | None = None  # calibrated recipes: text, tokens, methods, transforms, mixed precision
     up_to_date: bool = False  # set when convert found OUT already up to date (not saved)
 
     def to_dict(self) -> dict[str, Any]:

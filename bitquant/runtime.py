@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bitquant.errors import SourceError, UnsupportedModelError
+from bitquant.errors import SourceError, UnsupportedModelError, UsageError
 from bitquant.formats.hf_bitnet import SCALE_SUFFIX
 from bitquant.packing import unpack_ternary
 from bitquant.source import checkpoint_files, open_checkpoint
@@ -75,6 +75,15 @@ class TernaryLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when torch sees a GPU, else ``cpu``; refuses ``cuda`` without one."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for, but torch sees no CUDA GPU; use --device cpu")
+    return device
 
 
 def is_ternary(folder: Path) -> bool:

@@ -148,6 +148,20 @@ class Checkpoint:
                         continue
                     yield f, r.spec(name)
 
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Copies of the named tensors (e.g. one decoder layer's), read from their files."""
+        wanted = set(names)
+        out: dict[str, torch.Tensor] = {}
+        files = {self.weight_map[n] for n in wanted if n in self.weight_map} if self.weight_map else self.files
+        for f in sorted(files):
+            with SafetensorsReader(f) as r:
+                for name in wanted.intersection(r.header):
+                    out[name] = r.get(name).clone()
+        missing = sorted(wanted - set(out))
+        if missing:
+            raise SourceError(f"{self.path} has no tensor {missing[0]!r}; the checkpoint is incomplete, download it again")
+        return out
+
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs, one at a time; each tensor is a view of a memory map,
         valid until the next pair is requested (its pages are then released)."""

@@ -100,7 +100,15 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
-@click.option("--config", "config", default=None, metavar="NAME|FILE", help="Recipe: a bundled name (absmean, absmean-middle) or a YAML file. Default: absmean.")
+@click.option("--config", "config", default=None, metavar="NAME|FILE",
+              help="Recipe: a bundled name (absmean, gptq, gptq-mixed, ...; see README) or a YAML file. Default: absmean.")
+@click.option("--calib-text", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="Calibrated recipes: UTF-8 calibration text (default: the bundled Paradise Lost).")
+@click.option("--calib-tokens", type=click.IntRange(min=2), default=None, help="Calibrated recipes: tokens of calibration text (recipe default 16384).")
+@click.option("--target-bits-per-weight", type=click.FloatRange(2, 16), default=None,
+              help="Mixed precision: keep the most damaging projections in full precision within this average (bits per projection weight).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Calibrated recipes: where calibration runs (auto: cuda when torch sees a GPU).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep modules matching this shell pattern in full precision (repeatable), e.g. 'model.layers.0.*'.")
 @click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (Hub ids only).")
 @click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private or gated models, and for --push-to-hub.")
@@ -123,7 +131,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
 @debug_option
-def convert(model, out, config, exclude, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
+def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight, device, exclude, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
             eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json):
     """Convert MODEL (Hub id, local folder, or embedded:smollm2-135m) into a packed ternary model.
 
@@ -136,6 +144,8 @@ def convert(model, out, config, exclude, revision, token, overwrite, force, max_
       bitquant convert ./my-llama-fp16 -o ./my-llama-ternary --eval-text book.txt --max-ppl-ratio 1.5
       bitquant convert HuggingFaceTB/SmolLM2-135M --revision main -o smollm2-ternary
       bitquant convert embedded:smollm2-135m -o smollm2-gguf --format gguf-tq2_0
+      bitquant convert embedded:smollm2-135m -o smollm2-gptq --config gptq
+      bitquant convert embedded:smollm2-135m -o smollm2-mixed --config gptq-mixed --target-bits-per-weight 3
     """
     from bitquant.convert import convert as run_convert
     from bitquant.recipe import load_recipe
@@ -144,13 +154,15 @@ def convert(model, out, config, exclude, revision, token, overwrite, force, max_
     recipe = recipe.replace(
         exclude=tuple(recipe.exclude) + tuple(exclude) if exclude else None,
         eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
-        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, format=fmt,
+        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, format=fmt, calib_tokens=calib_tokens,
+        target_bits_per_weight=target_bits_per_weight,
     )
     with render.tensor_progress(enabled=not as_json) as progress, render.window_progress(enabled=not as_json) as eval_progress:
         report = run_convert(
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
             max_shard_size=max_shard_size, strict=strict, progress=progress, eval_text=eval_text, eval_progress=eval_progress,
             push_to_hub=push_to_hub, push_private=private, push_revision=push_revision, push_create_pr=create_pr,
+            calib_text=calib_text, device=device,
         )
     if as_json:
         click.echo(report.to_json(), nl=False)

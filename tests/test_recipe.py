@@ -56,8 +56,14 @@ def test_wrong_type_is_named(tmp_path):
 
 
 def test_bad_choices_and_versions(tmp_path):
-    with pytest.raises(RecipeError, match="'method' is 'gptq'"):
-        load_recipe(write(tmp_path, "name: x\nschema: 1\nmethod: gptq\n"))
+    with pytest.raises(RecipeError, match="'method' is 'awq'"):
+        load_recipe(write(tmp_path, "name: x\nschema: 1\nmethod: awq\n"))
+    with pytest.raises(RecipeError, match="'target_bits_per_weight' must be between 2"):
+        load_recipe(write(tmp_path, "name: x\nschema: 1\ntarget_bits_per_weight: 1.5\n"))
+    with pytest.raises(RecipeError, match="'equalize' must be a bool"):
+        load_recipe(write(tmp_path, "name: x\nschema: 1\nequalize: 1\n"))
+    with pytest.raises(RecipeError, match="calib_context"):
+        load_recipe(write(tmp_path, "name: x\nschema: 1\ncalib_tokens: 10\n"))
     with pytest.raises(RecipeError, match="schema 1"):
         load_recipe(write(tmp_path, "name: x\nschema: 9\n"))
     with pytest.raises(RecipeError, match="unknown projections"):
@@ -80,3 +86,11 @@ def test_example_nightly_recipe_loads():
 
     r = load_recipe(REPO / "examples" / "nightly-recipe.yaml")
     assert r.gates == {"max_ppl_ratio": 1.05, "max_kl": 0.05}
+
+
+def test_calibrated_recipes_are_bundled():
+    assert not load_recipe("absmean").calibrated
+    gptq, mixed = load_recipe("gptq"), load_recipe("gptq-mixed")
+    assert gptq.calibrated and gptq.method == "gptq" and gptq.target_bits_per_weight is None
+    assert mixed.calibrated and mixed.target_bits_per_weight == 3.0
+    assert load_recipe("absmean").replace(target_bits_per_weight=3).calibrated

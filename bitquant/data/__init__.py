@@ -1,0 +1,1 @@
+"""Bundled data: the default calibration text (see README.md in this folder)."""
