@@ -161,6 +161,21 @@ class Blocks:
                 self.dtypes[spec.name] = spec.dtype
         self._pe = None
 
+    def head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Final RMSNorm and output projection: hidden states -> next-token log-probabilities."""
+        out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        weights = self.ckpt.read(["model.norm.weight", out_name])
+        norm_w = weights["model.norm.weight"].float().to(self.device)
+        out_w = weights[out_name].float().to(self.device)
+        eps = self.config.rms_norm_eps
+
+        @torch.inference_mode()
+        def head(x: torch.Tensor) -> torch.Tensor:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w
+            return torch.log_softmax(x @ out_w.T, dim=-1)
+
+        return head
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
         return table[ids].float().to(self.device)
@@ -228,33 +243,55 @@ def _rtn(w: torch.Tensor) -> torch.Tensor:
 DAMAGE_TOKENS = 4096
 
 
+#: Units whose damage is measured together (and which are kept or ternarized together):
+#: the attention and the MLP of each block. Damage is far from additive inside a unit
+#: (e.g. ternarizing gate_proj alone hurts less than with up_proj), so units are chosen whole.
+UNITS = (("self_attn", GROUPS[0] + GROUPS[1]), ("mlp", GROUPS[2] + GROUPS[3]))
+
+
 def measure_damage(blocks: Blocks, calib: Calibration, targets: set[str],
-                   progress: LayerProgress | None = None) -> dict[str, float]:
-    """For each target projection (module name), the mean squared change of its block's
-    output when it alone is ternarized (absmean), relative to the mean squared block
-    output: the share of the residual stream it would disturb. FP model throughout, on the
-    first :data:`DAMAGE_TOKENS` calibration tokens."""
-    damage: dict[str, float] = {}
+                   progress: LayerProgress | None = None) -> dict[str, tuple[float, list[str]]]:
+    """For each unit (``model.layers.I.self_attn`` / ``.mlp``) holding target projections:
+    the mean KL divergence (nats) of the model's next-token distribution from the FP
+    model's when that unit's target projections, and nothing else, are ternarized with
+    absmean. Returns ``unit -> (KL, its target projections)``.
+
+    Measured end to end, because a block-local measure misleads (a unit that barely
+    changes its own block can be amplified by every later one). Bounded memory still: the
+    FP hidden state entering each block is kept for the first :data:`DAMAGE_TOKENS`
+    calibration tokens, and each trial runs the blocks after the unit one at a time."""
     sequences = max(1, DAMAGE_TOKENS // calib.ids.shape[1])
     h = blocks.embed(calib.ids[:sequences])
+    states = [h]
+    for i in range(blocks.n_layers):
+        states.append(blocks.run(blocks.load(i), states[-1]))
+    head = blocks.head()
+    reference = head(states[-1])
+    damage: dict[str, tuple[float, list[str]]] = {}
     for i in range(blocks.n_layers):
         layer = blocks.load(i)
-        ref = blocks.run(layer, h)
-        norm = float(ref.pow(2).sum())
-        for _, proj in _projections(layer):
-            name = f"{LAYER_PREFIX}{i}.{proj}"
-            if name not in targets:
+        for unit, projs in UNITS:
+            members = [p for p in projs if f"{LAYER_PREFIX}{i}.{p}" in targets]
+            if not members:
                 continue
-            linear = layer.get_submodule(proj)
-            w = linear.weight.data
-            linear.weight.data = _rtn(w)
-            damage[name] = float((blocks.run(layer, h) - ref).pow(2).sum()) / norm
-            linear.weight.data = w
-        h = ref
+            saved = {p: layer.get_submodule(p).weight.data for p in members}
+            for p in members:
+                layer.get_submodule(p).weight.data = _rtn(saved[p])
+            x = blocks.run(layer, states[i])
+            for p in members:
+                layer.get_submodule(p).weight.data = saved[p]
+            for k in range(i + 1, blocks.n_layers):
+                x = blocks.run(blocks.load(k), x)
+            damage[f"{LAYER_PREFIX}{i}.{unit}"] = (_kl(reference, head(x)), [f"{LAYER_PREFIX}{i}.{p}" for p in members])
         del layer
         if progress:
             progress(i + 1, blocks.n_layers, "measured")
     return damage
+
+
+@torch.inference_mode()
+def _kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
+    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
 
 
 def _projections(layer: torch.nn.Module) -> Iterator[tuple[int, str]]:

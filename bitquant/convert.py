@@ -324,20 +324,24 @@ def _calibrated_plan(ckpt: Checkpoint, recipe: Recipe, plan: Plan, blocks: calib
     if recipe.target_bits_per_weight is not None:
         targets = {name.removesuffix(".weight") for name in plan.quantize}
         damage = calibrate.measure_damage(blocks, calib, targets, progress=progress)
-        params = {s.name.removesuffix(".weight"): s.numel for _, s in ckpt.iter_specs()
-                  if s.name.removesuffix(".weight") in targets}
-        full_bits = 8 * next(s.dtype.itemsize for _, s in ckpt.iter_specs() if s.name.endswith("_proj.weight"))
-        choices = mixed.choose(damage, params, recipe.target_bits_per_weight, full_bits)
-        n = len(choices)
-        keep = {c.name: (f"mixed precision: ternarizing it alone disturbs its block's output by {c.damage:.3g} "
-                         f"(rank {c.rank} of {n} by damage per extra bit; budget "
-                         f"{recipe.target_bits_per_weight:g} bits/weight)") for c in choices if c.kept}
+        sizes = {s.name.removesuffix(".weight"): s.numel for _, s in ckpt.iter_specs()}
+        params = {unit: sum(sizes[m] for m in members) for unit, (_, members) in damage.items()}
+        full_bits = 8 * next(s.dtype.itemsize for _, s in ckpt.iter_specs() if s.name.removesuffix(".weight") in targets)
+        choices = mixed.choose({u: kl for u, (kl, _) in damage.items()}, params, recipe.target_bits_per_weight, full_bits)
+        keep = {}
+        for c in choices:
+            if c.kept:
+                for module in damage[c.name][1]:
+                    keep[module] = (f"mixed precision: ternarizing {c.name} alone moves the output distribution by "
+                                    f"KL {c.damage:.3g} nats (rank {c.rank} of {len(choices)} by KL per extra bit; budget "
+                                    f"{recipe.target_bits_per_weight:g} bits/weight)")
         info["mixed_precision"] = {
             "target_bits_per_weight": recipe.target_bits_per_weight,
             "bits_per_projection_weight": round(mixed.bits_per_weight(choices, full_bits), 4),
             "kept_bits_per_weight": full_bits,
+            "kept_units": [c.name for c in choices if c.kept],
             "kept": sorted(keep),
-            "damage": {c.name: round(c.damage, 6) for c in choices},
+            "kl_by_unit": {c.name: round(c.damage, 6) for c in choices},
         }
         plan = plan_conversion(ckpt, recipe, keep)
     return plan, info

@@ -101,9 +101,26 @@ def test_damage_is_measured_for_every_target(tiny_outliers):
     ckpt = open_checkpoint(tiny_outliers)
     calib = calibrate.load_calibration(tiny_outliers, None, 512, 64)
     blocks = calibrate.Blocks(ckpt, "cpu")
-    targets = {"model.layers.0.mlp.down_proj", "model.layers.2.self_attn.q_proj"}
+    targets = {"model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.2.self_attn.q_proj"}
     damage = calibrate.measure_damage(blocks, calib, targets)
-    assert set(damage) == targets and all(d > 0 for d in damage.values())
+    assert set(damage) == {"model.layers.0.mlp", "model.layers.2.self_attn"}
+    assert sorted(damage["model.layers.0.mlp"][1]) == ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"]
+    assert all(kl > 0 for kl, _ in damage.values())
+    # the same KL computed independently, with the whole transformers model
+    from bitquant.runtime import load_fp
+    from bitquant.ternary import quantize_absmean
+
+    fp = load_fp(tiny_outliers, torch.float32, "cpu")
+    ids = calib.ids[: calibrate.DAMAGE_TOKENS // 64]
+    with torch.no_grad():
+        ref = torch.log_softmax(fp(ids).logits.float(), -1)
+        for m in ("model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj"):
+            lin = fp.get_submodule(m)
+            t = quantize_absmean(lin.weight)
+            lin.weight.data = t.scale * t.codes.float()
+        got = torch.log_softmax(fp(ids).logits.float(), -1)
+    kl = float((ref.exp() * (ref - got)).sum(-1).mean())
+    assert damage["model.layers.0.mlp"][0] == pytest.approx(kl, rel=1e-3)
 
 
 def test_convert_gptq_loads_in_transformers_and_reports_calibration(tiny_outliers, tmp_path):
@@ -126,15 +143,16 @@ def test_convert_gptq_loads_in_transformers_and_reports_calibration(tiny_outlier
 
 def test_convert_mixed_precision_keeps_within_budget_and_says_why(tiny_outliers, tmp_path):
     out = tmp_path / "mixed"
-    recipe = load_recipe("gptq-mixed").replace(calib_tokens=512, calib_context=64, target_bits_per_weight=4.0)
+    recipe = load_recipe("gptq-mixed").replace(calib_tokens=512, calib_context=64, target_bits_per_weight=6.0)  # float32 source: a kept weight costs 32 bits
     report = convert(str(tiny_outliers), out, recipe=recipe, device="cpu")
     mp = report.calibration["mixed_precision"]
-    assert mp["bits_per_projection_weight"] <= 4.0 and mp["kept"]
+    assert mp["bits_per_projection_weight"] <= 6.0 and mp["kept"] and mp["kept_bits_per_weight"] == 32
     assert sorted(k.name for k in report.kept_full_precision) == mp["kept"]
-    assert all("mixed precision" in k.reason and "rank" in k.reason for k in report.kept_full_precision)
-    worst = max(mp["damage"], key=mp["damage"].get)
+    assert all("mixed precision" in k.reason and "KL" in k.reason for k in report.kept_full_precision)
+    assert set(mp["kl_by_unit"]) == {f"model.layers.{i}.{u}" for i in range(3) for u in ("self_attn", "mlp")}
     kinds = load_clean(out)["kinds"]
-    assert kinds[worst] == "Linear" or worst not in mp["kept"]
+    for unit in mp["kept_units"]:
+        assert all(kinds[m] == "Linear" for m in mp["kept"] if m.startswith(unit + "."))
     assert len(report.layers) + len(mp["kept"]) == 21
 
 

@@ -1,11 +1,12 @@
-"""Sensitivity-driven mixed precision: which projections stay in full precision.
+"""Sensitivity-driven mixed precision: which units of projections stay in full precision.
 
-Each projection's *damage* is measured on calibration text by the caller (how much
-ternarizing that projection alone changes its decoder block's output, relative to the
-block's output; see :mod:`bitquant.calibrate`). Keeping a projection costs the bits of its
-full-precision weights instead of 2 bits each (the packed ternary codes). Projections are
-kept greedily by damage removed per extra bit, while the average over all projection
-weights stays within the budget.
+Each unit's *damage* is measured on calibration text by the caller (in bitquant: the KL
+divergence of the model's output when that unit alone is ternarized, see
+:func:`bitquant.calibrate.measure_damage`; a unit is a block's attention or MLP
+projections). Keeping a unit costs the bits of its full-precision weights instead of 2
+bits each (the packed ternary codes). Units are kept greedily by damage per extra bit,
+skipping those that no longer fit, while the average over all projection weights stays
+within the budget.
 """
 
 from __future__ import annotations
