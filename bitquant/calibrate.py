@@ -18,28 +18,25 @@ Two passes over the layers are possible:
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator
-
-import copy
 
 import torch
 
 from bitquant import runtime
+from bitquant.blocks import LAYER_PREFIX, Blocks
 from bitquant.methods import equalize
 from bitquant.methods.gptq import output_error, ternary_gptq
 from bitquant.methods.tune import ScaledTernary, tune
 from bitquant.packing import pack_ternary
-from bitquant.source import Checkpoint
 from bitquant.ternary import absmean_scale, ternarize
 from bitquant.text import tokenize_file
 
 #: Bundled calibration text (public domain; not the evaluation text used in the README).
 DEFAULT_TEXT = "paradise-lost.txt"
-
-LAYER_PREFIX = "model.layers."
 
 #: Projections in the order data reaches them, grouped by shared input.
 GROUPS = (
@@ -72,7 +69,8 @@ def load_calibration(folder: Path, text: str | Path | None, tokens: int, context
     """The first ``tokens`` tokens of ``text`` (the bundled text when ``None``), cut into
     sequences of ``context`` tokens (a partial last sequence is dropped)."""
     path = Path(text) if text is not None else default_text()
-    tokenized = tokenize_file(path, runtime.load_tokenizer(folder), min_tokens=context, max_tokens=tokens)
+    tokenized = tokenize_file(path, runtime.load_tokenizer(folder), min_tokens=context, max_tokens=tokens,
+                              purpose="calibrate on")
     n = len(tokenized.ids) // context
     ids = torch.tensor(tokenized.ids[: n * context], dtype=torch.long).view(n, context)
     return Calibration(ids, str(path), tokenized.sha256)
@@ -102,136 +100,6 @@ class CalibrationLog:
 
     transforms: list[dict] = field(default_factory=list)  # one per applied equivalence transform
     tuning: list[dict] = field(default_factory=list)  # one per block whose gains and scales were fitted
-
-
-class _Stop(Exception):
-    """Raised by a capture hook to end a forward pass early."""
-
-
-class _Capture:
-    """Accumulates H = X^T X / n and mean |x| per channel of a module's input."""
-
-    def __init__(self, module: torch.nn.Module, stop: bool = False):
-        self.h = None
-        self.abs_sum = None
-        self.rows = 0
-        self.stop = stop
-        self._handle = module.register_forward_pre_hook(self._hook)
-
-    def _hook(self, module, args):
-        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-        if self.h is None:
-            self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
-            self.abs_sum = torch.zeros(x.shape[1], device=x.device)
-        self.h.addmm_(x.T, x)
-        self.abs_sum += x.abs().sum(0)
-        self.rows += x.shape[0]
-        if self.stop:
-            raise _Stop
-
-    def remove(self) -> tuple[torch.Tensor, torch.Tensor]:
-        self._handle.remove()
-        return self.h / self.rows, self.abs_sum / self.rows
-
-
-class Blocks:
-    """Builds a checkpoint's decoder blocks one at a time, in float32 on ``device``."""
-
-    def __init__(self, ckpt: Checkpoint, device: str, batch: int = 4):
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        config = AutoConfig.from_pretrained(ckpt.path)
-        config._attn_implementation = "sdpa"
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config)
-        self.config = config
-        self.ckpt = ckpt
-        self.device = device
-        self.batch = batch
-        self.layer_cls = type(skeleton.model.layers[0])
-        self.rotary = type(skeleton.model.rotary_emb)(config=config).to(device)
-        self.n_layers = config.num_hidden_layers
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.groups = config.num_attention_heads // config.num_key_value_heads
-        self.names: dict[int, list[str]] = {}
-        self.dtypes: dict[str, torch.dtype] = {}
-        for _, spec in ckpt.iter_specs():
-            if spec.name.startswith(LAYER_PREFIX):
-                self.names.setdefault(int(spec.name.split(".")[2]), []).append(spec.name)
-                self.dtypes[spec.name] = spec.dtype
-        self._pe = None
-
-    def head(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Final RMSNorm and output projection: hidden states -> next-token log-probabilities."""
-        out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        weights = self.ckpt.read(["model.norm.weight", out_name])
-        norm_w = weights["model.norm.weight"].float().to(self.device)
-        out_w = weights[out_name].float().to(self.device)
-        eps = self.config.rms_norm_eps
-
-        @torch.inference_mode()
-        def head(x: torch.Tensor) -> torch.Tensor:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w
-            return torch.log_softmax(x @ out_w.T, dim=-1)
-
-        return head
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        table = self.ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        return table[ids].float().to(self.device)
-
-    def load(self, i: int) -> torch.nn.Module:
-        prefix = f"{LAYER_PREFIX}{i}."
-        state = {n[len(prefix):]: t.float().to(self.device) for n, t in self.ckpt.read(self.names[i]).items()}
-        with torch.device("meta"):
-            layer = self.layer_cls(self.config, i)
-        layer.load_state_dict(state, assign=True, strict=True)
-        return layer.eval()
-
-    def _position_embeddings(self, h: torch.Tensor):
-        if self._pe is None or self._pe[0].shape[1] != h.shape[1]:
-            pos = torch.arange(h.shape[1], device=self.device)[None]
-            self._pe = self.rotary(h[:1], pos)
-        return self._pe
-
-    @torch.inference_mode()
-    def run(self, layer: torch.nn.Module, h: torch.Tensor, until: torch.nn.Module | None = None):
-        """The block's output for every sequence of ``h``; with ``until``, stop as soon as
-        that module's input is captured and return its (H, mean |x|)."""
-        capture = _Capture(until, stop=True) if until is not None else None
-        outs = []
-        pe = self._position_embeddings(h)
-        for b in range(0, h.shape[0], self.batch):
-            try:
-                outs.append(layer(h[b : b + self.batch], position_embeddings=pe))
-            except _Stop:
-                pass
-        if capture is not None:
-            return capture.remove()
-        return torch.cat(outs) if outs else None
-
-    @torch.inference_mode()
-    def rows(self, layer: torch.nn.Module, h: torch.Tensor, module: str) -> torch.Tensor:
-        """The input rows ``[tokens, in]`` (float32) of the named module, stopping there."""
-        captured = []
-
-        def hook(m, args):
-            captured.append(args[0].reshape(-1, args[0].shape[-1]).float())
-            raise _Stop
-
-        handle = layer.get_submodule(module).register_forward_pre_hook(hook)
-        try:
-            self.run(layer, h)
-        finally:
-            handle.remove()
-        return torch.cat(captured)
-
-    @torch.inference_mode()
-    def inputs(self, layer: torch.nn.Module, h: torch.Tensor, modules: list[str]) -> dict[str, tuple]:
-        """(H, mean |x|) of each named module's input, from one full forward pass."""
-        captures = {m: _Capture(layer.get_submodule(m)) for m in modules}
-        self.run(layer, h)
-        return {m: c.remove() for m, c in captures.items()}
 
 
 def _rtn(w: torch.Tensor) -> torch.Tensor:
@@ -294,18 +162,11 @@ def _kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> float:
     return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
 
 
-def _projections(layer: torch.nn.Module) -> Iterator[tuple[int, str]]:
-    for g, group in enumerate(GROUPS):
-        for proj in group:
-            yield g, proj
-
-
 def _equalize(blocks: Blocks, layer, h, prefix: str, targets: set[str], log: CalibrationLog) -> None:
     """Choose and fold the four equivalence transforms of one block (see methods.equalize)."""
     stats = blocks.inputs(layer, h, [g[0] for g in GROUPS])
     (h_attn, a_attn), (h_o, a_o) = stats["self_attn.q_proj"], stats["self_attn.o_proj"]
     (h_mlp, a_mlp), (h_down, a_down) = stats["mlp.gate_proj"], stats["mlp.down_proj"]
-    attn, mlp = layer.self_attn, layer.mlp
 
     def targeted(*projs):
         return [p for p in projs if f"{prefix}{p}" in targets]
@@ -350,7 +211,6 @@ def _equalize(blocks: Blocks, layer, h, prefix: str, targets: set[str], log: Cal
     pair_fold("self_attn.v_proj", "self_attn.o_proj", h_attn, h_o, a_o, blocks.groups, "v_proj -> o_proj")
     h_mlp = norm_fold(layer.post_attention_layernorm, GROUPS[2], h_mlp, a_mlp, "post_attention_layernorm -> gate/up")
     pair_fold("mlp.up_proj", "mlp.down_proj", h_mlp, h_down, a_down, 1, "up_proj -> down_proj")
-    del attn, mlp
 
 
 def quantize_layers(blocks: Blocks, calib: Calibration, targets: set[str], *, method: str, equalize_scales: bool,

@@ -6,6 +6,8 @@ absmean applied to a model that was not trained for ternary weights destroys it.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from bitquant.report import ConvertReport
 from bitquant.source import ModelSource
 
@@ -57,6 +59,24 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+def _method(report: ConvertReport) -> str:
+    """One sentence on how the ternary weights were made."""
+    recipe = report.recipe
+    if recipe["method"] == "absmean" and not report.calibration:
+        return ("every selected linear weight W of the decoder blocks was replaced by s * clamp(round(W / s), -1, 1) "
+                "with s = mean|W| per matrix (BitNet b1.58 absmean); norms are unchanged.")
+    parts = ["GPTQ error feedback on calibration text, one fitted scale per matrix"
+             if recipe["method"] == "gptq" else "absmean rounding"]
+    if recipe.get("equalize"):
+        parts.append("per-channel scales folded into the RMSNorm gains and between v/o and up/down")
+    if recipe.get("tune_steps"):
+        parts.append("RMSNorm gains and scales fitted to the FP blocks' outputs")
+    if recipe.get("target_bits_per_weight") is not None:
+        parts.append(f"the most damaging projections kept in full precision within {recipe['target_bits_per_weight']:g} "
+                     "bits per projection weight")
+    return "the decoder projections were ternarized ({}).".format("; ".join(parts))
+
+
 def render(report: ConvertReport, source: ModelSource) -> str:
     size = report.size
     summary = report.summary()
@@ -75,9 +95,8 @@ def render(report: ConvertReport, source: ModelSource) -> str:
         f"# Ternary (1.58-bit) conversion of {source.spec}",
         "",
         f"Converted with bitquant {report.bitquant_version}, recipe `{report.recipe['name']}` "
-        f"(sha256 `{report.recipe_sha256[:16]}`): every selected linear weight W of the decoder blocks "
-        "was replaced by s * clamp(round(W / s), -1, 1) with s = mean|W| per matrix (BitNet b1.58 absmean). "
-        "Embeddings, norms, biases and the output head are unchanged.",
+        f"(sha256 `{report.recipe_sha256[:16]}`): {_method(report)} "
+        "Embeddings, biases and the output head are unchanged.",
         "",
         "**Quality warning.** This post-training recipe is exact for checkpoints trained with ternary "
         "quantization-aware training. Applied to an ordinary FP16/BF16 model it usually destroys it "
@@ -97,6 +116,9 @@ def render(report: ConvertReport, source: ModelSource) -> str:
         f"| mean zero fraction | {_fmt(summary['mean_zero_fraction'])} |",
         f"| mean relative weight error ‖W − sWq‖/‖W‖ | {_fmt(summary['mean_relative_error'])} |",
     ]
+    cal = report.calibration
+    if cal:
+        lines.append(f"| calibration | {cal['tokens']:,} tokens of {Path(cal['text']).name}, {cal['seconds']:.0f} s on {cal['device']} |")
     ppl = report.perplexity
     if ppl:
         lines += [

@@ -15,27 +15,28 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from itertools import chain
-from typing import Callable, Iterator
+from pathlib import Path
 
 import torch
 
 from bitquant import __version__, calibrate, card, evaluate, gates, runtime
+from bitquant.blocks import LAYER_PREFIX, Blocks
 from bitquant.errors import SourceError, TensorError, UsageError
 from bitquant.evaluate import EvalSettings, WindowProgress
 from bitquant.fingerprint import conversion_fingerprint, file_sha256, source_fingerprint
 from bitquant.formats import gguf, hf_bitnet
 from bitquant.journal import Journal
+from bitquant.kernels import quantize_pack
+from bitquant.methods import mixed
 from bitquant.recipe import Recipe, load_recipe
 from bitquant.report import ConvertReport, KeptTensor, LayerStats, OutputFile, SizeStats
 from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_source
 from bitquant.staging import check_target, staged_output
 from bitquant.tensorfile import TensorSpec
-from bitquant.kernels import quantize_pack
-from bitquant.methods import mixed
 from bitquant.ternary import check_float
 
 #: Default largest output shard, in bytes (as transformers' save_pretrained).
@@ -106,7 +107,7 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | Non
 
 def _layer_index(name: str) -> int:
     """Decoder block of a tensor name, -1 outside the blocks."""
-    if name.startswith(calibrate.LAYER_PREFIX):
+    if name.startswith(LAYER_PREFIX):
         return int(name.split(".")[2])
     return -1
 
@@ -194,7 +195,7 @@ def convert(
     calibration = None
     calib_started = time.monotonic()
     if calib is not None:
-        blocks = calibrate.Blocks(ckpt, device)
+        blocks = Blocks(ckpt, device)
         plan, calibration = _calibrated_plan(ckpt, recipe, plan, blocks, calib, progress)
     shards = hf_bitnet.plan_shards(plan.specs, max_shard_size)
 
@@ -297,7 +298,7 @@ def _absmean_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe) -> Iterator[Ite
             yield name, tensor, None
 
 
-def _calibrated_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe, blocks: calibrate.Blocks,
+def _calibrated_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe, blocks: Blocks,
                       calib: calibrate.Calibration, calibration: dict) -> Iterator[Item]:
     """Tensors outside the decoder blocks, then each block as calibration finishes it."""
     outside = ((n, t, None) for n, t in ckpt.iter_tensors() if _layer_index(n) < 0)
@@ -311,7 +312,7 @@ def _calibrated_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe, blocks: cali
     calibration["tuning"] = log.tuning
 
 
-def _calibrated_plan(ckpt: Checkpoint, recipe: Recipe, plan: Plan, blocks: calibrate.Blocks,
+def _calibrated_plan(ckpt: Checkpoint, recipe: Recipe, plan: Plan, blocks: Blocks,
                      calib: calibrate.Calibration, progress: ProgressFn | None) -> tuple[Plan, dict]:
     """The plan after mixed precision has chosen what to keep, and the report's
     ``calibration`` section (completed as the layers are quantized)."""

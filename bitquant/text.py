@@ -70,11 +70,13 @@ def _pieces(path: Path, whole: bool) -> Iterator[str]:
             yield _decode(buf, path, offset)
 
 
-def tokenize_file(path: str | Path, tokenizer, min_tokens: int, max_tokens: int | None = None) -> Tokens:
-    """Tokenize a text file, validating it; raises :class:`TextError` for unusable input."""
+def tokenize_file(path: str | Path, tokenizer, min_tokens: int, max_tokens: int | None = None,
+                  purpose: str = "evaluate on") -> Tokens:
+    """Tokenize a text file, validating it; raises :class:`TextError` for unusable input
+    (``purpose`` completes its messages: "pass a UTF-8 text file to <purpose>")."""
     path = Path(path)
     if not path.is_file():
-        raise TextError(f"text file {path} does not exist; pass a UTF-8 text file to evaluate on")
+        raise TextError(f"text file {path} does not exist; pass a UTF-8 text file to {purpose}")
     ids: list[int] = []
     has_text = truncated = False
     for piece in _pieces(path, whole=max_tokens is None):
@@ -85,7 +87,7 @@ def tokenize_file(path: str | Path, tokenizer, min_tokens: int, max_tokens: int 
             ids = ids[:max_tokens]
             break
     if not has_text:
-        raise TextError(f"{path} is empty (no text to evaluate on); pass a non-empty UTF-8 text file")
+        raise TextError(f"{path} is empty (no text to {purpose}); pass a non-empty UTF-8 text file")
     if len(ids) < min_tokens:
         raise TextError(
             f"{path} has {len(ids)} tokens, fewer than one window of {min_tokens}; pass a longer text or a smaller --context"

@@ -95,6 +95,14 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
     t.add_row("recipe", f"{report.recipe['name']} (sha256 {report.recipe_sha256[:12]})")
     t.add_row("ternary matrices", f"{s['matrices']} ({size.quantized_params:,} weights)")
     t.add_row("kept full precision", str(len(report.kept_full_precision)))
+    cal = report.calibration
+    if cal:
+        t.add_row("calibration", f"{cal['method']}{' + equalize' if cal['equalize'] else ''}, {cal['tokens']:,} tokens of "
+                  f"{Path(cal['text']).name}, {cal['seconds']:.0f} s on {cal['device']}")
+        mp = cal.get("mixed_precision")
+        if mp:
+            t.add_row("mixed precision", f"{_fmt(mp['bits_per_projection_weight'])} bits per projection weight "
+                      f"(target {_fmt(mp['target_bits_per_weight'])}); kept: {', '.join(mp['kept_units']) or 'none'}")
     t.add_row("size", f"{_bytes(size.source_bytes)} -> {_bytes(size.output_bytes)} ({_fmt(size.compression_ratio)}x)")
     t.add_row("bits/weight", f"{_fmt(size.bits_per_weight_quantized)} ternary matrices, {_fmt(size.bits_per_weight_model)} whole model")
     t.add_row("zeros", f"{s['mean_zero_fraction']:.1%} of ternary codes")

@@ -178,6 +178,12 @@ CASES = [
     Case("recipe-yaml", "recipe that is not YAML", s_recipe("name: [x\n"), 2, "not valid YAML"),
     Case("gate-no-text", "quality gate without --eval-text", lambda t, s, h: (conv(s, "--max-kl", "0.5"), {}), 2, "need --eval-text"),
     Case("bad-option", "bad option value", lambda t, s, h: (conv(s, "--max-shard-size", "huge"), {}), 2, "is not a size"),
+    Case("calib-missing", "calibration text missing", lambda t, s, h: (conv(s, "--config", "gptq", "--calib-text", str(t / "nope.txt")), {}), 2, "does not exist"),
+    Case("calib-uncalibrated", "--calib-text with the absmean recipe", lambda t, s, h: (conv(s, "--calib-text", str(DATA / "alice29.txt")), {}), 2, "calibrated recipes only"),
+    Case("calib-is-eval", "calibration text is the eval text", lambda t, s, h: (conv(s, "--config", "gptq", "--calib-text", str(DATA / "alice29.txt"), "--eval-text", str(DATA / "alice29.txt")), {}), 2, "same file"),
+    Case("calib-gguf", "calibrated recipe with --format gguf", lambda t, s, h: (conv(s, "--config", "gptq", "--format", "gguf-tq2_0"), {}), 2, "transformers layout only"),
+    Case("bits-range", "--target-bits-per-weight below 2", lambda t, s, h: (conv(s, "--target-bits-per-weight", "1.5"), {}), 2, "1.5 is not in the range"),
+    Case("no-cuda", "--device cuda without a GPU", lambda t, s, h: (conv(s, "--config", "gptq", "--device", "cuda"), {}), 2, "torch sees no CUDA GPU"),
 ]
 
 # Runs the CLI; with BQ_TEST_SIGNAL it sends itself that signal while the first matrix is quantized.

@@ -3,14 +3,15 @@ error against absmean on the same calibration data, and the conversion stays loa
 
 import pytest
 import torch
+from conftest import DATA, add_tokenizer, make_checkpoint
+from test_convert import load_clean
 
 from bitquant import calibrate
+from bitquant.blocks import Blocks
 from bitquant.convert import convert
 from bitquant.errors import TextError, UsageError
 from bitquant.recipe import load_recipe
 from bitquant.source import open_checkpoint
-from conftest import DATA, add_tokenizer, make_checkpoint
-from test_convert import load_clean
 
 CALIB = calibrate.default_text()
 
@@ -32,7 +33,7 @@ def tiny_outliers(tmp_path, tiny_tokenizer_dir):
 def run_layers(folder, **kw):
     ckpt = open_checkpoint(folder)
     calib = calibrate.load_calibration(folder, None, 1024, 64)
-    blocks = calibrate.Blocks(ckpt, "cpu")
+    blocks = Blocks(ckpt, "cpu")
     targets = {f"model.layers.{i}.{p}" for i in range(blocks.n_layers) for g in calibrate.GROUPS for p in g}
     log = calibrate.CalibrationLog()
     items = list(calibrate.quantize_layers(blocks, calib, targets, damp=0.01, eps=1e-5, log=log, **kw))
@@ -78,7 +79,7 @@ def test_equalized_fp_model_computes_the_same_function(tiny_outliers):
     """The transforms are exact in full precision: apply them without quantizing anything."""
     ckpt = open_checkpoint(tiny_outliers)
     calib = calibrate.load_calibration(tiny_outliers, None, 512, 64)
-    blocks = calibrate.Blocks(ckpt, "cpu")
+    blocks = Blocks(ckpt, "cpu")
     h = blocks.embed(calib.ids)
     layer = blocks.load(0)
     ref = blocks.run(layer, h)
@@ -100,7 +101,7 @@ def test_tuning_lowers_block_output_error(tiny_outliers):
 def test_damage_is_measured_for_every_target(tiny_outliers):
     ckpt = open_checkpoint(tiny_outliers)
     calib = calibrate.load_calibration(tiny_outliers, None, 512, 64)
-    blocks = calibrate.Blocks(ckpt, "cpu")
+    blocks = Blocks(ckpt, "cpu")
     targets = {"model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.2.self_attn.q_proj"}
     damage = calibrate.measure_damage(blocks, calib, targets)
     assert set(damage) == {"model.layers.0.mlp", "model.layers.2.self_attn"}
@@ -132,8 +133,7 @@ def test_convert_gptq_loads_in_transformers_and_reports_calibration(tiny_outlier
     assert all(l.output_error is not None and l.output_error <= l.absmean_output_error for l in report.layers)
     assert report.size.bits_per_weight_quantized < 2.01
     got = load_clean(out)
-    assert set(got["kinds"][k] for k in got["kinds"] if "_proj" in k) == {"AutoBitLinear"} or \
-        all(v.endswith("BitLinear") for k, v in got["kinds"].items() if "_proj" in k)
+    assert all(v.endswith("BitLinear") for k, v in got["kinds"].items() if "_proj" in k)
     assert torch.isfinite(torch.tensor(got["logits"])).all()
     # same inputs: up to date, no second calibration
     again = convert(str(tiny_outliers), out, recipe=load_recipe("gptq").replace(calib_tokens=1024, calib_context=64),

@@ -11,8 +11,8 @@ each block also corrects part of the drift that earlier quantized blocks left in
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

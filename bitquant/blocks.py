@@ -1,0 +1,148 @@
+"""Decoder blocks of a checkpoint, built and run one at a time (for calibration).
+
+:class:`Blocks` reads one block's tensors from the memory-mapped checkpoint, builds the
+model's own decoder-layer module around them (transformers' class for the architecture,
+in float32 on the chosen device), and runs calibration hidden states through it, in
+batches of sequences, optionally stopping as soon as a given projection's input is seen.
+Only one block is ever in memory; nothing here quantizes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from bitquant.source import Checkpoint
+
+LAYER_PREFIX = "model.layers."
+
+
+class _Stop(Exception):
+    """Raised by a capture hook to end a forward pass early."""
+
+
+class _Capture:
+    """Accumulates H = X^T X / n and mean |x| per channel of a module's input."""
+
+    def __init__(self, module: torch.nn.Module, stop: bool = False):
+        self.h = None
+        self.abs_sum = None
+        self.rows = 0
+        self.stop = stop
+        self._handle = module.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        if self.h is None:
+            self.h = torch.zeros(x.shape[1], x.shape[1], device=x.device)
+            self.abs_sum = torch.zeros(x.shape[1], device=x.device)
+        self.h.addmm_(x.T, x)
+        self.abs_sum += x.abs().sum(0)
+        self.rows += x.shape[0]
+        if self.stop:
+            raise _Stop
+
+    def remove(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._handle.remove()
+        return self.h / self.rows, self.abs_sum / self.rows
+
+
+class Blocks:
+    """Builds a checkpoint's decoder blocks one at a time, in float32 on ``device``."""
+
+    def __init__(self, ckpt: Checkpoint, device: str, batch: int = 4):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(ckpt.path)
+        config._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+        self.config = config
+        self.ckpt = ckpt
+        self.device = device
+        self.batch = batch
+        self.layer_cls = type(skeleton.model.layers[0])
+        self.rotary = type(skeleton.model.rotary_emb)(config=config).to(device)
+        self.n_layers = config.num_hidden_layers
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.groups = config.num_attention_heads // config.num_key_value_heads
+        self.names: dict[int, list[str]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for _, spec in ckpt.iter_specs():
+            if spec.name.startswith(LAYER_PREFIX):
+                self.names.setdefault(int(spec.name.split(".")[2]), []).append(spec.name)
+                self.dtypes[spec.name] = spec.dtype
+        self._pe = None
+
+    def head(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Final RMSNorm and output projection: hidden states -> next-token log-probabilities."""
+        out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        weights = self.ckpt.read(["model.norm.weight", out_name])
+        norm_w = weights["model.norm.weight"].float().to(self.device)
+        out_w = weights[out_name].float().to(self.device)
+        eps = self.config.rms_norm_eps
+
+        @torch.inference_mode()
+        def head(x: torch.Tensor) -> torch.Tensor:
+            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w
+            return torch.log_softmax(x @ out_w.T, dim=-1)
+
+        return head
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        return table[ids].float().to(self.device)
+
+    def load(self, i: int) -> torch.nn.Module:
+        prefix = f"{LAYER_PREFIX}{i}."
+        state = {n[len(prefix):]: t.float().to(self.device) for n, t in self.ckpt.read(self.names[i]).items()}
+        with torch.device("meta"):
+            layer = self.layer_cls(self.config, i)
+        layer.load_state_dict(state, assign=True, strict=True)
+        return layer.eval()
+
+    def _position_embeddings(self, h: torch.Tensor):
+        if self._pe is None or self._pe[0].shape[1] != h.shape[1]:
+            pos = torch.arange(h.shape[1], device=self.device)[None]
+            self._pe = self.rotary(h[:1], pos)
+        return self._pe
+
+    @torch.inference_mode()
+    def run(self, layer: torch.nn.Module, h: torch.Tensor, until: torch.nn.Module | None = None):
+        """The block's output for every sequence of ``h``; with ``until``, stop as soon as
+        that module's input is captured and return its (H, mean |x|)."""
+        capture = _Capture(until, stop=True) if until is not None else None
+        outs = []
+        pe = self._position_embeddings(h)
+        for b in range(0, h.shape[0], self.batch):
+            try:
+                outs.append(layer(h[b : b + self.batch], position_embeddings=pe))
+            except _Stop:
+                pass
+        if capture is not None:
+            return capture.remove()
+        return torch.cat(outs) if outs else None
+
+    @torch.inference_mode()
+    def rows(self, layer: torch.nn.Module, h: torch.Tensor, module: str) -> torch.Tensor:
+        """The input rows ``[tokens, in]`` (float32) of the named module, stopping there."""
+        captured = []
+
+        def hook(m, args):
+            captured.append(args[0].reshape(-1, args[0].shape[-1]).float())
+            raise _Stop
+
+        handle = layer.get_submodule(module).register_forward_pre_hook(hook)
+        try:
+            self.run(layer, h)
+        finally:
+            handle.remove()
+        return torch.cat(captured)
+
+    @torch.inference_mode()
+    def inputs(self, layer: torch.nn.Module, h: torch.Tensor, modules: list[str]) -> dict[str, tuple]:
+        """(H, mean |x|) of each named module's input, from one full forward pass."""
+        captures = {m: _Capture(layer.get_submodule(m)) for m in modules}
+        self.run(layer, h)
+        return {m: c.remove() for m, c in captures.items()}
