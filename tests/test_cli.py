@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from bitquant import __version__
 from bitquant.cli.main import cli
-from conftest import make_checkpoint
+from conftest import add_tokenizer, make_checkpoint
 
 
 @pytest.fixture
@@ -79,3 +79,17 @@ def test_internal_errors_are_one_line_with_exit_code_1(runner, tmp_path, monkeyp
     monkeypatch.setattr(bitquant.convert, "convert", boom)
     r = runner.invoke(cli, ["convert", "x", "-o", str(tmp_path / "o")])
     one_line_error(r, 1, "internal error: RuntimeError: something broke (rerun with --debug")
+
+
+def test_convert_calibrated_recipe_options(runner, tmp_path, tiny_tokenizer_dir):
+    src = add_tokenizer(make_checkpoint(tmp_path / "src", vocab_size=320), tiny_tokenizer_dir)
+    r = runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "out"), "--config", "gptq-mixed",
+                            "--calib-tokens", "1024", "--target-bits-per-weight", "8", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "calibration" in r.output and "mixed precision" in r.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["recipe"]["calib_tokens"] == 1024 and report["recipe"]["target_bits_per_weight"] == 8
+    assert report["calibration"]["tokens"] == 1024 and report["calibration"]["device"] == "cpu"
+    assert report["calibration"]["mixed_precision"]["bits_per_projection_weight"] <= 8
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "GPTQ error feedback" in card and "s = mean|W|" not in card
