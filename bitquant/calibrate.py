@@ -32,7 +32,13 @@ from bitquant.methods import equalize
 from bitquant.methods.gptq import output_error, ternary_gptq
 from bitquant.methods.tune import ScaledTernary, tune
 from bitquant.packing import pack_ternary
-from bitquant.ternary import absmean_scale, ternarize
+from bitquant.ternary import (
+    absmean_roundtrip,
+    absmean_scale,
+    relative_error,
+    ternarize,
+    zero_fraction,
+)
 from bitquant.text import tokenize_file
 
 #: Bundled calibration text (public domain; not the evaluation text used in the README).
@@ -102,11 +108,6 @@ class CalibrationLog:
     tuning: list[dict] = field(default_factory=list)  # one per block whose gains and scales were fitted
 
 
-def _rtn(w: torch.Tensor) -> torch.Tensor:
-    s = absmean_scale(w)
-    return s * ternarize(w, s).float()
-
-
 #: Calibration tokens the damage pass uses (it runs each block once per projection).
 DAMAGE_TOKENS = 4096
 
@@ -144,7 +145,7 @@ def measure_damage(blocks: Blocks, calib: Calibration, targets: set[str],
                 continue
             saved = {p: layer.get_submodule(p).weight.data for p in members}
             for p in members:
-                layer.get_submodule(p).weight.data = _rtn(saved[p])
+                layer.get_submodule(p).weight.data = absmean_roundtrip(saved[p])
             x = blocks.run(layer, states[i])
             for p in members:
                 layer.get_submodule(p).weight.data = saved[p]
@@ -301,8 +302,4 @@ def _quantize(w: torch.Tensor, hess: torch.Tensor, method: str, damp: float, eps
         codes = ternarize(w32, s)
         err = base_err = output_error(w32, s * codes.float(), hess)
         scale = s
-    nz = int(torch.count_nonzero(codes))
-    diff = torch.linalg.vector_norm((w32 - scale * codes.float()).double())
-    norm = torch.linalg.vector_norm(w32.double())
-    rel = float(diff / norm) if norm > 0 else 0.0
-    return QuantizedWeight(codes.cpu(), scale, 1 - nz / codes.numel(), rel, err, base_err)
+    return QuantizedWeight(codes.cpu(), scale, zero_fraction(codes), relative_error(w32, codes, scale), err, base_err)

@@ -88,7 +88,7 @@ def relative_error(w: torch.Tensor, codes: torch.Tensor, scale: float) -> float:
     return float(torch.linalg.vector_norm(diff) / norm)
 
 
-def relative_error_from_sums(w_norm2: float, w_dot_codes: float, nnz: int | float, scale: float) -> float:
+def relative_error_from_sums(w_norm2: float, w_dot_codes: float, nnz: float, scale: float) -> float:
     """||W - s*Q|| / ||W|| from ||W||^2, <W,Q> and nnz(Q) (= ||Q||^2 for ternary Q):
     ||W - sQ||^2 = ||W||^2 - 2s<W,Q> + s^2 nnz(Q). 0.0 for an all-zero W."""
     if w_norm2 <= 0:
@@ -126,6 +126,13 @@ def quantize_absmean(w: torch.Tensor, eps: float = DEFAULT_EPS, name: str = "wei
         zero_fraction=1.0 - nnz / q.numel(),
         relative_error=rel,
     )
+
+
+def absmean_roundtrip(w: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """``s * clamp(round(W / s), -1, 1)`` with s the absmean scale, in float32: what the
+    default recipe turns ``w`` into (for measuring its effect, not for storing)."""
+    s = absmean_scale(w, eps)
+    return s * ternarize(w, s).to(torch.float32)
 
 
 def dequantize(codes: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:

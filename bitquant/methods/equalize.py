@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from bitquant.methods.gptq import output_error
-from bitquant.ternary import ternarize
+from bitquant.ternary import absmean_roundtrip
 
 ALPHAS = (0.0, 0.25, 0.5, 0.75)
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -38,12 +38,6 @@ class Scales:
     beta: float
     error: float  # summed output error with these scales (absmean rounding)
     error_before: float  # the same with c = 1
-
-
-def _rtn(w: torch.Tensor) -> torch.Tensor:
-    """Absmean ternary rounding, dequantized."""
-    s = float(w.abs().mean().clamp(min=1e-8))
-    return s * ternarize(w, s).float()
 
 
 def expand(c: torch.Tensor, groups: int, head_dim: int) -> torch.Tensor:
@@ -97,8 +91,8 @@ def search(stat: torch.Tensor, consumers: list[tuple[torch.Tensor, torch.Tensor]
             c = stat.pow(alpha) / mag.pow(beta)
             c = c / c.log().mean().exp()
             cc = expand(c, groups, head_dim) if head_dim else c
-            err = sum(output_error(w, _rtn(w.float() * cc) / cc, h) for w, h in consumers)
-            err += sum(output_error(w, _rtn(w.float() / c[:, None]) * c[:, None], h) for w, h in producers)
+            err = sum(output_error(w, absmean_roundtrip(w.float() * cc) / cc, h) for w, h in consumers)
+            err += sum(output_error(w, absmean_roundtrip(w.float() / c[:, None]) * c[:, None], h) for w, h in producers)
             if alpha == 0 and beta == 0:
                 before = err
             if best is None or err < best.error:
