@@ -125,22 +125,6 @@ class Blocks:
         return torch.cat(outs) if outs else None
 
     @torch.inference_mode()
-    def rows(self, layer: torch.nn.Module, h: torch.Tensor, module: str) -> torch.Tensor:
-        """The input rows ``[tokens, in]`` (float32) of the named module, stopping there."""
-        captured = []
-
-        def hook(m, args):
-            captured.append(args[0].reshape(-1, args[0].shape[-1]).float())
-            raise _Stop
-
-        handle = layer.get_submodule(module).register_forward_pre_hook(hook)
-        try:
-            self.run(layer, h)
-        finally:
-            handle.remove()
-        return torch.cat(captured)
-
-    @torch.inference_mode()
     def inputs(self, layer: torch.nn.Module, h: torch.Tensor, modules: list[str]) -> dict[str, tuple]:
         """(H, mean |x|) of each named module's input, from one full forward pass."""
         captures = {m: _Capture(layer.get_submodule(m)) for m in modules}
