@@ -18,6 +18,11 @@ from bitquant.source import Checkpoint
 LAYER_PREFIX = "model.layers."
 
 
+def layer_index(name: str) -> int:
+    """Decoder block of a tensor name (``model.layers.I....``), -1 outside the blocks."""
+    return int(name.split(".")[2]) if name.startswith(LAYER_PREFIX) else -1
+
+
 class _Stop(Exception):
     """Raised by a capture hook to end a forward pass early."""
 
@@ -70,8 +75,8 @@ class Blocks:
         self.names: dict[int, list[str]] = {}
         self.dtypes: dict[str, torch.dtype] = {}
         for _, spec in ckpt.iter_specs():
-            if spec.name.startswith(LAYER_PREFIX):
-                self.names.setdefault(int(spec.name.split(".")[2]), []).append(spec.name)
+            if layer_index(spec.name) >= 0:
+                self.names.setdefault(layer_index(spec.name), []).append(spec.name)
                 self.dtypes[spec.name] = spec.dtype
         self._pe = None
 

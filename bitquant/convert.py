@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from bitquant import __version__, calibrate, card, evaluate, gates, runtime
-from bitquant.blocks import LAYER_PREFIX, Blocks
+from bitquant.blocks import Blocks, layer_index
 from bitquant.errors import SourceError, TensorError, UsageError
 from bitquant.evaluate import EvalSettings, WindowProgress
 from bitquant.fingerprint import conversion_fingerprint, file_sha256, source_fingerprint
@@ -58,6 +58,11 @@ class Plan:
     kept: list[KeptTensor]
     source_count: int  # source tensors
     total_params: int  # every weight of the model
+
+    @property
+    def quantized_modules(self) -> set[str]:
+        """Module names (no ``.weight``) of the projections to ternarize."""
+        return {name.removesuffix(".weight") for name in self.quantize}
 
 
 def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | None = None) -> Plan:
@@ -93,7 +98,7 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | Non
         specs.extend(out)
     if recipe.calibrated:
         position = {s.name: i for i, s in enumerate(specs)}
-        specs.sort(key=lambda s: (_layer_index(s.name), position[s.name]))
+        specs.sort(key=lambda s: (layer_index(s.name), position[s.name]))
     if not quantize:
         raise TensorError(
             f"no projection of {ckpt.path} matches the recipe, so nothing would be quantized; check its exclude patterns"
@@ -103,13 +108,6 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | Non
             f"{ckpt.path} has untied embeddings but no lm_head.weight; the checkpoint is incomplete, download it again"
         )
     return Plan(quantize, outputs, specs, kept, len(outputs), total_params)
-
-
-def _layer_index(name: str) -> int:
-    """Decoder block of a tensor name, -1 outside the blocks."""
-    if name.startswith(LAYER_PREFIX):
-        return int(name.split(".")[2])
-    return -1
 
 
 def convert(
@@ -301,10 +299,9 @@ def _absmean_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe) -> Iterator[Ite
 def _calibrated_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe, blocks: Blocks,
                       calib: calibrate.Calibration, calibration: dict) -> Iterator[Item]:
     """Tensors outside the decoder blocks, then each block as calibration finishes it."""
-    outside = ((n, t, None) for n, t in ckpt.iter_tensors() if _layer_index(n) < 0)
+    outside = ((n, t, None) for n, t in ckpt.iter_tensors() if layer_index(n) < 0)
     log = calibrate.CalibrationLog()
-    targets = {name.removesuffix(".weight") for name in plan.quantize}
-    layers = calibrate.quantize_layers(blocks, calib, targets, method=recipe.method, equalize_scales=recipe.equalize,
+    layers = calibrate.quantize_layers(blocks, calib, plan.quantized_modules, method=recipe.method, equalize_scales=recipe.equalize,
                                        damp=recipe.damp, eps=recipe.eps, log=log, tune_steps=recipe.tune_steps)
     inside = ((n, t, None if q is None else (lambda q=q: q)) for n, t, q in layers)
     yield from chain(outside, inside)
@@ -323,11 +320,11 @@ def _calibrated_plan(ckpt: Checkpoint, recipe: Recipe, plan: Plan, blocks: Block
         "mixed_precision": None,
     }
     if recipe.target_bits_per_weight is not None:
-        targets = {name.removesuffix(".weight") for name in plan.quantize}
+        targets = plan.quantized_modules
         damage = calibrate.measure_damage(blocks, calib, targets, progress=progress)
-        sizes = {s.name.removesuffix(".weight"): s.numel for _, s in ckpt.iter_specs()}
-        params = {unit: sum(sizes[m] for m in members) for unit, (_, members) in damage.items()}
-        full_bits = 8 * next(s.dtype.itemsize for _, s in ckpt.iter_specs() if s.name.removesuffix(".weight") in targets)
+        sources = {s.name.removesuffix(".weight"): s for _, s in ckpt.iter_specs()}
+        params = {unit: sum(sources[m].numel for m in members) for unit, (_, members) in damage.items()}
+        full_bits = 8 * sources[next(iter(targets))].dtype.itemsize
         choices = mixed.choose({u: kl for u, (kl, _) in damage.items()}, params, recipe.target_bits_per_weight, full_bits)
         keep = {}
         for c in choices:
