@@ -62,6 +62,12 @@ def _fmt(x: float) -> str:
 def _method(report: ConvertReport) -> str:
     """One sentence on how the ternary weights were made."""
     recipe = report.recipe
+    if report.heal:
+        h = report.heal
+        return (f"the model was distilled into its own ternary version for {h['tokens']:,} tokens "
+                f"(KL divergence to the FP model's next-token distribution), every selected decoder projection "
+                "ternarized in the forward pass exactly as it is stored here (absmean s * clamp(round(W / s), -1, 1), "
+                "8-bit activations, straight-through gradients); trained: " + ", ".join(h["trained"]) + ".")
     if recipe["method"] == "absmean" and not report.calibration:
         return ("every selected linear weight W of the decoder blocks was replaced by s * clamp(round(W / s), -1, 1) "
                 "with s = mean|W| per matrix (BitNet b1.58 absmean); norms are unchanged.")
@@ -75,6 +81,50 @@ def _method(report: ConvertReport) -> str:
         parts.append(f"the most damaging projections kept in full precision within {recipe['target_bits_per_weight']:g} "
                      "bits per projection weight")
     return "the decoder projections were ternarized ({}).".format("; ".join(parts))
+
+
+def _data(d: dict) -> str:
+    if d["kind"] == "teacher samples":
+        return (f"{d['share']:.0%}: {d['tokens']:,} tokens sampled from the FP model (temperature {d['temperature']:g}, "
+                f"seed {d['seed']}; sha256 `{d['sha256'][:16]}`)")
+    return f"{d['share']:.0%}: " + ", ".join(f"{Path(f['path']).name} (sha256 `{f['sha256'][:16]}`)" for f in d["files"])
+
+
+def _heal(h: dict) -> list[str]:
+    gpu = f"{h['peak_gpu_bytes'] / 2**30:.2f} GiB" if h.get("peak_gpu_bytes") else "–"
+    lines = [
+        "",
+        "## Healing",
+        "",
+        "| quantity | value |",
+        "|---|---|",
+        f"| tokens, steps | {h['tokens']:,} tokens in {h['steps']} steps of {h['batch_tokens']:,} |",
+        f"| peak learning rate | {h['lr']:g} |",
+        *(f"| data | {_data(d)} |" for d in h["data"]),
+        f"| wall time, speed | {h['seconds']:.0f} s on {h['device']}, {h['tokens_per_second']:,.0f} tokens/s |",
+        f"| peak GPU memory | {gpu} |",
+        f"| final KL(FP ‖ student) | {h['final_loss']:.4g} nats |",
+    ]
+    ex = h.get("exactness")
+    if ex:
+        lines.append(f"| student vs this model's logits | relative error {ex['relative_error']:.2e}, "
+                     f"top-1 agreement {ex['top1_agreement']:.1%} |")
+    curve = h["curve"]
+    if curve:
+        pick = sorted({round(i * (len(curve) - 1) / 9) for i in range(10)})
+        lines += ["", "Loss curve (KL per token, nats):", "", "| step | tokens | loss |", "|---|---|---|"]
+        lines += [f"| {curve[i]['step']} | {curve[i]['tokens']:,} | {curve[i]['loss']:.4g} |" for i in pick]
+    if h.get("completions"):
+        lines += ["", "Greedy completions (FP source vs this model):", "", "| prompt | source | healed |", "|---|---|---|"]
+        by = {(c["model"], c["prompt"]): c["completion"] for c in h["completions"]}
+        for prompt in dict.fromkeys(c["prompt"] for c in h["completions"]):
+            cells = [_cell(by.get((m, prompt), "")) for m in ("source", "healed")]
+            lines.append(f"| {_cell(prompt)} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ").strip()
 
 
 def render(report: ConvertReport, source: ModelSource) -> str:
@@ -92,16 +142,18 @@ def render(report: ConvertReport, source: ModelSource) -> str:
         *(["- gguf", "- llama.cpp"] if gguf else []),
         "---",
         "",
-        f"# Ternary (1.58-bit) conversion of {source.spec}",
+        f"# {'Healed ternary' if report.heal else 'Ternary'} (1.58-bit) {'version' if report.heal else 'conversion'} of {source.spec}",
         "",
         f"Converted with bitquant {report.bitquant_version}, recipe `{report.recipe['name']}` "
         f"(sha256 `{report.recipe_sha256[:16]}`): {_method(report)} "
         "Embeddings, biases and the output head are unchanged.",
         "",
+        *(["**Quality.** Healing recovers much of what ternarization destroys, not all of it: compare the "
+            "perplexities below (source, plain ternary before healing, healed) before use.", ""] if report.heal else [
         "**Quality warning.** This post-training recipe is exact for checkpoints trained with ternary "
         "quantization-aware training. Applied to an ordinary FP16/BF16 model it usually destroys it "
         "(SmolLM2-135M: perplexity 23.6 becomes about 6.4e7). Check the perplexity below before use.",
-        "",
+        ""]),
         *(_load_gguf(gguf) if gguf else _load_transformers()),
         "## Measured",
         "",
@@ -120,6 +172,8 @@ def render(report: ConvertReport, source: ModelSource) -> str:
     if cal:
         lines.append(f"| calibration | {cal['tokens']:,} tokens of {Path(cal['text']).name}, {cal['seconds']:.0f} s on {cal['device']} |")
     ppl = report.perplexity
+    if ppl and ppl.get("before_heal"):
+        lines.append(f"| perplexity, plain ternary before healing | {_fmt(ppl['before_heal']['perplexity'])} |")
     if ppl:
         lines += [
             f"| perplexity, source | {_fmt(ppl['baseline'])} |",
@@ -130,6 +184,8 @@ def render(report: ConvertReport, source: ModelSource) -> str:
         ]
     else:
         lines.append("| perplexity | not measured (convert with --eval-text FILE to measure it) |")
+    if report.heal:
+        lines += _heal(report.heal)
     lines += [
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report.versions.items())}. "

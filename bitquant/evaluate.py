@@ -157,6 +157,27 @@ def evaluate(
     )
 
 
+def perplexity_of(model, tokens: Tokens, settings: EvalSettings, device: str) -> dict:
+    """Perplexity of an in-memory model (e.g. heal's student) on ``tokens``: ``perplexity``,
+    ``stderr``, ``tokens`` (scored)."""
+    nll, _ = token_nlls(model, tokens.ids, settings.context, settings.stride, device)
+    ppl, se, _ = _summary(nll)
+    return {"perplexity": ppl, "stderr": se, "tokens": nll.numel()}
+
+
+@torch.inference_mode()
+def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+    """Greedy completions of ``prompts`` (for model cards: what the numbers mean)."""
+    device = next(model.parameters()).device
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=tokenizer.eos_token_id or 0)
+        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+    return out
+
+
 def tokenize_for(folder: Path, text: str | Path, settings: EvalSettings) -> Tokens:
     """Validate and tokenize ``text`` with the tokenizer of the model in ``folder``."""
     tokenizer = runtime.load_tokenizer(folder)

@@ -150,18 +150,23 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 def _coerce(d: dict[str, Any]) -> dict[str, Any]:
     out = dict(d)
-    for key in ("projections", "exclude"):
+    for key in ("projections", "exclude", "train", "betas"):
         if key in out and isinstance(out[key], list):
             out[key] = tuple(out[key])
     return out
 
 
-def _validate(r: Recipe) -> None:
-    for name, types in _TYPES.items():
+def check_types(r: Any, types: dict[str, tuple[type, ...]]) -> None:
+    """Raise a :class:`RecipeError` naming the first field of ``r`` whose value has the wrong type."""
+    for name, allowed in types.items():
         value = getattr(r, name)
-        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-            want = " or ".join({tuple: "list", type(None): "null"}.get(t, t.__name__) for t in types)
+        if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+            want = " or ".join({tuple: "list", type(None): "null"}.get(t, t.__name__) for t in allowed)
             raise RecipeError(f"recipe field {name!r} must be a {want}, got {value!r}")
+
+
+def check_common(r: Any) -> None:
+    """The checks every recipe kind shares: schema, what is ternarized, format, evaluation, gates."""
     for name in ("projections", "exclude"):
         for item in getattr(r, name):
             if not isinstance(item, str) or not item:
@@ -170,9 +175,8 @@ def _validate(r: Recipe) -> None:
         raise RecipeError(
             f"recipe field 'schema' is {r.schema}, but this bitquant reads schema {SCHEMA_VERSION}"
         )
-    _check_choice("method", r.method, METHODS)
-    _check_choice("format", r.format, FORMATS)
-    _check_choice("indivisible", r.indivisible, INDIVISIBLE_POLICIES)
+    check_choice("format", r.format, FORMATS)
+    check_choice("indivisible", r.indivisible, INDIVISIBLE_POLICIES)
     unknown = sorted(set(r.projections) - set(PROJECTIONS))
     if unknown:
         raise RecipeError(f"recipe field 'projections' names unknown projections {unknown}; known: {list(PROJECTIONS)}")
@@ -185,6 +189,16 @@ def _validate(r: Recipe) -> None:
         )
     if r.eval_stride is not None and not 1 <= r.eval_stride <= r.eval_context:
         raise RecipeError(f"recipe field 'eval_stride' must be between 1 and eval_context, got {r.eval_stride}")
+    for gate in ("max_ppl_ratio", "max_kl"):
+        value = getattr(r, gate)
+        if value is not None and value <= 0:
+            raise RecipeError(f"recipe field {gate!r} must be positive, got {value}")
+
+
+def _validate(r: Recipe) -> None:
+    check_types(r, _TYPES)
+    check_common(r)
+    check_choice("method", r.method, METHODS)
     if r.target_bits_per_weight is not None and not 2 <= r.target_bits_per_weight <= 16:
         raise RecipeError(
             f"recipe field 'target_bits_per_weight' must be between 2 (all ternary) and 16 (all kept), "
@@ -199,51 +213,58 @@ def _validate(r: Recipe) -> None:
         raise RecipeError(f"recipe field 'tune_steps' must be 0 (off) or more, got {r.tune_steps}")
     if not 0 < r.damp < 1:
         raise RecipeError(f"recipe field 'damp' must be between 0 and 1, got {r.damp}")
-    for gate in ("max_ppl_ratio", "max_kl"):
-        value = getattr(r, gate)
-        if value is not None and value <= 0:
-            raise RecipeError(f"recipe field {gate!r} must be positive, got {value}")
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise RecipeError(f"recipe field {name!r} is {value!r}; choose one of {', '.join(choices)}")
 
 
-def bundled_recipes() -> list[str]:
-    """Names of the recipes shipped in ``configs/``."""
+def bundled_recipes(kind: str = "convert") -> list[str]:
+    """Names of the recipes of this ``kind`` (``convert`` or ``heal``) shipped in ``configs/``."""
     folder = resources.files("bitquant.configs")
-    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+    names = []
+    for p in sorted(folder.iterdir(), key=lambda p: p.name.removesuffix(".yaml")):
+        if p.name.endswith(".yaml"):
+            data = yaml.safe_load(p.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("kind", "convert") == kind:
+                names.append(p.name[: -len(".yaml")])
+    return names
 
 
 def recipe_from_dict(data: Any, origin: str) -> Recipe:
     """Build a validated :class:`Recipe` from parsed YAML; errors name ``origin`` and the field."""
+    return build(Recipe, _FIELDS, data, origin)
+
+
+def build(cls, fields: dict, data: Any, origin: str):
+    """A validated recipe dataclass ``cls`` from parsed YAML (``fields``: its field map)."""
     if not isinstance(data, dict):
         raise RecipeError(f"recipe {origin} must be a YAML mapping of field: value")
-    unknown = sorted(set(data) - set(_FIELDS))
+    unknown = sorted(set(data) - set(fields))
     if unknown:
         raise RecipeError(
-            f"recipe {origin} has unknown field {unknown[0]!r}; known fields: {', '.join(_FIELDS)}"
+            f"recipe {origin} has unknown field {unknown[0]!r}; known fields: {', '.join(fields)}"
         )
     try:
-        return Recipe(**_coerce(data))
+        return cls(**_coerce(data))
     except RecipeError as e:
         raise RecipeError(f"recipe {origin}: {e.message.removeprefix('recipe ')}") from None
 
 
-def load_recipe(spec: str | Path | None = None) -> Recipe:
-    """Load a bundled recipe by name, or a YAML file by path. ``None`` gives the default."""
-    spec = DEFAULT_RECIPE if spec is None else spec
+def read_yaml(spec: str | Path, kind: str = "convert") -> tuple[Any, str]:
+    """Parsed YAML of a bundled recipe of ``kind`` (by name) or of a file (by path), and a
+    label for messages."""
     path = Path(spec)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
-            raise RecipeError(f"recipe file {str(path)!r} does not exist; pass a YAML file or one of {bundled_recipes()}")
+            raise RecipeError(f"recipe file {str(path)!r} does not exist; pass a YAML file or one of {bundled_recipes(kind)}")
         text = path.read_text(encoding="utf-8", errors="replace")
         origin = str(path)
     else:
-        names = bundled_recipes()
+        names = bundled_recipes(kind)
         if str(spec) not in names:
-            raise RecipeError(f"no bundled recipe named {str(spec)!r}; choose one of {names} or pass a YAML file")
+            raise RecipeError(f"no bundled {kind} recipe named {str(spec)!r}; choose one of {names} or pass a YAML file")
         text = resources.files("bitquant.configs").joinpath(f"{spec}.yaml").read_text(encoding="utf-8")
         origin = f"{spec!s} (bundled)"
     try:
@@ -252,4 +273,13 @@ def load_recipe(spec: str | Path | None = None) -> Recipe:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise RecipeError(f"recipe {origin} is not valid YAML{at}; fix the syntax") from None
+    if isinstance(data, dict) and data.get("kind", "convert") != kind:
+        raise RecipeError(f"recipe {origin} is a {data.get('kind')} recipe, not a {kind} recipe; "
+                          f"use it with bitquant {data.get('kind')}")
+    return data, origin
+
+
+def load_recipe(spec: str | Path | None = None) -> Recipe:
+    """Load a bundled recipe by name, or a YAML file by path. ``None`` gives the default."""
+    data, origin = read_yaml(DEFAULT_RECIPE if spec is None else spec)
     return recipe_from_dict(data, origin)

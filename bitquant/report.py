@@ -108,6 +108,7 @@ class ConvertReport:
     published: dict[str, Any] | None = None  # where --push-to-hub uploaded it
     gguf: dict[str, Any] | None = None  # GGUF outputs: file, type, bytes_by_type, not_tq
     calibration: dict[str, Any] | None = None  # calibrated recipes: text, tokens, methods, transforms, mixed precision
+    heal: dict[str, Any] | None = None  # bitquant heal: training data, schedule, speed, loss curve, exactness
     up_to_date: bool = False  # set when convert found OUT already up to date (not saved)
 
     def to_dict(self) -> dict[str, Any]:

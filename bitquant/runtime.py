@@ -25,9 +25,7 @@ from bitquant.formats.hf_bitnet import SCALE_SUFFIX
 from bitquant.packing import unpack_ternary
 from bitquant.source import checkpoint_files, open_checkpoint
 from bitquant.tensorfile import SafetensorsReader
-
-ACT_QMAX = 127.0
-ACT_EPS = 1e-5
+from bitquant.ternary import quantize_activations
 
 
 class TernaryLinear(torch.nn.Module):
@@ -62,8 +60,7 @@ class TernaryLinear(torch.nn.Module):
             return y if self.bias is None else y + self.bias
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        scale = ACT_QMAX / x2.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
-        q = (x2 * scale).round_().clamp_(-ACT_QMAX - 1, ACT_QMAX)
+        q, scale = quantize_activations(x2)
         if self._int8_ok(x2.shape[0]):
             acc = torch._int_mm(q.to(torch.int8), self.codes_t).to(x.dtype)
         else:

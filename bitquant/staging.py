@@ -7,7 +7,8 @@ complete, by renaming it aside first, so a failure never loses it.
 
 The staging folder is named after ``key`` (the conversion fingerprint), so an
 interrupted run can be resumed: on Ctrl-C or SIGTERM (``KeyboardInterrupt``) the folder is
-kept, and after SIGKILL it is simply still there. On any other error it is removed.
+kept, and after SIGKILL it is simply still there. On any other error it is removed, unless
+``keep_on_error`` says it holds something worth resuming from.
 Staging folders of the same output with another key are stale and are removed.
 """
 
@@ -18,7 +19,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from bitquant.errors import OutputError, WriteFailure
 
@@ -50,7 +51,12 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO
 
 
 @contextmanager
-def staged_output(out: Path, key: str, overwrite: bool = False) -> Iterator[Path]:
+def staged_output(out: Path, key: str, overwrite: bool = False,
+                  keep_on_error: Callable[[Path], bool] | None = None) -> Iterator[Path]:
+    """A staging folder for ``out``, renamed to ``out`` when the body succeeds.
+
+    ``keep_on_error(folder)`` returning True keeps the folder on any error too (heal keeps
+    its training checkpoints that way, so a crash or a diverged run can be resumed)."""
     out = Path(out).absolute()
     check_target(out, overwrite)
     try:
@@ -70,12 +76,14 @@ def staged_output(out: Path, key: str, overwrite: bool = False) -> Iterator[Path
     except KeyboardInterrupt:  # keep the finished shards for a re-run to resume
         raise
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not (keep_on_error and keep_on_error(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in _WRITE_ERRNOS:
             raise WriteFailure(
                 f"writing the output beside {out} failed: {e.strerror}; free some space or choose another -o"
             ) from e
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not (keep_on_error and keep_on_error(tmp)):
+            shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -59,7 +59,7 @@ def mean_abs(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
     check_float(w, name)
     if w.numel() == 0:
         raise TensorError(f"tensor {name!r} is empty; nothing to quantize")
-    mean = w.abs().mean(dtype=torch.float32)
+    mean = _mean_abs(w)
     if not torch.isfinite(mean):
         raise TensorError(
             f"tensor {name!r} contains NaN or Inf values; fix or re-export the checkpoint"
@@ -67,9 +67,41 @@ def mean_abs(w: torch.Tensor, name: str = "weight") -> torch.Tensor:
     return mean
 
 
+def _mean_abs(w: torch.Tensor) -> torch.Tensor:
+    return w.abs().mean(dtype=torch.float32)
+
+
 def absmean_scale(w: torch.Tensor, eps: float = DEFAULT_EPS, name: str = "weight") -> torch.Tensor:
-    """Return s = max(mean|W|, eps) as a 0-d float32 tensor."""
+    """Return s = max(mean|W|, eps) as a 0-d float32 tensor (checked: see :func:`mean_abs`)."""
     return torch.clamp(mean_abs(w, name), min=eps)
+
+
+def absmean(w: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """s = max(mean|W|, eps) as a 0-d float32 tensor on ``w``'s device: :func:`absmean_scale`
+    without its checks, so it never waits for the device (training calls it every step)."""
+    return torch.clamp(_mean_abs(w), min=eps)
+
+
+def inverse_scale(scale: torch.Tensor | float, dtype: torch.dtype) -> torch.Tensor:
+    """1/s rounded to ``dtype`` (through float64), as layouts that divide by their
+    ``weight_scale`` store it. Same shape as ``scale``."""
+    return torch.as_tensor(scale, dtype=torch.float64).reciprocal().to(dtype)
+
+
+#: 8-bit per-token activation quantization (W1.58A8): q = clamp(round(x * 127 / max|x|), -128, 127).
+ACT_QMAX = 127.0
+ACT_EPS = 1e-5
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax 8-bit quantization over the last dimension, in ``x``'s dtype.
+
+    Returns ``(q, scale)``: ``q`` holds integers in [-128, 127] and ``x ~ q / scale`` with
+    ``scale = 127 / max(max|x|, 1e-5)``, as transformers' ``BitLinear`` computes it.
+    """
+    scale = ACT_QMAX / x.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS)
+    q = (x * scale).round().clamp(-ACT_QMAX - 1, ACT_QMAX)
+    return q, scale
 
 
 def ternarize(w: torch.Tensor, scale: torch.Tensor | float) -> torch.Tensor:

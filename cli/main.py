@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from bitquant import __version__
-from bitquant.errors import EXIT_GATE, EXIT_RUNTIME, BitquantError
+from bitquant.errors import EXIT_GATE, EXIT_RUNTIME, BitquantError, UsageError
 
 from bitquant.cli import render
 
@@ -41,6 +41,8 @@ class _Group(click.Group):
             what = "terminated" if isinstance(e, Terminated) else "interrupted"
             if ctx.invoked_subcommand == "convert":
                 what += "; nothing was written under the output name, and a re-run resumes from the finished shards"
+            elif ctx.invoked_subcommand == "heal":
+                what += "; nothing was written under the output name, and the same command resumes from the last checkpoint"
             _fail(ctx, what, EXIT_INTERRUPTED, e)
         except Exception as e:  # an internal failure: still one line, unless --debug
             first = str(e).splitlines()[0] if str(e) else ""
@@ -209,6 +211,91 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
         click.echo(json.dumps(result.to_dict()))
     else:
         render.eval_summary(result)
+
+
+@cli.command()
+@click.argument("model")
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
+@click.option("--config", "config", default=None, metavar="NAME|FILE", help="Heal recipe: a bundled name (heal) or a YAML file. Default: heal.")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Training tokens in all (recipe default).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=None, help="Tokens per optimizer step (a multiple of the sequence length).")
+@click.option("--micro-batch-tokens", type=click.IntRange(min=1), default=None, help="Tokens per forward pass; lower it to save GPU memory.")
+@click.option("--data", "data_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Train on this UTF-8 text instead of teacher samples (repeatable); see --data-share.")
+@click.option("--data-share", type=click.FloatRange(0, 1), default=None, help="With --data: share of each batch from the text (rest: teacher samples). Default 1.")
+@click.option("--sample-tokens", type=click.IntRange(min=2), default=None, help="Tokens to sample from the teacher (cached).")
+@click.option("--sample-batch", type=click.IntRange(min=1), default=None, help="Sequences sampled at once; lower it to save GPU memory.")
+@click.option("--seed", type=int, default=None, help="Seed of sampling and batch order.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between resume checkpoints.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--save-master", type=click.Path(path_type=Path), default=None, metavar="DIR",
+              help="Also write the trained latent weights as an ordinary checkpoint (bitquant convert DIR reproduces OUT).")
+@click.option("--format", "fmt", type=click.Choice(["hf-bitnet", "gguf-tq2_0", "gguf-tq1_0"]), default=None, help="Output format, as for convert.")
+@click.option("--strict", is_flag=True, help="GGUF: refuse a projection that cannot be TQ instead of storing it as Q8_0.")
+@click.option("--eval-text", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+              help="Measure perplexity of the source, the plain ternary model and the healed one on this text (refused as training data).")
+@click.option("--eval-max-tokens", type=click.IntRange(min=2), default=None, help="Tokens of --eval-text to use (recipe default 16384).")
+@click.option("--eval-context", type=click.IntRange(min=2), default=None, help="Window length for --eval-text (recipe default 512).")
+@click.option("--eval-stride", type=click.IntRange(min=1), default=None, help="Window step for --eval-text (default: the window length).")
+@click.option("--max-ppl-ratio", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if healed/source perplexity exceeds this.")
+@click.option("--max-kl", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if the mean KL (nats) exceeds this.")
+@click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (Hub ids only).")
+@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
+@click.option("--force", is_flag=True, help="Heal even when OUT is already up to date (implies --overwrite).")
+@click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Upload OUT to this Hub repo when done (not when a gate failed).")
+@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
+@click.option("--push-revision", default=None, metavar="BRANCH", help="With --push-to-hub: branch to commit to.")
+@click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
+@debug_option
+def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_files, data_share, sample_tokens, sample_batch,
+         seed, checkpoint_every, device, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
+         max_ppl_ratio, max_kl, revision, token, overwrite, force, max_shard_size, push_to_hub, private, push_revision,
+         create_pr, as_json):
+    """Heal MODEL into a usable ternary model: distil the FP model into its own ternary version.
+
+    The student is exactly what is exported (same quantizer, W1.58A8); by default it learns
+    from text sampled from the FP model itself, so no data set is needed. OUT has the layout
+    convert writes. Re-running the same command resumes an interrupted run.
+
+    Exit codes: 0 done (or already up to date), 1 runtime failure (incl. out of GPU memory,
+    diverged training), 2 bad input, 3 quality gate failed (the output is still written).
+
+    \b
+    Examples:
+      bitquant heal embedded:smollm2-135m -o smollm2-healed --eval-text tests/data/alice29.txt
+      bitquant heal embedded:smollm2-135m -o smollm2-healed --device cpu --tokens 32768 --data book.txt
+      bitquant heal ./my-llama -o ./my-llama-healed --tokens 100000000 --save-master ./my-llama-master
+    """
+    from bitquant.heal import heal as run_heal
+    from bitquant.training.recipe import load_heal_recipe
+
+    if data_share is not None and not data_files:
+        raise UsageError("--data-share is the share of --data text in each batch; pass --data FILE too")
+    recipe = load_heal_recipe(config).replace(
+        tokens=tokens, lr=lr, batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens, data_share=data_share,
+        sample_tokens=sample_tokens, sample_batch=sample_batch, seed=seed, checkpoint_every=checkpoint_every, format=fmt,
+        eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
+        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl,
+    )
+    with render.heal_progress(enabled=not as_json) as hooks:
+        report = run_heal(
+            model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
+            data_files=tuple(data_files), eval_text=eval_text, save_master=save_master, device=device,
+            max_shard_size=max_shard_size, strict=strict, hooks=hooks, push_to_hub=push_to_hub, push_private=private,
+            push_revision=push_revision, push_create_pr=create_pr,
+        )
+    if as_json:
+        click.echo(report.to_json(), nl=False)
+    else:
+        render.convert_summary(report, out)
+    failed = report.gates_failed()
+    if failed:
+        click.echo(f"error: quality gate failed: {'; '.join(render.gate_line(g) for g in failed)}; output written to {out}", err=True)
+        click.get_current_context().exit(EXIT_GATE)
 
 
 def main() -> None:

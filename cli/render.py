@@ -86,13 +86,16 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
         return
     size = report.size
     s = report.summary()
-    t = Table(title=f"bitquant convert -> {out_dir}", show_header=False, title_justify="left")
+    command = "heal" if report.heal else "convert"
+    t = Table(title=f"bitquant {command} -> {out_dir}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
     src = report.source
     t.add_row("source", f"{src['id']} ({src['kind']}{', ' + src['commit_sha'][:12] if src.get('commit_sha') else ''})")
     t.add_row("architecture", report.architecture)
     t.add_row("recipe", f"{report.recipe['name']} (sha256 {report.recipe_sha256[:12]})")
+    if report.heal:
+        heal_rows(report, t)
     t.add_row("ternary matrices", f"{s['matrices']} ({size.quantized_params:,} weights)")
     t.add_row("kept full precision", str(len(report.kept_full_precision)))
     cal = report.calibration
@@ -109,7 +112,12 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
     t.add_row("weight error", f"{_fmt(s['mean_relative_error'])} mean ‖W − sWq‖/‖W‖")
     ppl = report.perplexity
     if ppl:
-        t.add_row("perplexity", f"{_fmt(ppl['baseline'])} -> {_fmt(ppl['quantized'])} (x{_fmt(ppl['ratio'])})")
+        before = ppl.get("before_heal")
+        if before:
+            t.add_row("perplexity", f"{_fmt(ppl['baseline'])} source; {_fmt(before['perplexity'])} ternary before healing -> "
+                      f"{_fmt(ppl['quantized'])} after (x{_fmt(ppl['ratio'])} the source)")
+        else:
+            t.add_row("perplexity", f"{_fmt(ppl['baseline'])} -> {_fmt(ppl['quantized'])} (x{_fmt(ppl['ratio'])})")
         t.add_row("KL / top-1", f"{_fmt(ppl['kl_mean'])} nats, {ppl['top1_agreement']:.1%} agreement")
     elif report.gguf:
         t.add_row("gguf", f"{report.gguf['file']}: " + ", ".join(f"{k} {_bytes(v)}" for k, v in report.gguf["bytes_by_type"].items()))
@@ -128,3 +136,101 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
     for note in report.notes:
         out.print(f"note: {note}")
     out.print(f"report: {out_dir / 'report.json'}")
+
+
+def note(message: str) -> None:
+    """A one-line note from the library (e.g. the expected time of a CPU run), on stderr."""
+    err.print(f"note: {message}", highlight=False)
+
+
+@contextmanager
+def heal_progress(enabled: bool = True):
+    """Progress callbacks for heal: sampling (tokens), training (steps, tokens/s, loss, ETA),
+    writing and evaluating. A live bar on a terminal; elsewhere a plain line now and then."""
+    from bitquant.heal import HealHooks
+
+    if not enabled:
+        yield HealHooks(note=note)
+        return
+    if not err.is_terminal:
+        yield HealHooks(sample=_plain_sampling(), train=_plain_training(), note=note)
+        return
+    with Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}"), console=err, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def task(label: str) -> int:
+            if label not in tasks:
+                tasks[label] = bar.add_task("", total=None, label=label)
+            return tasks[label]
+
+        def sample(done: int, total: int) -> None:
+            bar.update(task("sampling from the teacher"), completed=done, total=total, description="tokens")
+
+        def train(p: dict) -> None:
+            bar.update(task("healing"), completed=p["step"], total=p["steps"],
+                       description=f"loss {p['loss']:.4g}  {p['tokens_per_second']:,.0f} tokens/s  ETA {_eta(p['eta_seconds'])}")
+
+        def tensors(done: int, total: int, name: str) -> None:
+            bar.update(task("writing"), completed=done, total=total, description=name)
+
+        def windows(done: int, total: int) -> None:
+            bar.update(task("evaluating"), completed=done, total=total, description="windows")
+
+        def say(message: str) -> None:
+            bar.console.print(f"note: {message}", highlight=False)
+
+        yield HealHooks(sample=sample, train=train, tensors=tensors, windows=windows, note=say)
+
+
+def _eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _plain_sampling():
+    shown = [0.0]
+
+    def sample(done: int, total: int) -> None:
+        if done == total or done / total >= shown[0] + 0.1:
+            shown[0] = done / total
+            err.print(f"sampling from the teacher: {done:,}/{total:,} tokens", highlight=False)
+
+    return sample
+
+
+def _plain_training():
+    import time
+
+    last = [0.0]
+
+    def train(p: dict) -> None:
+        now = time.monotonic()
+        if p["step"] == p["steps"] or now - last[0] >= 30:
+            last[0] = now
+            err.print(f"healing: step {p['step']}/{p['steps']}, {p['tokens']:,} tokens, loss {p['loss']:.4g}, "
+                      f"{p['tokens_per_second']:,.0f} tokens/s, ETA {_eta(p['eta_seconds'])}", highlight=False)
+
+    return train
+
+
+def _data_source(d: dict) -> str:
+    if d["kind"] == "teacher samples":
+        how = "cached" if d.get("cached") else f"sampled at {d['tokens_per_second']:,.0f} tokens/s"
+        return f"{d['share']:.0%} teacher samples ({d['tokens']:,} tokens, {how})"
+    return f"{d['share']:.0%} text ({', '.join(Path(f['path']).name for f in d['files'])})"
+
+
+def heal_rows(report: ConvertReport, t: Table) -> None:
+    """The heal section of the summary table."""
+    h = report.heal
+    data = "; ".join(_data_source(d) for d in h["data"])
+    t.add_row("healed", f"{h['tokens']:,} tokens in {h['steps']} steps, lr {h['lr']:g}, trained {', '.join(h['trained'])}")
+    t.add_row("data", data)
+    gpu = f", peak GPU {h['peak_gpu_bytes'] / 2**30:.1f} GiB" if h.get("peak_gpu_bytes") else ""
+    t.add_row("training", f"{h['seconds']:.0f} s on {h['device']}, {h['tokens_per_second']:,.0f} tokens/s{gpu}; "
+              f"final KL {h['final_loss']:.4g} nats")
+    ex = h.get("exactness")
+    if ex:
+        t.add_row("exactness", f"student vs output logits: relative error {ex['relative_error']:.2e}, "
+                  f"top-1 agreement {ex['top1_agreement']:.1%}")

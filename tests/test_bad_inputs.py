@@ -191,7 +191,7 @@ RUNNER = """
 import os, signal, sys
 sig = os.environ.get("BQ_TEST_SIGNAL")
 if sig:
-    import bitquant.convert as c
+    import bitquant.export as c
     real = c.quantize_pack
     def dying(*a, **k):
         os.kill(os.getpid(), getattr(signal, sig))

@@ -31,6 +31,7 @@ import torch
 from bitquant.packing import packed_shape
 from bitquant.report import OutputFile
 from bitquant.tensorfile import SafetensorsStreamWriter, TensorSpec
+from bitquant.ternary import inverse_scale
 
 SCALE_SUFFIX = "_scale"  # weight -> weight_scale
 SINGLE_FILE = "model.safetensors"
@@ -45,15 +46,19 @@ def packed_specs(name: str, spec: TensorSpec) -> list[TensorSpec]:
     """Output specs for a ternarized ``[out, in]`` weight: packed codes, then ``weight_scale``."""
     return [
         TensorSpec(name, torch.uint8, packed_shape(spec.shape, name)),
-        TensorSpec(scale_name(name), spec.dtype, (1,)),
+        TensorSpec(scale_name(name), scale_dtype(spec.dtype), (1,)),
     ]
 
 
 def encode(name: str, packed: torch.Tensor, scale: float, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
     """The tensors stored for one ternarized weight (order matches :func:`packed_specs`):
     the packed codes, and 1/s in the model dtype."""
-    inverse = torch.tensor([1.0 / scale], dtype=torch.float64).to(dtype)
-    return [(name, packed), (scale_name(name), inverse)]
+    return [(name, packed), (scale_name(name), inverse_scale(scale, scale_dtype(dtype)).reshape(1))]
+
+
+def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``weight_scale`` is stored in: the weight's own (the model dtype)."""
+    return weight_dtype
 
 
 def quantization_config(kept_modules: list[str]) -> dict:

@@ -1,0 +1,254 @@
+"""Writing a planned ternary output into a staging folder, and finishing it: shards (or a
+GGUF), config, index, carried files, the evaluation and gates, the model card and
+``report.json``; then the up-to-date check and publishing.
+
+Shared by ``convert`` and ``heal``: both plan an output from a checkpoint's headers
+(:mod:`bitquant.plan`), stream its tensors through here, and describe the result with one
+:class:`~bitquant.report.ConvertReport`. Tensors are written one at a time, so memory stays
+near the largest tensor whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from bitquant import __version__, card, evaluate, gates
+from bitquant.errors import UsageError
+from bitquant.evaluate import EvalSettings, WindowProgress
+from bitquant.fingerprint import file_sha256
+from bitquant.formats import gguf, hf_bitnet
+from bitquant.journal import Journal
+from bitquant.kernels import quantize_pack
+from bitquant.plan import Plan
+from bitquant.recipe import Recipe
+from bitquant.report import ConvertReport, LayerStats, OutputFile, SizeStats
+from bitquant.source import CARRIED_FILES, Checkpoint, ModelSource
+from bitquant.text import Tokens
+
+REPORT = "report.json"
+
+#: Called after each source tensor: (tensors done, tensors in all, name just done).
+ProgressFn = Callable[[int, int, str], None]
+
+#: A tensor to write: (source name, tensor, None) as it is, or (source name, FP weight,
+#: make) where ``make()`` returns its quantization (``packed``, ``scale`` and statistics).
+Item = tuple[str, torch.Tensor, Callable[[], object] | None]
+
+
+@dataclass
+class Written:
+    """What :func:`write_model` put into the staging folder."""
+
+    layers: list[LayerStats]
+    files: list[OutputFile]  # model files (shards or the GGUF)
+    size: SizeStats
+    gguf: dict | None
+
+
+def absmean_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe) -> Iterator[Item]:
+    """Source tensors in file order; projections are ternarized (absmean) when written."""
+    for name, tensor in ckpt.iter_tensors():
+        if name in plan.quantize:
+            yield name, tensor, lambda t=tensor, n=name: quantize_pack(t, eps=recipe.eps, name=n)
+        else:
+            yield name, tensor, None
+
+
+def write_model(ckpt: Checkpoint, plan: Plan, recipe: Recipe, folder: Path, journal: Journal, shards: list,
+                source_spec: str, *, items: Iterator[Item] | None = None, strict: bool = False,
+                progress: ProgressFn | None = None) -> Written:
+    """Write the model files of ``plan`` into ``folder`` in ``recipe.format``.
+
+    ``items`` supplies the tensors (default: :func:`absmean_items`); GGUF outputs always
+    use absmean. Shards finished by an interrupted run (``journal``) are reused.
+    """
+    if recipe.format in gguf.TYPES:
+        layers, files, size, info = gguf.export(ckpt, plan.quantize, plan.total_params, folder, recipe.format,
+                                                recipe.eps, source_spec, strict, progress)
+        return Written(layers, files, size, info)
+    items = absmean_items(ckpt, plan, recipe) if items is None else items
+    layers, files = write_weights(plan, shards, folder, items, journal, progress)
+    hf_bitnet.write_config(folder, ckpt.config, [k.name for k in plan.kept])
+    hf_bitnet.write_index(folder, shards)
+    hf_bitnet.copy_files(ckpt.path, folder, CARRIED_FILES)
+    return Written(layers, files, size_stats(ckpt, plan, shards, files, layers), None)
+
+
+def write_weights(plan: Plan, shards: list, folder: Path, items: Iterator[Item], journal: Journal,
+                  progress: ProgressFn | None) -> tuple[list[LayerStats], list[OutputFile]]:
+    """Quantize and write every tensor, skipping those of shards the journal has finished."""
+    layers: dict[str, LayerStats] = {}
+    shard_layers: dict[str, list[LayerStats]] = {}
+    for info in journal.shards.values():
+        for d in info["layers"]:
+            layers[d["name"]] = LayerStats.from_dict(d)
+    done = {name: OutputFile(name, info["bytes"], info["sha256"]) for name, info in journal.shards.items()}
+
+    def finished(shard: OutputFile) -> None:
+        journal.record(shard.name, shard.bytes, shard.sha256, [l.__dict__ for l in shard_layers.pop(shard.name, [])])
+
+    writer = hf_bitnet.ShardedWriter(folder, shards, done=done, on_shard=finished)
+    try:
+        for i, (name, tensor, make) in enumerate(items, start=1):
+            if all(writer.skips(o) for o in plan.outputs[name]):
+                pass
+            elif make is not None:
+                t = make()
+                stat = LayerStats.of(name, tensor.shape, t)
+                layers[stat.name] = stat
+                shard_layers.setdefault(writer.shard_of(name), []).append(stat)
+                for out_name, out_tensor in hf_bitnet.encode(name, t.packed, t.scale, tensor.dtype):
+                    writer.write(out_name, out_tensor)
+            else:
+                writer.write(name, tensor)
+            del tensor
+            if progress:
+                progress(i, plan.source_count, name)
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    order = {n: i for i, n in enumerate(plan.outputs)}
+    return sorted(layers.values(), key=lambda l: order[l.name + ".weight"]), files
+
+
+def measure(baseline: Path, folder: Path, tokens: Tokens, recipe: Recipe,
+            progress: WindowProgress | None = None) -> tuple[dict, list[dict]]:
+    """The report's ``perplexity`` (baseline vs the output in ``folder``) and ``gates``."""
+    settings = eval_settings(recipe)
+    perplexity = evaluate.compare(baseline, folder, tokens, settings=settings, progress=progress)
+    return perplexity, [g.__dict__ for g in gates.check(recipe.gates, perplexity)]
+
+
+def check_eval_options(recipe: Recipe, eval_text) -> None:
+    """Refuse gates without an evaluation text, and an evaluation of a GGUF output."""
+    if recipe.gates and eval_text is None:
+        raise UsageError("quality gates (--max-ppl-ratio, --max-kl) need --eval-text FILE to measure against")
+    if recipe.format in gguf.TYPES and eval_text is not None:
+        raise UsageError(
+            "--eval-text measures the transformers layout; convert without --format to evaluate, "
+            "or measure the GGUF with llama.cpp (see README)"
+        )
+
+
+def eval_settings(recipe: Recipe) -> EvalSettings:
+    return EvalSettings(context=recipe.eval_context, stride=recipe.eval_stride, max_tokens=recipe.eval_max_tokens)
+
+
+def new_report(source: ModelSource, ckpt: Checkpoint, recipe: dict, recipe_sha256: str, fingerprint: str, fmt: str,
+               plan: Plan, written: Written, reused: list[str], shards: int, **extra) -> ConvertReport:
+    """A report of a freshly written output (``files`` and timings are set by :func:`finish`)."""
+    return ConvertReport(
+        bitquant_version=__version__,
+        source=source.to_dict(),
+        architecture=ckpt.architecture,
+        recipe=recipe,
+        recipe_sha256=recipe_sha256,
+        fingerprint=fingerprint,
+        format=fmt,
+        size=written.size,
+        layers=written.layers,
+        kept_full_precision=plan.kept,
+        files=[],
+        versions=versions(),
+        elapsed_seconds=0.0,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        resumed_shards=reused,
+        notes=notes(written.layers, reused, shards),
+        gguf=written.gguf,
+        **extra,
+    )
+
+
+def finish(folder: Path, report: ConvertReport, source: ModelSource, written: Written, journal: Journal,
+           started: float) -> None:
+    """Write the model card and ``report.json`` (listing every file with its sha256)."""
+    (folder / "README.md").write_text(card.render(report, source), encoding="utf-8")
+    journal.remove()
+    model_files = {f.name for f in written.files}
+    report.files = sorted(written.files + hash_files(folder, exclude=model_files | {REPORT}), key=lambda f: f.name)
+    report.elapsed_seconds = round(time.monotonic() - started, 3)
+    (folder / REPORT).write_text(report.to_json(), encoding="utf-8")
+
+
+def publish(out: Path, report: ConvertReport, repo_id: str, token, private, revision, create_pr) -> dict:
+    """Upload ``out`` and record where it went in the local ``report.json``."""
+    from bitquant.publish import push_folder
+
+    what = "healed ternary" if report.heal else "ternary"
+    message = f"bitquant {__version__}: {what} ({report.recipe['name']}) conversion of {report.source['id']}"
+    url = push_folder(out, repo_id, token=token, private=private, revision=revision, create_pr=create_pr, message=message)
+    published = {"repo_id": repo_id, "revision": revision or "main", "create_pr": create_pr, "url": url}
+    report.published = published
+    (out / REPORT).write_text(report.to_json(), encoding="utf-8")
+    return published
+
+
+def publish_if_needed(out: Path, existing: ConvertReport, repo_id: str | None, token, private, revision, create_pr) -> None:
+    """An up-to-date OUT whose last upload did not happen (e.g. it failed) is uploaded now."""
+    published_here = (existing.published or {}).get("repo_id") == repo_id
+    if repo_id and not existing.gates_failed() and not published_here:
+        publish(out, existing, repo_id, token, private, revision, create_pr)
+
+
+def up_to_date(out: Path, fingerprint: str) -> ConvertReport | None:
+    """The report of ``out`` if it holds a complete output with this fingerprint."""
+    try:
+        report = ConvertReport.from_dict(json.loads((out / REPORT).read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if report.fingerprint != fingerprint:
+        return None
+    for f in report.files:
+        p = out / f.name
+        if not p.is_file() or p.stat().st_size != f.bytes:
+            return None
+    report.up_to_date = True
+    return report
+
+
+def hash_files(folder: Path, exclude: set[str]) -> list[OutputFile]:
+    return [
+        OutputFile(p.name, p.stat().st_size, file_sha256(p))
+        for p in sorted(folder.iterdir())
+        if p.is_file() and p.name not in exclude
+    ]
+
+
+def size_stats(ckpt: Checkpoint, plan: Plan, shards: list, files: list[OutputFile], layers: list[LayerStats]) -> SizeStats:
+    shard_names = {s.filename for s in shards}
+    output_bytes = sum(f.bytes for f in files if f.name in shard_names)
+    quantized_params = sum(l.shape[0] * l.shape[1] for l in layers)
+    quantized_names = {o for name in plan.quantize for o in plan.outputs[name]}
+    quantized_bytes = sum(s.nbytes for s in plan.specs if s.name in quantized_names)
+    total_tensor_bytes = sum(s.nbytes for s in plan.specs)
+    return SizeStats.from_counts(ckpt.source_bytes(), output_bytes, quantized_params, quantized_bytes,
+                                 plan.total_params, total_tensor_bytes)
+
+
+def notes(layers: list[LayerStats], reused: list[str], n_shards: int) -> list[str]:
+    out = []
+    clamped = [l.name for l in layers if l.scale_clamped]
+    if clamped:
+        out.append(f"{len(clamped)} matrices had mean|W| below eps and were given s = eps: {', '.join(clamped[:5])}")
+    if reused:
+        out.append(f"resumed an interrupted run: {len(reused)} of {n_shards} shards reused after their sha256 was checked")
+    return out
+
+
+def versions() -> dict[str, str]:
+    from importlib.metadata import version
+
+    return {"bitquant": __version__, "torch": torch.__version__, "transformers": version("transformers")}
+
+
+def eval_tokens(folder: Path, text: str | Path | None, recipe: Recipe) -> Tokens | None:
+    """``text`` tokenized for the recipe's evaluation settings (``None`` without a text)."""
+    return None if text is None else evaluate.tokenize_for(folder, text, eval_settings(recipe))

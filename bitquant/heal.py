@@ -1,0 +1,301 @@
+"""heal(): a short distillation from an FP model into its own ternary version, exported
+exactly as ``convert`` exports.
+
+The pipeline, each step in its own module:
+
+1. plan what is ternarized from the source's headers (:mod:`bitquant.plan`, as convert);
+2. build the teacher (the FP model) and the student (the same weights, every ternarized
+   projection a fake-quantized W1.58A8 layer calling :mod:`bitquant.ternary`'s quantizer,
+   :mod:`bitquant.training.student`);
+3. sample training text from the teacher, cached (:mod:`bitquant.training.data`), and/or
+   read the user's text;
+4. train with KL(teacher ‖ student) (:mod:`bitquant.training.loop`), checkpointing into
+   the staging folder so an interrupted run resumes;
+5. write the trained latent weights as an ordinary checkpoint in the source's dtypes (the
+   "master"), and export *that* with convert's writer (:mod:`bitquant.export`): so
+   ``bitquant convert MASTER`` reproduces OUT byte for byte, and the student, reloaded
+   from the master, computes what OUT computes;
+6. check it (student logits against OUT's), evaluate, write the card and report, publish.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitquant import __version__, embedded, evaluate, export, runtime
+from bitquant.errors import BitquantError, SourceError
+from bitquant.evaluate import WindowProgress
+from bitquant.export import REPORT, ProgressFn, Written
+from bitquant.fingerprint import conversion_fingerprint, source_fingerprint
+from bitquant.formats import gguf, hf_bitnet
+from bitquant.journal import Journal
+from bitquant.plan import plan_conversion
+from bitquant.report import ConvertReport
+from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_source
+from bitquant.staging import check_target, staged_output
+from bitquant.training import data, loop
+from bitquant.training.recipe import HealRecipe, load_heal_recipe
+from bitquant.training.student import make_student
+
+#: Training state inside the staging folder (checkpoints, the master before export).
+STATE = "heal-state"
+
+#: Prompts completed by the FP model and the healed one for the model card.
+PROMPTS = ("The capital of France is", "Once upon a time, there was a", "The three primary colors are",
+           "To make a cup of tea, you")
+
+
+class OutOfMemory(BitquantError):
+    """The GPU ran out of memory (exit code 1)."""
+
+    exit_code = 1
+
+
+@dataclass
+class HealHooks:
+    """Progress callbacks for each phase (all optional)."""
+
+    sample: data.SampleProgress | None = None
+    train: loop.TrainProgress | None = None
+    tensors: ProgressFn | None = None
+    windows: WindowProgress | None = None
+    note: loop.Note | None = None
+
+
+def heal(
+    model: str,
+    out: str | Path,
+    *,
+    recipe: HealRecipe | None = None,
+    revision: str | None = None,
+    token: str | None = None,
+    overwrite: bool = False,
+    force: bool = False,
+    data_files: tuple[str | Path, ...] = (),
+    eval_text: str | Path | None = None,
+    save_master: str | Path | None = None,
+    device: str = "auto",
+    max_shard_size: int = 5 * 10**9,
+    strict: bool = False,
+    hooks: HealHooks | None = None,
+    push_to_hub: str | None = None,
+    push_private: bool = False,
+    push_revision: str | None = None,
+    push_create_pr: bool = False,
+) -> ConvertReport:
+    """Heal ``model`` (anything convert accepts) into a ternary model at ``out``.
+
+    Returns the report (also in ``out/report.json``), with a ``heal`` section. A re-run of
+    the same command resumes an interrupted one from its last checkpoint; once finished,
+    a re-run finds OUT up to date, as convert does.
+    """
+    started = time.monotonic()
+    hooks = hooks or HealHooks()
+    recipe = recipe or load_heal_recipe()
+    conv = recipe.conversion()
+    out = Path(out)
+    check_target(out.absolute(), overwrite or force or (out / REPORT).is_file())
+    master_out = Path(save_master).absolute() if save_master is not None else None
+    if master_out is not None:
+        check_target(master_out, overwrite or force)
+    export.check_eval_options(conv, eval_text)
+    device = runtime.resolve_device(device)
+    source = resolve_source(model, revision=revision, token=token)
+    ckpt = open_checkpoint(source.path)
+    if conv.format in gguf.TYPES:
+        gguf.check_config(ckpt.config)
+    plan = plan_conversion(ckpt, conv)
+    tokenizer = runtime.load_tokenizer(ckpt.path)
+    tokens = export.eval_tokens(ckpt.path, eval_text, conv)
+    files = [Path(f) for f in data_files]
+    text_ids, text_info = (data.text_sequences(files, tokenizer, recipe.seq_len, tokens.sha256 if tokens else None)
+                           if files else (None, []))
+    source_fp = source_fingerprint(source, ckpt)
+    key = {"text_sha256": tokens.sha256 if tokens else None, "data_sha256": [d["sha256"] for d in text_info]}
+    fingerprint = conversion_fingerprint(__version__, recipe.sha256(), source_fp, key)
+    if not force:
+        existing = export.up_to_date(out, fingerprint)
+        if existing is not None:
+            export.publish_if_needed(out, existing, push_to_hub, token, push_private, push_revision, push_create_pr)
+            return existing
+    check_target(out.absolute(), overwrite or force)
+
+    with staged_output(out, fingerprint, overwrite or force, keep_on_error=lambda t: (t / STATE).is_dir()) as tmp:
+        state = tmp / STATE
+        state.mkdir(exist_ok=True)
+        try:
+            info, student, teacher, probe = _train(ckpt, plan, recipe, text_ids, text_info, source_fp, state, device,
+                                                   tokens, hooks)
+        except torch.cuda.OutOfMemoryError:
+            raise OutOfMemory(
+                f"the GPU ran out of memory; lower --micro-batch-tokens (now {recipe.micro_batch_tokens}) or "
+                f"--batch-tokens (now {recipe.batch_tokens}), or --sample-batch (now {recipe.sample_batch}) while sampling"
+            ) from None
+        master = _write_master(student, ckpt, state / "master", max_shard_size)
+        _load_master(student, master)
+        master_ckpt = open_checkpoint(master.path)
+        mplan = plan_conversion(master_ckpt, conv)
+        shards = hf_bitnet.plan_shards(mplan.specs, max_shard_size)
+        journal = Journal.load(tmp, fingerprint)
+        reused = sorted(journal.shards)
+        written = export.write_model(master_ckpt, mplan, conv, tmp, journal, shards, source.spec, strict=strict,
+                                     progress=hooks.tensors)
+        info["master"] = {"dtypes": sorted({str(s.dtype).replace("torch.", "") for _, s in master_ckpt.iter_specs()}),
+                          "saved_to": str(master_out) if master_out else None}
+        if conv.format not in gguf.TYPES:
+            info["exactness"] = _exactness(student, tmp, probe, device)
+        del teacher
+        perplexity = gate_results = None
+        if tokens is not None:
+            perplexity, gate_results = export.measure(ckpt.path, tmp, tokens, conv, hooks.windows)
+            perplexity["before_heal"] = info.pop("before")
+        info["completions"] = _completions(ckpt.path, tmp, tokenizer, device) if conv.format not in gguf.TYPES else []
+        report = export.new_report(source, ckpt, recipe.to_dict(), recipe.sha256(), fingerprint, conv.format, mplan,
+                                   written, reused, len(shards), perplexity=perplexity, gates=gate_results, heal=info)
+        del student
+        if master_out is not None:
+            _save_master(master.path, master_out, fingerprint, overwrite or force)
+        shutil.rmtree(state)
+        export.finish(tmp, report, source, written, journal, started)
+
+    if push_to_hub and not report.gates_failed():
+        export.publish(out, report, push_to_hub, token, push_private, push_revision, push_create_pr)
+    return report
+
+
+def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, text_ids, text_info, source_fp: str, state: Path, device: str,
+           tokens, hooks: HealHooks):
+    """Build teacher and student, gather the data, measure the start, train. Returns the
+    report's ``heal`` section (so far), the trained student, the teacher and a probe batch."""
+    cuda = device == "cuda"
+    teacher = runtime.load_fp(ckpt.path, torch.bfloat16 if cuda else torch.float32, device)
+    teacher.requires_grad_(False)
+    student = runtime.load_fp(ckpt.path, torch.float32, device)
+    weight_dtype = next(s.dtype for _, s in ckpt.iter_specs() if s.name in plan.quantize)
+    make_student(student, plan.quantized_modules, recipe.eps, hf_bitnet.scale_dtype(weight_dtype), recipe.train,
+                 compiled=cuda)
+    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+
+    text_n, sample_n = data.split_batch(recipe.batch_sequences, recipe.data_share if text_info else 0.0)
+    pools, per, sources = [], [], []
+    if text_n:
+        pools.append(text_ids)
+        per.append(text_n)
+        sources.append({"kind": "text", "share": text_n / recipe.batch_sequences, "files": text_info})
+    if sample_n:
+        settings = data.SampleSettings(recipe.sample_tokens, recipe.seq_len, recipe.sample_temperature, recipe.seed,
+                                       recipe.sample_batch)
+        config = ckpt.config
+        bos = config.get("bos_token_id")
+        if bos is None:
+            raise SourceError(f"{ckpt.path} has no bos_token_id in config.json; sampling from the teacher starts at BOS: "
+                              "pass --data FILE to train on text instead")
+        eos = config.get("eos_token_id")
+        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        ids, sampled = data.cached_samples(teacher, settings, settings.key(source_fp, device), embedded.cache_root() / "heal-data",
+                                           bos, eos_ids, config["vocab_size"], hooks.sample)
+        pools.append(ids)
+        per.append(sample_n)
+        sources.append({"kind": "teacher samples", "share": sample_n / recipe.batch_sequences, **sampled})
+    batches = data.Batches(pools, per, recipe.seed)
+    probe = batches.batch(0)[: max(1, min(4, recipe.batch_sequences))]
+
+    before = None
+    if tokens is not None:
+        cached = state / "before.json"
+        if cached.is_file():
+            before = json.loads(cached.read_text(encoding="utf-8"))
+        else:
+            with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False):
+                before = evaluate.perplexity_of(student, tokens, export.eval_settings(recipe.conversion()), device)
+            cached.write_text(json.dumps(before), encoding="utf-8")
+
+    result = loop.train(student, teacher, batches, recipe, state, compiled=cuda, progress=hooks.train, note=hooks.note)
+    info = {
+        "tokens": result.tokens, "steps": result.steps, "lr": recipe.lr, "batch_tokens": recipe.batch_tokens,
+        "seq_len": recipe.seq_len, "trained": list(recipe.train), "trainable_params": trainable,
+        "data": sources, "passes_over_data": [round(x, 3) for x in batches.passes(result.steps)],
+        "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+        "steady_tokens_per_second": result.steady_tokens_per_second, "peak_gpu_bytes": result.peak_gpu_bytes,
+        "world_size": 1, "device": device, "compute_dtype": "bfloat16 autocast, float32 master weights" if cuda else "float32",
+        "compiled": result.compiled, "resumed_from_step": result.resumed_from_step, "final_loss": result.final_loss,
+        "curve": result.curve, "before": before,
+    }
+    return info, student, teacher, probe
+
+
+@dataclass
+class _Master:
+    path: Path
+    files: list
+
+
+def _write_master(student, ckpt: Checkpoint, folder: Path, max_shard_size: int) -> _Master:
+    """The student's weights, rounded to the source's dtype tensor by tensor, as an
+    ordinary checkpoint of the source's architecture (config and tokenizer copied)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    weights = student.state_dict()
+    specs = [s for _, s in ckpt.iter_specs()]
+    shards = hf_bitnet.plan_shards(specs, max_shard_size)
+    writer = hf_bitnet.ShardedWriter(folder, shards)
+    try:
+        for spec in specs:
+            writer.write(spec.name, weights[spec.name].detach().to("cpu", spec.dtype).contiguous())
+        files = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    hf_bitnet.write_index(folder, shards)
+    (folder / "config.json").write_bytes((ckpt.path / "config.json").read_bytes())
+    hf_bitnet.copy_files(ckpt.path, folder, CARRIED_FILES)
+    return _Master(folder, files)
+
+
+@torch.no_grad()
+def _load_master(student, master: _Master) -> None:
+    """Set the student's weights to the master's rounded values, so that the student is
+    exactly what is exported."""
+    ckpt = open_checkpoint(master.path)
+    params = dict(student.named_parameters(remove_duplicate=False))
+    for name, tensor in ckpt.iter_tensors():
+        if name in params:
+            params[name].copy_(tensor.to(params[name].dtype))
+
+
+@torch.no_grad()
+def _exactness(student, folder: Path, probe: torch.Tensor, device: str) -> dict:
+    """Student logits against OUT's (bitquant's runtime, float32) on a probe batch."""
+    student.float().eval()
+    exported, _ = runtime.load_model(folder, torch.float32, device)
+    ids = probe.to(device)
+    a = student(input_ids=ids).logits.float()
+    b = exported(input_ids=ids).logits.float()
+    del exported
+    return {"tokens": ids.numel(), "relative_error": float((a - b).norm() / b.norm()),
+            "max_abs_error": float((a - b).abs().max()),
+            "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
+
+
+def _completions(source: Path, folder: Path, tokenizer, device: str) -> list[dict]:
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    rows = []
+    for label, path in (("source", source), ("healed", folder)):
+        model, _ = runtime.load_model(path, dtype, device)
+        for prompt, text in zip(PROMPTS, evaluate.complete(model, tokenizer, list(PROMPTS))):
+            rows.append({"model": label, "prompt": prompt, "completion": text})
+        del model
+    return rows
+
+
+def _save_master(folder: Path, target: Path, fingerprint: str, overwrite: bool) -> None:
+    with staged_output(target, fingerprint, overwrite) as tmp:
+        for p in folder.iterdir():
+            shutil.move(str(p), tmp / p.name)

@@ -1,0 +1,8 @@
+"""Quantization-aware distillation ("heal"), split the way mlx-lm's tuner/ is:
+
+* :mod:`~bitquant.training.recipe`: the frozen, versioned heal recipe;
+* :mod:`~bitquant.training.data`: teacher sampling (cached) and text data, as token batches;
+* :mod:`~bitquant.training.student`: fake-quantized projections that call :mod:`bitquant.ternary`'s quantizer;
+* :mod:`~bitquant.training.loss`: KL divergence over chunks of rows, never the whole logits;
+* :mod:`~bitquant.training.loop`: optimizer, schedule, checkpoint and resume.
+"""

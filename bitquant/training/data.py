@@ -1,0 +1,171 @@
+"""Training data for heal: text sampled from the teacher, and the user's own text, as
+fixed-length token sequences, served in a deterministic order.
+
+Sampling starts every sequence at BOS and draws each next token from the teacher's
+distribution at the recipe's temperature (no top-k, no top-p) with EOS masked, so every
+sequence has the full length. It goes through transformers' ``generate``: on CUDA with a
+static KV cache, which transformers compiles into CUDA graphs; elsewhere with its dynamic
+cache. Samples are cached in bitquant's cache (``$BITQUANT_CACHE/heal-data``), keyed by the
+model's fingerprint and every sampling setting, so a re-run or a resume never samples
+again. Token ids are stored as uint16 where the vocabulary fits (half the bytes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitquant.errors import UsageError
+from bitquant.text import tokenize_file
+
+#: Called while sampling: (tokens sampled, tokens to sample).
+SampleProgress = Callable[[int, int], None]
+
+CACHE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    tokens: int
+    seq_len: int
+    temperature: float
+    seed: int
+    batch: int  # sequences sampled at once
+
+    @property
+    def sequences(self) -> int:
+        return max(1, self.tokens // self.seq_len)
+
+    def key(self, model_fingerprint: str, device_type: str) -> str:
+        """Cache key: the model, every setting that changes the samples, and the device
+        type (CUDA and CPU draw different random streams)."""
+        payload = {"format": CACHE_FORMAT, "model": model_fingerprint, "tokens": self.sequences * self.seq_len,
+                   "seq_len": self.seq_len, "temperature": self.temperature, "seed": self.seed, "batch": self.batch,
+                   "device": device_type}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+@torch.inference_mode()
+def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], progress: SampleProgress | None = None) -> torch.Tensor:
+    """``settings.sequences`` sequences of ``settings.seq_len`` token ids (int64, on CPU),
+    each starting with ``bos_id``; batch ``i`` is drawn from seed ``settings.seed + i``."""
+    from transformers import GenerationConfig
+
+    device = next(model.parameters()).device
+    n, length = settings.sequences, settings.seq_len
+    config = GenerationConfig(
+        do_sample=True, temperature=float(settings.temperature), top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+        max_new_tokens=length - 1, min_new_tokens=length - 1, eos_token_id=eos_ids or None,
+        pad_token_id=eos_ids[0] if eos_ids else bos_id, bos_token_id=bos_id, repetition_penalty=1.0,
+        cache_implementation="static" if device.type == "cuda" else None,
+    )
+    out = torch.empty(n, length, dtype=torch.int64)
+    for i, begin in enumerate(range(0, n, settings.batch)):
+        rows = min(settings.batch, n - begin)
+        torch.manual_seed(settings.seed + i)
+        start = torch.full((rows, 1), bos_id, dtype=torch.long, device=device)
+        ids = model.generate(start, attention_mask=torch.ones_like(start), generation_config=config)
+        out[begin : begin + rows] = ids[:, :length].cpu()
+        if progress:
+            progress((begin + rows) * length, n * length)
+    return out
+
+
+def cached_samples(model, settings: SampleSettings, key: str, cache_dir: Path, bos_id: int, eos_ids: list[int],
+                   vocab_size: int, progress: SampleProgress | None = None) -> tuple[torch.Tensor, dict]:
+    """Samples from the cache, or drawn now and cached. Returns the ids and a description:
+    ``tokens``, ``sequences``, ``seq_len``, ``temperature``, ``seed``, ``seconds`` and
+    ``tokens_per_second`` of the sampling run, ``cached`` (found in the cache), ``path``."""
+    from safetensors.torch import load_file, save_file
+
+    path = cache_dir / f"{key}.safetensors"
+    meta_path = path.with_suffix(".json")
+    if path.is_file() and meta_path.is_file():
+        try:
+            ids = load_file(path)["ids"].to(torch.int64)
+            info = json.loads(meta_path.read_text(encoding="utf-8"))
+            return ids, {**info, "cached": True, "path": str(path)}
+        except (OSError, ValueError, KeyError):
+            pass  # a damaged cache entry is sampled again
+    started = time.perf_counter()
+    ids = sample(model, settings, bos_id, eos_ids, progress)
+    seconds = time.perf_counter() - started
+    info = {"tokens": ids.numel(), "sequences": ids.shape[0], "seq_len": ids.shape[1], "temperature": settings.temperature,
+            "seed": settings.seed, "seconds": round(seconds, 3), "tokens_per_second": round(ids.numel() / seconds, 1),
+            "sha256": tensor_sha256(ids)}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    stored = ids.to(torch.uint16) if vocab_size <= 65536 else ids.to(torch.int32)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({"ids": stored.contiguous()}, tmp)
+    meta_path.write_text(json.dumps(info), encoding="utf-8")
+    os.replace(tmp, path)
+    return ids, {**info, "cached": False, "path": str(path)}
+
+
+def tensor_sha256(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
+
+
+def text_sequences(files: list[Path], tokenizer, seq_len: int, refused_sha256: str | None = None) -> tuple[torch.Tensor, list[dict]]:
+    """The user's text files, tokenized (no special tokens, as evaluation does) and cut into
+    non-overlapping sequences of ``seq_len`` tokens (a file's remainder is dropped).
+
+    ``refused_sha256`` (the evaluation text's) is refused: training on the held-out text
+    would make its perplexity meaningless."""
+    chunks, described = [], []
+    for f in files:
+        tokens = tokenize_file(f, tokenizer, min_tokens=seq_len, purpose="train on")
+        if refused_sha256 is not None and tokens.sha256 == refused_sha256:
+            raise UsageError(f"--data {f} is the --eval-text file; train and evaluate on different texts")
+        n = len(tokens.ids) // seq_len
+        chunks.append(torch.tensor(tokens.ids[: n * seq_len], dtype=torch.int64).view(n, seq_len))
+        described.append({"path": str(f), "sha256": tokens.sha256, "tokens": len(tokens.ids), "sequences": n})
+    return torch.cat(chunks), described
+
+
+class Batches:
+    """Deterministic batches from pools of sequences: batch ``step`` takes ``per_batch[i]``
+    sequences from pool ``i``, walking each pool in a fresh random order per pass (seeded),
+    so any step's batch can be rebuilt after a resume without replaying the ones before."""
+
+    def __init__(self, pools: list[torch.Tensor], per_batch: list[int], seed: int):
+        if any(k > 0 and len(p) == 0 for p, k in zip(pools, per_batch)):
+            raise ValueError("a data pool with a share of the batch is empty")
+        self.pools = [p for p, k in zip(pools, per_batch) if k > 0]
+        self.per_batch = [k for k in per_batch if k > 0]
+        self.seed = seed
+        self._orders: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _order(self, pool: int, epoch: int) -> torch.Tensor:
+        key = (pool, epoch)
+        if key not in self._orders:
+            if len(self._orders) > 8:
+                self._orders.clear()
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + pool * 7919 + epoch)
+            self._orders[key] = torch.randperm(len(self.pools[pool]), generator=g)
+        return self._orders[key]
+
+    def batch(self, step: int) -> torch.Tensor:
+        rows = []
+        for i, (pool, k) in enumerate(zip(self.pools, self.per_batch)):
+            n = len(pool)
+            for j in range(step * k, (step + 1) * k):
+                rows.append(pool[self._order(i, j // n)[j % n]])
+        return torch.stack(rows)
+
+    def passes(self, steps: int) -> list[float]:
+        """How many times each pool is read in ``steps`` steps."""
+        return [steps * k / len(p) for p, k in zip(self.pools, self.per_batch)]
+
+
+def split_batch(sequences: int, share: float) -> tuple[int, int]:
+    """(sequences from user text, sequences from teacher samples) of one batch."""
+    text = round(sequences * share)
+    return text, sequences - text

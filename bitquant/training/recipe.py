@@ -1,0 +1,175 @@
+"""The heal recipe: a frozen, versioned dataclass loaded from ``configs/heal.yaml`` (or any
+YAML file with ``kind: heal``).
+
+It holds everything that decides a healed model: what is ternarized (as a conversion
+recipe does), the training data (teacher samples and their settings, the share of user
+text), the schedule, what trains, and the evaluation and gates of the result.
+:meth:`HealRecipe.conversion` gives the absmean :class:`~bitquant.recipe.Recipe` the
+exporter writes the healed weights with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bitquant.errors import RecipeError
+from bitquant.recipe import PROJECTIONS, SCHEMA_VERSION, Recipe, _coerce, build, check_choice, check_common, check_types, read_yaml
+
+DEFAULT_HEAL_RECIPE = "heal"
+
+#: Parameter groups that can train: the latent weights of the ternary projections (and
+#: their biases), the RMSNorm gains, the embeddings (with a tied output head).
+TRAINABLE = ("projections", "norms", "embeddings")
+INITS = ("absmean",)
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass(frozen=True)
+class HealRecipe:
+    """How to heal. Token counts are totals; ``batch_tokens`` = sequences x ``seq_len`` per
+    optimizer step, run in micro-batches of at most ``micro_batch_tokens``.
+
+    Data: ``sample_tokens`` tokens are sampled from the FP model (the teacher), starting
+    at BOS, at ``sample_temperature``, in sequences of ``seq_len`` (EOS is never sampled,
+    so every sequence is full), ``sample_batch`` sequences at a time, from ``seed``. With
+    user text (``--data``), ``data_share`` of every batch comes from it and the rest from
+    samples (1.0: user text only, nothing sampled).
+    """
+
+    name: str = DEFAULT_HEAL_RECIPE
+    kind: str = "heal"
+    schema: int = SCHEMA_VERSION
+    # what is ternarized (as in a conversion recipe) and how the result is written
+    eps: float = 1e-5
+    format: str = "hf-bitnet"
+    projections: tuple[str, ...] = PROJECTIONS
+    exclude: tuple[str, ...] = ()
+    indivisible: str = "error"
+    init: str = "absmean"
+    # training
+    tokens: int = 50_331_648
+    lr: float = 2e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.0
+    betas: tuple[float, ...] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    batch_tokens: int = 32768
+    micro_batch_tokens: int = 16384
+    seq_len: int = 512
+    train: tuple[str, ...] = ("projections", "norms")
+    checkpoint_every: int = 250
+    # data
+    seed: int = 0
+    sample_tokens: int = 4_194_304
+    sample_temperature: float = 1.0
+    sample_batch: int = 512
+    data_share: float = 1.0
+    # evaluation of the result and quality gates (as for convert --eval-text)
+    eval_context: int = 512
+    eval_stride: int | None = None
+    eval_max_tokens: int = 16384
+    max_ppl_ratio: float | None = None
+    max_kl: float | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def steps(self) -> int:
+        return self.tokens // self.batch_tokens
+
+    @property
+    def batch_sequences(self) -> int:
+        return self.batch_tokens // self.seq_len
+
+    @property
+    def gates(self) -> dict[str, float]:
+        return self.conversion().gates
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in ("projections", "exclude", "train", "betas"):
+            d[key] = list(d[key])
+        return d
+
+    def sha256(self) -> str:
+        """Hash of the resolved recipe, minus its free-text description."""
+        d = self.to_dict()
+        d.pop("description")
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+
+    def replace(self, **changes: Any) -> "HealRecipe":
+        """A copy with the given fields overridden (``None``: not given). Validated again."""
+        given = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **_coerce(given)) if given else self
+
+    def conversion(self) -> Recipe:
+        """The absmean conversion recipe that exports the healed weights."""
+        return Recipe(name=self.name, method="absmean", eps=self.eps, format=self.format, projections=self.projections,
+                      exclude=self.exclude, indivisible=self.indivisible, eval_context=self.eval_context,
+                      eval_stride=self.eval_stride, eval_max_tokens=self.eval_max_tokens,
+                      max_ppl_ratio=self.max_ppl_ratio, max_kl=self.max_kl, description=self.description)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(HealRecipe)}
+_NUMBER = (float, int)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "name": (str,), "kind": (str,), "schema": (int,), "eps": _NUMBER, "format": (str,), "projections": (tuple,),
+    "exclude": (tuple,), "indivisible": (str,), "init": (str,), "tokens": (int,), "lr": _NUMBER, "schedule": (str,),
+    "warmup_steps": (int,), "min_lr_ratio": _NUMBER, "betas": (tuple,), "weight_decay": _NUMBER, "grad_clip": _NUMBER,
+    "batch_tokens": (int,), "micro_batch_tokens": (int,), "seq_len": (int,), "train": (tuple,),
+    "checkpoint_every": (int,), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
+    "sample_batch": (int,), "data_share": _NUMBER, "eval_context": (int,), "eval_stride": (int, type(None)),
+    "eval_max_tokens": (int,), "max_ppl_ratio": (float, int, type(None)), "max_kl": (float, int, type(None)),
+    "description": (str,),
+}
+
+
+def _validate(r: HealRecipe) -> None:
+    check_types(r, _TYPES)
+    check_common(r)
+    if r.kind != "heal":
+        raise RecipeError(f"recipe field 'kind' must be 'heal' for bitquant heal, got {r.kind!r}")
+    check_choice("init", r.init, INITS)
+    check_choice("schedule", r.schedule, SCHEDULES)
+    for part in r.train:
+        check_choice("train", part, TRAINABLE)
+    if "projections" not in r.train:
+        raise RecipeError("recipe field 'train' must include 'projections' (the ternary weights are what heal trains)")
+    positive = ("tokens", "lr", "batch_tokens", "micro_batch_tokens", "seq_len", "checkpoint_every", "sample_tokens",
+                "sample_temperature", "sample_batch")
+    for name in positive:
+        if getattr(r, name) <= 0:
+            raise RecipeError(f"recipe field {name!r} must be positive, got {getattr(r, name)}")
+    if r.seq_len < 2:
+        raise RecipeError(f"recipe field 'seq_len' must be at least 2, got {r.seq_len}")
+    if r.batch_tokens % r.seq_len or r.micro_batch_tokens % r.seq_len:
+        raise RecipeError(f"recipe fields 'batch_tokens' ({r.batch_tokens}) and 'micro_batch_tokens' "
+                          f"({r.micro_batch_tokens}) must be multiples of 'seq_len' ({r.seq_len}); e.g. "
+                          f"--batch-tokens {max(1, r.batch_tokens // r.seq_len) * r.seq_len}")
+    if r.tokens < r.batch_tokens:
+        raise RecipeError(f"a token budget of {r.tokens:,} is smaller than one batch of {r.batch_tokens:,} tokens; "
+                          f"raise --tokens to at least {r.batch_tokens}, or lower --batch-tokens")
+    if r.sample_tokens < r.seq_len:
+        raise RecipeError(f"recipe field 'sample_tokens' ({r.sample_tokens}) must hold at least one sequence "
+                          f"of 'seq_len' ({r.seq_len}) tokens")
+    if len(r.betas) != 2 or not all(isinstance(b, (float, int)) and 0 <= b < 1 for b in r.betas):
+        raise RecipeError(f"recipe field 'betas' must be two numbers in [0, 1), got {list(r.betas)}")
+    if not 0 <= r.min_lr_ratio <= 1 or not 0 <= r.data_share <= 1:
+        raise RecipeError("recipe fields 'min_lr_ratio' and 'data_share' must be between 0 and 1")
+    if r.warmup_steps < 0 or r.weight_decay < 0 or r.grad_clip < 0:
+        raise RecipeError("recipe fields 'warmup_steps', 'weight_decay' and 'grad_clip' must be 0 or more")
+
+
+def load_heal_recipe(spec: str | Path | None = None) -> HealRecipe:
+    """The bundled ``heal`` recipe, another bundled heal recipe by name, or a YAML file."""
+    data, origin = read_yaml(DEFAULT_HEAL_RECIPE if spec is None else spec, kind="heal")
+    return build(HealRecipe, _FIELDS, data, origin)

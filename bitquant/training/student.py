@@ -1,0 +1,94 @@
+"""The student: the source model with every ternarized projection replaced by a
+:class:`FakeTernaryLinear` whose forward pass is the exported model's, computed from
+latent weights that train.
+
+Forward, exactly as the export and the runtime compute it (:mod:`bitquant.ternary` is the
+one quantizer): s = absmean of the latent weight in float32; codes =
+clamp(round(W / s), -1, 1); the effective scale is 1 / (1/s rounded to the dtype the
+export stores ``weight_scale`` in), so the student sees the same rounded scale the
+output carries; activations are quantized per token to 8 bits (absmax). Backward: the
+straight-through estimator, i.e. the gradient of the rounding is taken as the identity,
+for the weights and for the activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from bitquant.ternary import absmean, inverse_scale, quantize_activations, ternarize
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the quantized value, exactly. Backward: the gradient passes to the latent."""
+
+    @staticmethod
+    def forward(ctx, latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
+        return quantized
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def fake_ternary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+                        scale_dtype: torch.dtype) -> torch.Tensor:
+    """W1.58A8 linear layer of the latent ``weight`` with straight-through gradients."""
+    w = weight.detach()
+    s = absmean(w, eps)
+    s_eff = inverse_scale(s, scale_dtype).to(torch.float64).reciprocal().to(torch.float32)
+    wq = (ternarize(w, s).to(torch.float32) * s_eff).to(weight.dtype)
+    q, scale = quantize_activations(x.detach().float())
+    xq = (q / scale).to(x.dtype)
+    return F.linear(_StraightThrough.apply(x, xq), _StraightThrough.apply(weight, wq), bias)
+
+
+class FakeTernaryLinear(torch.nn.Module):
+    """A projection that trains its latent weight through the exported W1.58A8 forward."""
+
+    def __init__(self, linear: torch.nn.Linear, eps: float, scale_dtype: torch.dtype,
+                 fn: Callable = fake_ternary_linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.eps = eps
+        self.scale_dtype = scale_dtype
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x, self.weight, self.bias, self.eps, self.scale_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, eps={self.eps}"
+
+
+def make_student(model: torch.nn.Module, modules: set[str], eps: float, scale_dtype: torch.dtype,
+                 train: tuple[str, ...], compiled: bool = False) -> list[torch.nn.Parameter]:
+    """Swap ``modules`` (e.g. ``model.layers.0.mlp.up_proj``) of ``model`` for fake-ternary
+    projections, in place, and set which parameters train (``train``: ``projections``,
+    ``norms``, ``embeddings``). Returns the trainable parameters.
+
+    ``compiled`` runs the projection through ``torch.compile`` (fusing the quantizers
+    into a few kernels; same arithmetic)."""
+    fn = torch.compile(fake_ternary_linear, dynamic=False) if compiled else fake_ternary_linear
+    for name in sorted(modules):
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, leaf, FakeTernaryLinear(getattr(parent, leaf), eps, scale_dtype, fn))
+    trainable = []
+    seen: set[int] = set()
+    for pname, p in model.named_parameters(remove_duplicate=False):
+        module_name = pname.rpartition(".")[0]
+        wants = (
+            ("projections" in train and module_name in modules)
+            or ("norms" in train and "norm" in module_name.rsplit(".", 1)[-1])
+            or ("embeddings" in train and (module_name.endswith("embed_tokens") or module_name == "lm_head"))
+        )
+        p.requires_grad_(wants)
+        if wants and id(p) not in seen:
+            seen.add(id(p))
+            trainable.append(p)
+    return trainable
