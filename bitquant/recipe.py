@@ -273,9 +273,10 @@ def read_yaml(spec: str | Path, kind: str = "convert") -> tuple[Any, str]:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""
         raise RecipeError(f"recipe {origin} is not valid YAML{at}; fix the syntax") from None
-    if isinstance(data, dict) and data.get("kind", "convert") != kind:
-        raise RecipeError(f"recipe {origin} is a {data.get('kind')} recipe, not a {kind} recipe; "
-                          f"use it with bitquant {data.get('kind')}")
+    found = data.get("kind", "convert") if isinstance(data, dict) else kind
+    if found != kind:
+        raise RecipeError(f"recipe {origin} is a {found} recipe, not a {kind} recipe; use it with bitquant {found}"
+                          + ("" if found in ("convert", "heal") else f", or set 'kind: {kind}'"))
     return data, origin
 
 

@@ -273,6 +273,9 @@ def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_
     from bitquant.heal import heal as run_heal
     from bitquant.training.recipe import load_heal_recipe
 
+    if tokens is not None and batch_tokens is not None and tokens < batch_tokens:
+        raise UsageError(f"a token budget of {tokens:,} (--tokens) is smaller than one batch of {batch_tokens:,} "
+                         "(--batch-tokens); raise --tokens or lower --batch-tokens")
     if data_share is not None and not data_files:
         raise UsageError("--data-share is the share of --data text in each batch; pass --data FILE too")
     recipe = load_heal_recipe(config).replace(

@@ -53,9 +53,11 @@ class SampleSettings:
 
 
 @torch.inference_mode()
-def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], progress: SampleProgress | None = None) -> torch.Tensor:
+def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], progress: SampleProgress | None = None,
+           static: bool | None = None) -> torch.Tensor:
     """``settings.sequences`` sequences of ``settings.seq_len`` token ids (int64, on CPU),
-    each starting with ``bos_id``; batch ``i`` is drawn from seed ``settings.seed + i``."""
+    each starting with ``bos_id``; batch ``i`` is drawn from seed ``settings.seed + i``.
+    ``static``: use a static KV cache (compiled by transformers on CUDA); default on CUDA."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -64,7 +66,7 @@ def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], pro
         do_sample=True, temperature=float(settings.temperature), top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
         max_new_tokens=length - 1, min_new_tokens=length - 1, eos_token_id=eos_ids or None,
         pad_token_id=eos_ids[0] if eos_ids else bos_id, bos_token_id=bos_id, repetition_penalty=1.0,
-        cache_implementation="static" if device.type == "cuda" else None,
+        cache_implementation="static" if (device.type == "cuda" if static is None else static) else None,
     )
     out = torch.empty(n, length, dtype=torch.int64)
     for i, begin in enumerate(range(0, n, settings.batch)):

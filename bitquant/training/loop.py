@@ -25,7 +25,7 @@ from bitquant.errors import BitquantError
 from bitquant.training.data import Batches
 from bitquant.training.loss import kl_loss
 from bitquant.training.recipe import HealRecipe
-from bitquant.training.student import FakeTernaryLinear, fake_ternary_linear
+from bitquant.training.student import uncompile
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -62,12 +62,13 @@ class TrainResult:
 def lr_at(step: int, r: HealRecipe) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine
     decay to ``min_lr_ratio`` x ``lr`` at the last step (or constant)."""
-    if step < r.warmup_steps:
-        return r.lr * (step + 1) / r.warmup_steps
+    warmup = min(r.warmup_steps, r.steps // 4)
+    if step < warmup:
+        return r.lr * (step + 1) / warmup
     if r.schedule == "constant":
         return r.lr
-    span = max(1, r.steps - r.warmup_steps - 1)
-    progress = min(1.0, (step - r.warmup_steps) / span)
+    span = max(1, r.steps - warmup - 1)
+    progress = min(1.0, (step - warmup) / span)
     floor = r.min_lr_ratio * r.lr
     return floor + (r.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -140,9 +141,8 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 if not compiled or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
                 compiled = False
-                for m in student.modules():
-                    if isinstance(m, FakeTernaryLinear):
-                        m.fn = fake_ternary_linear
+                uncompile(student)
+                uncompile(teacher)
                 optimizer.zero_grad(set_to_none=True)
                 if note:
                     note(f"torch.compile failed here ({type(e).__name__}); training without it")
@@ -156,7 +156,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
-            if step > r.warmup_steps + 20:
+            if step > min(r.warmup_steps, r.steps // 4) + 20:
                 best_ema = ema if best_ema is None else min(best_ema, ema)
                 if ema > 3 * best_ema:
                     raise Diverged(_diverged_message(f"the loss ran away at step {step} (smoothed {ema:.3g}, "

