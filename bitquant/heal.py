@@ -41,7 +41,7 @@ from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_
 from bitquant.staging import check_target, staged_output
 from bitquant.training import data, loop
 from bitquant.training.recipe import HealRecipe, load_heal_recipe
-from bitquant.training.student import compile_blocks, make_student
+from bitquant.training.student import compile_blocks, make_student, uncompile
 
 #: Training state inside the staging folder (checkpoints, the master before export).
 STATE = "heal-state"
@@ -126,7 +126,8 @@ def heal(
             return existing
     check_target(out.absolute(), overwrite or force)
 
-    with staged_output(out, fingerprint, overwrite or force, keep_on_error=lambda t: (t / STATE).is_dir()) as tmp:
+    resumable = lambda folder: (folder / STATE / loop.CHECKPOINT).is_file()  # noqa: E731
+    with staged_output(out, fingerprint, overwrite or force, keep_on_error=resumable) as tmp:
         state = tmp / STATE
         state.mkdir(exist_ok=True)
         try:
@@ -137,6 +138,7 @@ def heal(
                 f"the GPU ran out of memory; lower --micro-batch-tokens (now {recipe.micro_batch_tokens}) or "
                 f"--batch-tokens (now {recipe.batch_tokens}), or --sample-batch (now {recipe.sample_batch}) while sampling"
             ) from None
+        uncompile(student)  # the checks below compare the plain forward pass with OUT's
         master = _write_master(student, ckpt, state / "master", max_shard_size)
         _load_master(student, master)
         master_ckpt = open_checkpoint(master.path)

@@ -95,8 +95,19 @@ class ByteSize(click.ParamType):
 @click.pass_context
 def cli(ctx: click.Context, debug: bool) -> None:
     """Post-training ternary (BitNet b1.58) quantization of LLaMA-family checkpoints."""
+    _quiet_transformers()
     ctx.ensure_object(dict)
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
+
+
+def _quiet_transformers() -> None:
+    """transformers' own progress bars ("Loading weights", "Converting and de-quantizing
+    GGUF tensors") would appear beside bitquant's; Hub download bars stay."""
+    from huggingface_hub.utils import enable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    enable_progress_bars()
 
 
 @cli.command()

@@ -25,6 +25,7 @@ from fake_hub import FakeHub
 
 DOC = REPO / "docs" / "bad-inputs.md"
 TEXT = str(DATA / "alice29.txt")
+BOOK = str(REPO / "bitquant" / "data" / "paradise-lost.txt")
 
 
 @dataclass
@@ -91,6 +92,25 @@ def s_missing_shard(tmp, src, hub):
     (src / "model.safetensors").rename(src / "model-00001-of-00002.safetensors")
     (src / "model.safetensors.index.json").write_text(json.dumps(index))
     return conv(src), {}
+
+
+def heal(src, *extra):
+    return ["heal", str(src), "-o", "out", "--device", "cpu", "--tokens", "4096", *extra]
+
+
+def s_heal_empty(tmp, src, hub):
+    (tmp / "empty.txt").write_text("  \n")
+    return heal(src, "--data", str(tmp / "empty.txt")), {}
+
+
+def s_heal_latin1(tmp, src, hub):
+    (tmp / "latin1.txt").write_bytes("caf\xe9 ".encode("latin-1") * 100)
+    return heal(src, "--data", str(tmp / "latin1.txt")), {}
+
+
+def s_heal_arch(tmp, src, hub):
+    edit_config(src, architectures=["GPT2LMHeadModel"], model_type="gpt2")
+    return heal(src), {}
 
 
 def s_escape(tmp, src, hub):
@@ -184,6 +204,13 @@ CASES = [
     Case("calib-gguf", "calibrated recipe with --format gguf", lambda t, s, h: (conv(s, "--config", "gptq", "--format", "gguf-tq2_0"), {}), 2, "transformers layout only"),
     Case("bits-range", "--target-bits-per-weight below 2", lambda t, s, h: (conv(s, "--target-bits-per-weight", "1.5"), {}), 2, "1.5 is not in the range"),
     Case("no-cuda", "--device cuda without a GPU", lambda t, s, h: (conv(s, "--config", "gptq", "--device", "cuda"), {}), 2, "torch sees no CUDA GPU"),
+    Case("heal-no-cuda", "heal --device cuda without a GPU", lambda t, s, h: (heal(s, "--device", "cuda"), {}), 2, "torch sees no CUDA GPU"),
+    Case("heal-budget", "heal: a token budget smaller than one batch", lambda t, s, h: (heal(s, "--tokens", "1024", "--batch-tokens", "2048"), {}), 2, "smaller than one batch"),
+    Case("heal-empty-data", "heal --data: an empty file", s_heal_empty, 2, "is empty (no text to train on)"),
+    Case("heal-binary-data", "heal --data: not UTF-8", s_heal_latin1, 2, "is not UTF-8 text"),
+    Case("heal-eval-data", "heal --data: the --eval-text file", lambda t, s, h: (heal(s, "--data", TEXT, "--eval-text", TEXT), {}), 2, "is the --eval-text file"),
+    Case("heal-arch", "heal: an unsupported architecture", s_heal_arch, 2, "architecture GPT2LMHeadModel is not supported"),
+    Case("heal-oom", "heal: the GPU runs out of memory", lambda t, s, h: (heal(s, "--data", BOOK), {"BQ_TEST_OOM": "1"}), 1, "the GPU ran out of memory; lower --micro-batch-tokens"),
 ]
 
 # Runs the CLI; with BQ_TEST_SIGNAL it sends itself that signal while the first matrix is quantized.
@@ -197,6 +224,12 @@ if sig:
         os.kill(os.getpid(), getattr(signal, sig))
         return real(*a, **k)
     c.quantize_pack = dying
+if os.environ.get("BQ_TEST_OOM"):
+    import torch
+    import bitquant.training.loop as loop
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    loop.train = oom
 from bitquant.cli.main import main
 sys.argv = ["bitquant", *sys.argv[1:]]
 main()

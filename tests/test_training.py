@@ -31,10 +31,10 @@ def test_chunked_kl_equals_whole_logits_value_and_gradients(train_head):
     w_s.grad = None
     ref = kl_reference(h_s, w_s, h_t, w_t)
     ref.backward()
-    assert torch.allclose(loss.double(), ref, rtol=1e-6)
-    assert torch.allclose(grads[0], h_s.grad, rtol=1e-5, atol=1e-9)
+    assert torch.allclose(loss.double(), ref.double(), rtol=1e-5)
+    assert torch.allclose(grads[0], h_s.grad, rtol=1e-5, atol=1e-7)
     if train_head:
-        assert torch.allclose(grads[1], w_s.grad, rtol=1e-5, atol=1e-9)
+        assert torch.allclose(grads[1], w_s.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_kl_of_identical_models_is_zero_with_zero_gradient():
@@ -42,7 +42,7 @@ def test_kl_of_identical_models_is_zero_with_zero_gradient():
     w = torch.randn(20, 8)
     loss = kl_loss(h, w, h.detach(), w)
     loss.backward()
-    assert abs(float(loss)) < 1e-6 and h.grad.abs().max() < 1e-6
+    assert abs(float(loss.detach())) < 1e-6 and h.grad.abs().max() < 1e-6
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -54,7 +54,7 @@ class HealRecipe:
     indivisible: str = "error"
     init: str = "absmean"
     # training
-    tokens: int = 50_331_648
+    tokens: int = 22_937_600
     lr: float = 2e-3
     schedule: str = "cosine"
     warmup_steps: int = 20
@@ -63,7 +63,7 @@ class HealRecipe:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     batch_tokens: int = 32768
-    micro_batch_tokens: int = 16384
+    micro_batch_tokens: int = 32768
     seq_len: int = 512
     train: tuple[str, ...] = ("projections", "norms")
     checkpoint_every: int = 250
@@ -72,7 +72,7 @@ class HealRecipe:
     seed: int = 0
     sample_tokens: int = 4_194_304
     sample_temperature: float = 1.0
-    sample_batch: int = 512
+    sample_batch: int = 2048
     data_share: float = 1.0
     # evaluation of the result and quality gates (as for convert --eval-text)
     eval_context: int = 512

@@ -4,11 +4,12 @@ latent weights that train.
 
 Forward, exactly as the export and the runtime compute it (:mod:`bitquant.ternary` is the
 one quantizer): s = absmean of the latent weight in float32; codes =
-clamp(round(W / s), -1, 1); the effective scale is 1 / (1/s rounded to the dtype the
-export stores ``weight_scale`` in), so the student sees the same rounded scale the
-output carries; activations are quantized per token to 8 bits (absmax). Backward: the
-straight-through estimator, i.e. the gradient of the rounding is taken as the identity,
-for the weights and for the activations.
+clamp(round(W / s), -1, 1); ``weight_scale`` = 1/s rounded to the dtype the export stores
+it in, so the student sees the rounded scale the output carries; activations are
+quantized per token to 8 bits (absmax); the product is the runtime's,
+``(q @ codes^T) / (scale * weight_scale)``. Backward: the straight-through estimator,
+i.e. the gradient of each rounding is taken as the identity, for the weights and for the
+activations.
 """
 
 from __future__ import annotations
@@ -21,28 +22,46 @@ import torch.nn.functional as F
 from bitquant.ternary import absmean, inverse_scale, quantize_activations, ternarize
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the quantized value, exactly. Backward: the gradient passes to the latent."""
+class _ExportedLinear(torch.autograd.Function):
+    """Forward: the exported layer's own arithmetic, ``(q @ codes^T) / (scale * weight_scale)``
+    on integer-valued activations ``q`` and codes, as :class:`bitquant.runtime.TernaryLinear`
+    computes it (in float32 every product and sum is an exact integer, so the two agree bit
+    for bit). Backward: straight through both roundings, i.e. the gradients of a linear
+    layer of the dequantized values ``q / scale`` and ``codes / weight_scale``."""
 
     @staticmethod
-    def forward(ctx, latent: torch.Tensor, quantized: torch.Tensor) -> torch.Tensor:
-        return quantized
+    def forward(ctx, x, weight, bias, eps: float, scale_dtype: torch.dtype):
+        w = weight.detach()
+        s = absmean(w, eps)
+        weight_scale = inverse_scale(s, scale_dtype).to(torch.float32)  # 1/s as stored, read back
+        codes = ternarize(w, s)
+        q, scale = quantize_activations(x.detach().float())
+        acc = F.linear(q.to(x.dtype), codes.to(x.dtype))
+        y = (acc / (scale * weight_scale)).to(acc.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        ctx.save_for_backward(q.to(torch.int8), scale, codes, weight_scale)
+        ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
+    def backward(ctx, grad):
+        q, scale, codes, weight_scale = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.dtypes
+        g = grad.reshape(-1, grad.shape[-1])
+        wq = (codes.to(torch.float32) / weight_scale).to(g.dtype)
+        xq = (q.to(torch.float32) / scale).to(g.dtype).reshape(-1, q.shape[-1])
+        grad_x = (g @ wq).reshape(*grad.shape[:-1], wq.shape[1]).to(x_dtype) if ctx.needs_input_grad[0] else None
+        grad_w = (g.T @ xq).to(w_dtype) if ctx.needs_input_grad[1] else None
+        grad_b = g.sum(0).to(b_dtype) if b_dtype is not None and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def fake_ternary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
                         scale_dtype: torch.dtype) -> torch.Tensor:
-    """W1.58A8 linear layer of the latent ``weight`` with straight-through gradients."""
-    w = weight.detach()
-    s = absmean(w, eps)
-    s_eff = inverse_scale(s, scale_dtype).to(torch.float64).reciprocal().to(torch.float32)
-    wq = (ternarize(w, s).to(torch.float32) * s_eff).to(weight.dtype)
-    q, scale = quantize_activations(x.detach().float())
-    xq = (q / scale).to(x.dtype)
-    return F.linear(_StraightThrough.apply(x, xq), _StraightThrough.apply(weight, wq), bias)
+    """W1.58A8 linear layer of the latent ``weight``, computed as exported, with
+    straight-through gradients."""
+    return _ExportedLinear.apply(x, weight, bias, eps, scale_dtype)
 
 
 class FakeTernaryLinear(torch.nn.Module):

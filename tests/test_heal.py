@@ -1,0 +1,181 @@
+"""bitquant heal end to end on tiny random models (CPU): what is trained is what ships.
+
+The student at the end of training is rebuilt from the saved master and compared with
+the exported OUT through bitquant's runtime (what ``bitquant eval`` runs) and through
+transformers in a process that never imports bitquant.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bitquant import evaluate, runtime
+from bitquant.convert import convert
+from bitquant.errors import UsageError
+from bitquant.evaluate import EvalSettings
+from bitquant.heal import HealHooks, OutOfMemory, heal
+from bitquant.staging import STAGING_PREFIX
+from bitquant.training import loop
+from bitquant.training.recipe import load_heal_recipe
+from bitquant.training.student import make_student
+from conftest import DATA, REPO, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint, run_clean
+
+TEXT = DATA / "alice29.txt"
+BOOK = REPO / "bitquant" / "data" / "paradise-lost.txt"
+IDS = [3, 17, 42, 5, 88, 61, 9, 23, 77, 14, 2, 50]
+
+
+def recipe(**changes):
+    base = dict(tokens=12 * 4 * 32, batch_tokens=4 * 32, micro_batch_tokens=2 * 32, seq_len=32, sample_tokens=32 * 16,
+                sample_batch=8, eval_context=32, eval_max_tokens=512, checkpoint_every=4, lr=2e-2, warmup_steps=2, min_steps=1)
+    return load_heal_recipe().replace(**{**base, **changes})
+
+
+@pytest.fixture
+def source(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    monkeypatch.setenv("BITQUANT_CACHE", str(tmp_path / "cache"))
+    src = make_checkpoint(tmp_path / "src", vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1)
+    # larger weights than the default init, so that ternarizing them matters to the logits
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for k, v in sd.items():
+        if k.endswith("_proj.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.15
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    return add_tokenizer(src, tiny_tokenizer_dir)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def student_from_master(master: Path) -> torch.nn.Module:
+    """The trained student, rebuilt from the latent weights heal saved."""
+    model = runtime.load_fp(master, torch.float32, "cpu")
+    modules = {n for n, _ in model.named_modules() if n.rsplit(".", 1)[-1].endswith("_proj")}
+    make_student(model, modules, 1e-5, torch.float32, ("projections",))
+    return model.eval()
+
+
+def test_heal_trains_and_what_is_trained_is_what_ships(source, tmp_path):
+    out, master = tmp_path / "out", tmp_path / "master"
+    report = heal(str(source), out, recipe=recipe(), eval_text=TEXT, save_master=master, device="cpu")
+    h = report.heal
+    for key in ("tokens", "steps", "lr", "data", "seconds", "tokens_per_second", "peak_gpu_bytes", "world_size",
+                "final_loss", "curve"):
+        assert key in h, key
+    assert h["steps"] == 12 and h["tokens"] == 12 * 128 and h["world_size"] == 1
+    assert h["data"][0]["kind"] == "teacher samples" and len(h["data"][0]["sha256"]) == 64
+    assert h["curve"][-1]["loss"] < 0.8 * h["curve"][0]["loss"]  # it learns (0.70 seen)
+    ppl = report.perplexity
+    assert {"baseline", "quantized", "ratio", "before_heal"} <= set(ppl)
+    # a random model's perplexity is near its vocabulary size: healing moves it towards the source's
+    assert abs(ppl["quantized"] - ppl["baseline"]) < abs(ppl["before_heal"]["perplexity"] - ppl["baseline"])
+    assert h["exactness"]["max_abs_error"] == 0.0 and h["exactness"]["top1_agreement"] == 1.0
+    assert not list(tmp_path.glob(STAGING_PREFIX + "*"))  # no training state left behind
+    assert not (out / "heal-state").exists()
+    card = (out / "README.md").read_text()
+    assert "## Healing" in card and "Loss curve" in card and "Greedy completions" in card
+    assert json.loads((out / "report.json").read_text())["heal"]["steps"] == 12
+
+    # The student at the end of training, against OUT as bitquant eval runs it ...
+    student = student_from_master(master)
+    ids = torch.tensor([IDS])
+    with torch.no_grad():
+        want = student(ids).logits[0]
+        exported, _ = runtime.load_model(out, torch.float32, "cpu")
+        got = exported(ids).logits[0]
+    assert torch.equal(got, want)  # the same arithmetic, bit for bit
+    tokens = evaluate.tokenize_for(out, TEXT, EvalSettings(context=32, max_tokens=512))
+    mine = evaluate.perplexity_of(student, tokens, EvalSettings(context=32, max_tokens=512), "cpu")["perplexity"]
+    theirs = evaluate.evaluate(str(out), TEXT, settings=EvalSettings(context=32, max_tokens=512, device="cpu")).perplexity
+    assert mine == theirs
+    # ... and as transformers loads it in a process that never imports bitquant.
+    clean = run_clean(f"""
+import torch
+from transformers import AutoModelForCausalLM
+m = AutoModelForCausalLM.from_pretrained({str(out)!r})
+with torch.no_grad():
+    print(json.dumps(m(torch.tensor([{IDS}])).logits[0].float().tolist()))
+""")
+    clean = torch.tensor(clean)
+    assert (clean - want).norm() / want.norm() < 1e-5  # transformers' BitLinear: its own order of operations
+
+    # The master converts to the same model files, byte for byte.
+    convert(str(master), tmp_path / "from-master")
+    for name in ("model.safetensors", "config.json"):
+        assert sha(tmp_path / "from-master" / name) == sha(out / name), name
+    assert json.loads((master / "config.json").read_text()).get("quantization_config") is None
+
+    # A second run finds OUT up to date.
+    assert heal(str(source), out, recipe=recipe(), eval_text=TEXT, device="cpu").up_to_date
+
+
+def test_interrupted_heal_resumes_to_identical_weights(source, tmp_path):
+    whole = heal(str(source), tmp_path / "whole", recipe=recipe(), device="cpu")
+
+    def stop_at_5(p):
+        if p["step"] == 5:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        heal(str(source), out, recipe=recipe(), device="cpu", hooks=HealHooks(train=stop_at_5))
+    assert not out.exists()
+    staged = list(tmp_path.glob(STAGING_PREFIX + "out-*"))
+    assert len(staged) == 1 and (staged[0] / "heal-state" / loop.CHECKPOINT).is_file()
+    resumed = heal(str(source), out, recipe=recipe(), device="cpu")
+    assert resumed.heal["resumed_from_step"] == 5
+    assert sha(out / "model.safetensors") == sha(tmp_path / "whole" / "model.safetensors")
+    assert resumed.heal["curve"][-1] == whole.heal["curve"][-1]
+
+
+def test_a_nan_loss_stops_and_keeps_the_last_checkpoint(source, tmp_path, monkeypatch):
+    real, calls = loop.kl_loss, [0]
+
+    def nan_later(*a, **k):
+        calls[0] += 1
+        value = real(*a, **k)
+        return value * float("nan") if calls[0] > 2 * 6 else value  # 2 micro-batches a step: NaN at step 7
+
+    monkeypatch.setattr(loop, "kl_loss", nan_later)
+    out = tmp_path / "out"
+    with pytest.raises(loop.Diverged, match=r"the loss became nan at step 7; the last good checkpoint is kept in .*; lower --lr"):
+        heal(str(source), out, recipe=recipe(), device="cpu")
+    assert not out.exists()
+    staged = list(tmp_path.glob(STAGING_PREFIX + "out-*"))
+    state = torch.load(staged[0] / "heal-state" / loop.CHECKPOINT, weights_only=True)
+    assert state["step"] == 4  # the last checkpoint before the NaN
+
+
+def test_user_text_and_a_share_of_samples(source, tmp_path):
+    report = heal(str(source), tmp_path / "out", recipe=recipe(data_share=0.5), data_files=(BOOK,), device="cpu")
+    kinds = {d["kind"]: d for d in report.heal["data"]}
+    assert kinds["text"]["share"] == 0.5 and kinds["teacher samples"]["share"] == 0.5
+    assert kinds["text"]["files"][0]["sha256"] == hashlib.sha256(BOOK.read_bytes()).hexdigest()
+    only_text = heal(str(source), tmp_path / "out2", recipe=recipe(), data_files=(BOOK,), device="cpu")
+    assert [d["kind"] for d in only_text.heal["data"]] == ["text"]
+
+
+def test_the_eval_text_is_refused_as_training_data(source, tmp_path):
+    with pytest.raises(UsageError, match="is the --eval-text file"):
+        heal(str(source), tmp_path / "out", recipe=recipe(), data_files=(TEXT,), eval_text=TEXT, device="cpu")
+
+
+def test_out_of_gpu_memory_names_the_options_that_reduce_it(source, tmp_path, monkeypatch):
+    def oom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(loop, "train", oom)
+    with pytest.raises(OutOfMemory, match="--micro-batch-tokens .* --batch-tokens"):
+        heal(str(source), tmp_path / "out", recipe=recipe(), device="cpu")
+
+
+def test_heal_exports_gguf(source, tmp_path):
+    report = heal(str(source), tmp_path / "out", recipe=recipe(format="gguf-tq2_0"), device="cpu")
+    assert report.format == "gguf-tq2_0" and (tmp_path / "out" / "model.gguf").is_file()
