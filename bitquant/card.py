@@ -179,7 +179,7 @@ def render(report: ConvertReport, source: ModelSource) -> str:
             f"| perplexity, source | {_fmt(ppl['baseline'])} |",
             f"| perplexity, ternary | {_fmt(ppl['quantized'])} (ratio {_fmt(ppl['ratio'])}) |",
             f"| mean KL(source ‖ ternary) per token | {_fmt(ppl['kl_mean'])} nats |",
-            f"| top-1 agreement with source | {_fmt(ppl['top1_agreement'])} |",
+            f"| top-1 agreement with source | {ppl['top1_agreement']:.1%} |",
             f"| evaluated on | {ppl['text']} ({ppl['tokens']:,} tokens, context {ppl['context']}) |",
         ]
     else:

@@ -16,6 +16,7 @@ stream from the cached safetensors like any other checkpoint.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -25,6 +26,9 @@ from pathlib import Path
 from bitquant.errors import SourceError
 
 PREFIX = "embedded:"
+
+#: Bumped when the prepared checkpoint changes (v2: config without the GGUF's name).
+CACHE_VERSION = "v2"
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ def materialize(name: str) -> Path:
     model = lookup(name)
     gguf = gguf_path(model)
     stat = gguf.stat()
-    target = cache_root() / "embedded" / f"{model.name}-fp16-{stat.st_size}"
+    target = cache_root() / "embedded" / f"{model.name}-fp16-{CACHE_VERSION}-{stat.st_size}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,3 +122,7 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
         hf_logging.set_verbosity(verbosity)
     lm.save_pretrained(out)  # dequantized: a plain FP16 config, no quantization_config
     tok.save_pretrained(out)
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config.pop("_model_name_or_path", None)  # the GGUF's general.name, which every output would inherit
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -34,6 +34,9 @@ from bitquant.text import Tokens
 
 REPORT = "report.json"
 
+#: More output shards than this get a note (e.g. --max-shard-size 1KB wrote 482 files).
+MANY_SHARDS = 100
+
 #: Called after each source tensor: (tensors done, tensors in all, name just done).
 ProgressFn = Callable[[int, int, str], None]
 
@@ -240,6 +243,8 @@ def notes(layers: list[LayerStats], reused: list[str], n_shards: int) -> list[st
         out.append(f"{len(clamped)} matrices had mean|W| below eps and were given s = eps: {', '.join(clamped[:5])}")
     if reused:
         out.append(f"resumed an interrupted run: {len(reused)} of {n_shards} shards reused after their sha256 was checked")
+    if n_shards > MANY_SHARDS:
+        out.append(f"the output is split into {n_shards} shards; a larger --max-shard-size (default 5GB) makes fewer files")
     return out
 
 

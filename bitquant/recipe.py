@@ -264,7 +264,8 @@ def read_yaml(spec: str | Path, kind: str = "convert") -> tuple[Any, str]:
     else:
         names = bundled_recipes(kind)
         if str(spec) not in names:
-            raise RecipeError(f"no bundled {kind} recipe named {str(spec)!r}; choose one of {names} or pass a YAML file")
+            which = "" if kind == "convert" else f"{kind} "
+            raise RecipeError(f"no bundled {which}recipe named {str(spec)!r}; choose one of {names} or pass a YAML file")
         text = resources.files("bitquant.configs").joinpath(f"{spec}.yaml").read_text(encoding="utf-8")
         origin = f"{spec!s} (bundled)"
     try:

@@ -29,10 +29,10 @@ STAGING_PREFIX = ".bitquant-tmp-"
 def check_target(out: Path, overwrite: bool) -> None:
     """Raise :class:`OutputError` if ``out`` cannot be (re)placed."""
     if out.exists() or out.is_symlink():
-        if not overwrite:
-            raise OutputError(f"output folder {out} already exists; pass --overwrite to replace it, or choose another -o")
         if not out.is_dir():
             raise OutputError(f"output {out} exists and is not a folder; remove it or choose another -o")
+        if not overwrite:
+            raise OutputError(f"output folder {out} already exists; pass --overwrite to replace it, or choose another -o")
     parent = out.parent
     if not parent.is_dir():
         raise OutputError(f"cannot create {out}: its parent folder {parent} does not exist")

@@ -319,7 +319,25 @@ def main() -> None:
         raise Terminated()
 
     signal.signal(signal.SIGTERM, on_sigterm)
-    cli(prog_name="bitquant")
+    try:
+        code = cli.main(prog_name="bitquant", standalone_mode=False)
+    except click.exceptions.UsageError as e:  # click's own: bad option value, missing option, wrong argument
+        where = e.ctx.command_path if e.ctx is not None else "bitquant"
+        click.echo(f"error: {_one_line(e.format_message())} (see '{where} --help')", err=True)
+        code = e.exit_code
+    except click.exceptions.Abort:
+        click.echo("error: interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    except click.ClickException as e:
+        click.echo(f"error: {_one_line(e.format_message())}", err=True)
+        code = e.exit_code
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _one_line(message: str) -> str:
+    """click's message as one line, starting lower-case and without its final full stop."""
+    text = " ".join(message.split()).rstrip(".")
+    return text[:1].lower() + text[1:]
 
 
 if __name__ == "__main__":

@@ -108,9 +108,20 @@ def s_heal_latin1(tmp, src, hub):
     return heal(src, "--data", str(tmp / "latin1.txt")), {}
 
 
+def s_heal_eval_data(tmp, src, hub):
+    book = tmp / "book.txt"
+    book.write_bytes(Path(TEXT).read_bytes())
+    return heal(src, "--data", str(book), "--eval-text", str(book)), {}
+
+
 def s_heal_arch(tmp, src, hub):
     edit_config(src, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     return heal(src), {}
+
+
+def s_out_file(tmp, src, hub):
+    (tmp / "out").write_text("keep me")
+    return conv(src, "--overwrite"), {}
 
 
 def s_escape(tmp, src, hub):
@@ -182,6 +193,7 @@ CASES = [
     Case("inf", "Inf in a weight", s_inf, 2, "contains NaN or Inf"),
     Case("int-dtype", "a weight that is not float", s_int, 2, "not a float type"),
     Case("out-exists", "output folder exists", s_out_exists, 2, "already exists; pass --overwrite"),
+    Case("out-file", "output is an existing file, even with --overwrite", s_out_file, 2, "exists and is not a folder; remove it"),
     Case("out-unwritable", "output folder cannot be written", lambda t, s, h: (["convert", str(s), "-o", "/sys/bitquant-out"], {}), 2, "cannot write into /sys"),
     Case("disk-full", "disk fills up during the write", lambda t, s, h: (conv(s), {}), 1, "free some space", limit_file_size=True),
     Case("sigint", "SIGINT during the write", lambda t, s, h: (conv(s), {"BQ_TEST_SIGNAL": "SIGINT"}), 130, "interrupted; nothing was written under the output name, and a re-run resumes"),
@@ -208,7 +220,7 @@ CASES = [
     Case("heal-budget", "heal: a token budget smaller than one batch", lambda t, s, h: (heal(s, "--tokens", "1024", "--batch-tokens", "2048"), {}), 2, "smaller than one batch"),
     Case("heal-empty-data", "heal --data: an empty file", s_heal_empty, 2, "is empty (no text to train on)"),
     Case("heal-binary-data", "heal --data: not UTF-8", s_heal_latin1, 2, "is not UTF-8 text"),
-    Case("heal-eval-data", "heal --data: the --eval-text file", lambda t, s, h: (heal(s, "--data", TEXT, "--eval-text", TEXT), {}), 2, "is the --eval-text file"),
+    Case("heal-eval-data", "heal --data: the --eval-text file", s_heal_eval_data, 2, "is the --eval-text file"),
     Case("heal-arch", "heal: an unsupported architecture", s_heal_arch, 2, "architecture GPT2LMHeadModel is not supported"),
     Case("heal-oom", "heal: the GPU runs out of memory", lambda t, s, h: (heal(s, "--data", BOOK), {"BQ_TEST_OOM": "1"}), 1, "the GPU ran out of memory; lower --micro-batch-tokens"),
 ]
@@ -261,6 +273,8 @@ def run_case(case: Case, tmp: Path, tokenizer: Path) -> tuple[int, str]:
         assert len(lines) == 1, proc.stderr
     if case.id == "out-exists":
         assert (tmp / "out" / "precious.txt").read_text() == "keep me"
+    elif case.id == "out-file":
+        assert (tmp / "out").read_text() == "keep me"
     else:
         assert not (tmp / "out").exists()
     leftovers = [p.name for p in tmp.iterdir() if p.name.startswith(".bitquant-tmp-")]

@@ -93,3 +93,24 @@ def test_convert_calibrated_recipe_options(runner, tmp_path, tiny_tokenizer_dir)
     assert report["calibration"]["mixed_precision"]["bits_per_projection_weight"] <= 8
     card = (tmp_path / "out" / "README.md").read_text()
     assert "GPTQ error feedback" in card and "s = mean|W|" not in card
+
+
+def test_heal_command(runner, tmp_path, tiny_tokenizer_dir, monkeypatch):
+    from conftest import DATA, REPO, TOKENIZER_VOCAB
+
+    monkeypatch.setenv("BITQUANT_CACHE", str(tmp_path / "cache"))
+    src = add_tokenizer(make_checkpoint(tmp_path / "src", vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1),
+                        tiny_tokenizer_dir)
+    book = REPO / "bitquant" / "data" / "paradise-lost.txt"
+    args = ["heal", str(src), "-o", str(tmp_path / "out"), "--device", "cpu", "--tokens", "8192", "--data", str(book),
+            "--eval-text", str(DATA / "alice29.txt"), "--eval-max-tokens", "1024", "--lr", "0.01"]
+    r = runner.invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "bitquant heal" in r.output and "healed" in r.output and "before healing" in r.output
+    assert "healing: step 16/16" in r.stderr and "note: training on the CPU" in r.stderr  # plain progress off a terminal
+    r = runner.invoke(cli, args + ["--json"])
+    assert r.exit_code == 0
+    report = json.loads(r.stdout)
+    assert report["heal"]["steps"] == 16 and report["recipe"]["lr"] == 0.01 and report["recipe"]["batch_tokens"] == 512
+    r = runner.invoke(cli, ["heal", str(src), "-o", str(tmp_path / "x"), "--data-share", "0.5"])
+    assert r.exit_code == 2 and "pass --data FILE too" in r.stderr

@@ -72,7 +72,7 @@ def test_same_inputs_give_identical_files(tiny_lm, tmp_path):
 
 KILLER = """
 import os, signal, sys
-import bitquant.convert as c
+import bitquant.export as c
 real = c.quantize_pack
 calls = {{"n": 0}}
 def dying(*a, **k):

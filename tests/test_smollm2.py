@@ -159,7 +159,7 @@ def test_nightly_properties_on_smollm2(smollm2_fp16, tmp_path):
 
     killer = (
         "import os, signal, sys\n"
-        "import bitquant.convert as c\n"
+        "import bitquant.export as c\n"
         "real = c.quantize_pack; n = [0]\n"
         "def dying(*a, **k):\n"
         "    n[0] += 1\n"

@@ -163,7 +163,7 @@ def test_bad_heal_recipes(changes, message):
 def test_heal_and_convert_recipes_are_not_interchangeable(tmp_path):
     from bitquant.recipe import load_recipe
 
-    with pytest.raises(RecipeError, match="no bundled convert recipe named 'heal'"):
+    with pytest.raises(RecipeError, match="no bundled recipe named 'heal'"):
         load_recipe("heal")
     f = tmp_path / "r.yaml"
     f.write_text("name: x\n")
