@@ -92,9 +92,19 @@ class ByteSize(click.ParamType):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bitquant")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
+              help="CPU threads for torch and numba (default: all cores). On a runner shared with another job, "
+                   "a number that leaves it its cores avoids OpenMP oversubscription.")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
     """Post-training ternary (BitNet b1.58) quantization of LLaMA-family checkpoints."""
+    if threads:
+        import os
+
+        import torch
+
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)  # read when the kernels load numba
+        torch.set_num_threads(threads)
     _quiet_transformers()
     ctx.ensure_object(dict)
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
