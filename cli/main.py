@@ -120,6 +120,37 @@ def _quiet_transformers() -> None:
     enable_progress_bars()
 
 
+def output_options(command):
+    """The options ``convert`` and ``heal`` share: the source, the output, its evaluation and
+    gates, and publishing."""
+    for option in reversed(_OUTPUT_OPTIONS):
+        command = option(command)
+    return command
+
+
+_OUTPUT_OPTIONS = [
+    click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (Hub ids only)."),
+    click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private or gated models, and for --push-to-hub."),
+    click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete)."),
+    click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output shard."),
+    click.option("--format", "fmt", type=click.Choice(["hf-bitnet", "gguf-tq2_0", "gguf-tq1_0"]), default=None,
+                  help="Output format: transformers BitNet layout (default) or a llama.cpp GGUF with TQ2_0/TQ1_0 projections."),
+    click.option("--strict", is_flag=True, help="GGUF: refuse a projection that cannot be TQ (rows not a multiple of 256) instead of storing it as Q8_0."),
+    click.option("--eval-text", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
+                  help="Measure perplexity, KL and top-1 agreement of source and result on this UTF-8 text (heal: also before healing; never trained on)."),
+    click.option("--eval-max-tokens", type=click.IntRange(min=2), default=None, help="Tokens of --eval-text to use (recipe default 16384)."),
+    click.option("--eval-context", type=click.IntRange(min=2), default=None, help="Window length for --eval-text (recipe default 512)."),
+    click.option("--eval-stride", type=click.IntRange(min=1), default=None, help="Window step for --eval-text (default: the window length)."),
+    click.option("--max-ppl-ratio", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if output/source perplexity exceeds this."),
+    click.option("--max-kl", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if the mean KL (nats) exceeds this."),
+    click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Upload OUT to this Hub repo when done (not when a gate failed)."),
+    click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+    click.option("--push-revision", default=None, metavar="BRANCH", help="With --push-to-hub: branch to commit to (created if needed)."),
+    click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing."),
+    click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables."),
+]
+
+
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
@@ -133,26 +164,8 @@ def _quiet_transformers() -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Calibrated recipes: where calibration runs (auto: cuda when torch sees a GPU).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep modules matching this shell pattern in full precision (repeatable), e.g. 'model.layers.0.*'.")
-@click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (Hub ids only).")
-@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private or gated models, and for --push-to-hub.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--force", is_flag=True, help="Convert even when OUT is already up to date (implies --overwrite).")
-@click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--format", "fmt", type=click.Choice(["hf-bitnet", "gguf-tq2_0", "gguf-tq1_0"]), default=None,
-              help="Output format: transformers BitNet layout (default) or a llama.cpp GGUF with TQ2_0/TQ1_0 projections.")
-@click.option("--strict", is_flag=True, help="GGUF: refuse a projection that cannot be TQ (rows not a multiple of 256) instead of storing it as Q8_0.")
-@click.option("--eval-text", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
-              help="Measure perplexity, KL and top-1 agreement of source and result on this UTF-8 text.")
-@click.option("--eval-max-tokens", type=click.IntRange(min=2), default=None, help="Tokens of --eval-text to use (recipe default 16384).")
-@click.option("--eval-context", type=click.IntRange(min=2), default=None, help="Window length for --eval-text (recipe default 512).")
-@click.option("--eval-stride", type=click.IntRange(min=1), default=None, help="Window step for --eval-text (default: the window length).")
-@click.option("--max-ppl-ratio", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if ternary/source perplexity exceeds this.")
-@click.option("--max-kl", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if the mean KL (nats) exceeds this.")
-@click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Upload OUT to this Hub repo when done (not when a gate failed).")
-@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-@click.option("--push-revision", default=None, metavar="BRANCH", help="With --push-to-hub: branch to commit to (created if needed).")
-@click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
+@output_options
 @debug_option
 def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight, device, exclude, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
             eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json):
@@ -187,14 +200,7 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
             push_to_hub=push_to_hub, push_private=private, push_revision=push_revision, push_create_pr=create_pr,
             calib_text=calib_text, device=device,
         )
-    if as_json:
-        click.echo(report.to_json(), nl=False)
-    else:
-        render.convert_summary(report, out)
-    failed = report.gates_failed()
-    if failed:
-        click.echo(f"error: quality gate failed: {'; '.join(render.gate_line(g) for g in failed)}; output written to {out}", err=True)
-        click.get_current_context().exit(EXIT_GATE)
+    _show(report, out, as_json)
 
 
 @cli.command("eval")
@@ -252,25 +258,8 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--save-master", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Also write the trained latent weights as an ordinary checkpoint (bitquant convert DIR reproduces OUT).")
-@click.option("--format", "fmt", type=click.Choice(["hf-bitnet", "gguf-tq2_0", "gguf-tq1_0"]), default=None, help="Output format, as for convert.")
-@click.option("--strict", is_flag=True, help="GGUF: refuse a projection that cannot be TQ instead of storing it as Q8_0.")
-@click.option("--eval-text", type=click.Path(path_type=Path, dir_okay=False), default=None, metavar="FILE",
-              help="Measure perplexity of the source, the plain ternary model and the healed one on this text (refused as training data).")
-@click.option("--eval-max-tokens", type=click.IntRange(min=2), default=None, help="Tokens of --eval-text to use (recipe default 16384).")
-@click.option("--eval-context", type=click.IntRange(min=2), default=None, help="Window length for --eval-text (recipe default 512).")
-@click.option("--eval-stride", type=click.IntRange(min=1), default=None, help="Window step for --eval-text (default: the window length).")
-@click.option("--max-ppl-ratio", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if healed/source perplexity exceeds this.")
-@click.option("--max-kl", type=click.FloatRange(min=0, min_open=True), default=None, help="Quality gate: fail (exit 3) if the mean KL (nats) exceeds this.")
-@click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (Hub ids only).")
-@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete).")
 @click.option("--force", is_flag=True, help="Heal even when OUT is already up to date (implies --overwrite).")
-@click.option("--max-shard-size", type=ByteSize(), default="5GB", show_default=True, help="Largest output shard.")
-@click.option("--push-to-hub", default=None, metavar="REPO_ID", help="Upload OUT to this Hub repo when done (not when a gate failed).")
-@click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")
-@click.option("--push-revision", default=None, metavar="BRANCH", help="With --push-to-hub: branch to commit to.")
-@click.option("--create-pr", is_flag=True, help="With --push-to-hub: open a pull request instead of committing.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout instead of tables.")
+@output_options
 @debug_option
 def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_files, data_share, sample_tokens, sample_batch,
          seed, checkpoint_every, device, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
@@ -312,6 +301,11 @@ def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_
             max_shard_size=max_shard_size, strict=strict, hooks=hooks, push_to_hub=push_to_hub, push_private=private,
             push_revision=push_revision, push_create_pr=create_pr,
         )
+    _show(report, out, as_json)
+
+
+def _show(report, out: Path, as_json: bool) -> None:
+    """Print the report (a table, or JSON), and exit with 3 when a quality gate failed."""
     if as_json:
         click.echo(report.to_json(), nl=False)
     else:
