@@ -14,6 +14,7 @@ interrupted run resumes from its finished shards, and is recorded in the report.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from itertools import chain
 from pathlib import Path
 

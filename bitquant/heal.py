@@ -31,7 +31,7 @@ import torch
 from bitquant import __version__, embedded, evaluate, export, runtime
 from bitquant.errors import BitquantError, SourceError
 from bitquant.evaluate import WindowProgress
-from bitquant.export import REPORT, ProgressFn, Written
+from bitquant.export import REPORT, ProgressFn
 from bitquant.fingerprint import conversion_fingerprint, source_fingerprint
 from bitquant.formats import gguf, hf_bitnet
 from bitquant.journal import Journal
