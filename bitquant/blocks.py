@@ -54,13 +54,20 @@ class _Capture:
 
 
 class Blocks:
-    """Builds a checkpoint's decoder blocks one at a time, in float32 on ``device``."""
+    """Builds a checkpoint's decoder blocks one at a time, in ``dtype`` (float32 unless
+    asked) on ``device``. Packed ternary projections (a bitquant output) become the
+    runtime's :class:`~bitquant.runtime.TernaryLinear` (W1.58A8, or weights only)."""
 
-    def __init__(self, ckpt: Checkpoint, device: str, batch: int = 4):
+    def __init__(self, ckpt: Checkpoint, device: str, batch: int = 4, dtype: torch.dtype = torch.float32,
+                 act_quant: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM
 
         config = AutoConfig.from_pretrained(ckpt.path)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # plain Linear layers; packed ones are swapped in by load()
         config._attn_implementation = "sdpa"
+        self.dtype = dtype
+        self.act_quant = act_quant
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config)
         self.config = config
@@ -68,6 +75,7 @@ class Blocks:
         self.device = device
         self.batch = batch
         self.layer_cls = type(skeleton.model.layers[0])
+        self.norm_cls = type(skeleton.model.norm)
         self.rotary = type(skeleton.model.rotary_emb)(config=config).to(device)
         self.n_layers = config.num_hidden_layers
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -95,16 +103,41 @@ class Blocks:
 
         return head
 
+    def norm_and_head(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The model's own final norm module and its output-head weight, in ``dtype`` on the device."""
+        out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        weights = self.ckpt.read(["model.norm.weight", out_name])
+        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = weights["model.norm.weight"].to(self.device, self.dtype)
+        return norm.eval(), weights[out_name].to(self.device, self.dtype)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         table = self.ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        return table[ids].float().to(self.device)
+        return table[ids].to(self.device, self.dtype)
 
     def load(self, i: int) -> torch.nn.Module:
+        from bitquant.formats.hf_bitnet import SCALE_SUFFIX
+        from bitquant.packing import unpack_ternary
+        from bitquant.runtime import TernaryLinear
+
         prefix = f"{LAYER_PREFIX}{i}."
-        state = {n[len(prefix):]: t.float().to(self.device) for n, t in self.ckpt.read(self.names[i]).items()}
+        raw = self.ckpt.read(self.names[i])
+        packed = {n: t for n, t in raw.items() if t.dtype == torch.uint8 and n + SCALE_SUFFIX in raw}
+        state = {n[len(prefix):]: t.to(self.device, self.dtype) for n, t in raw.items()
+                 if n not in packed and n.removesuffix(SCALE_SUFFIX) not in packed}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
-        layer.load_state_dict(state, assign=True, strict=True)
+        for name, codes in packed.items():
+            module = name[len(prefix):].removesuffix(".weight")
+            parent, _, leaf = module.rpartition(".")
+            bias = state.pop(module + ".bias", None)
+            scale = raw[name + SCALE_SUFFIX].to(self.device, self.dtype)
+            setattr(layer.get_submodule(parent), leaf,
+                    TernaryLinear(unpack_ternary(codes).to(self.device), scale, bias, self.act_quant))
+        missing, unexpected = layer.load_state_dict(state, assign=True, strict=False)
+        missing = [m for m in missing if not isinstance(layer.get_submodule(m.rpartition(".")[0]), TernaryLinear)]
+        if missing or unexpected:
+            raise ValueError(f"decoder block {i} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return layer.eval()
 
     def _position_embeddings(self, h: torch.Tensor):

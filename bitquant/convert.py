@@ -57,6 +57,7 @@ def convert(
     push_create_pr: bool = False,
     calib_text: str | Path | None = None,
     device: str = "auto",
+    stream_eval: bool | None = None,
 ) -> ConvertReport:
     """Convert ``model`` (Hub id, folder or ``embedded:NAME``) into a ternary checkpoint at ``out``.
 
@@ -67,6 +68,8 @@ def convert(
     ``calib_text`` (default: the bundled text) and run on ``device``. When ``out`` already holds a conversion with the same
     fingerprint, nothing is done and its report is returned with ``up_to_date`` set, unless
     ``force``. ``push_to_hub`` uploads the finished folder unless a gate failed.
+    ``stream_eval`` forces (True) or forbids (False) block-streamed evaluation (default: when
+    the two models do not fit comfortably in memory).
     Returns the report, also written to ``out/report.json`` with a model card in ``out/README.md``.
     """
     started = time.monotonic()
@@ -125,7 +128,7 @@ def convert(
             calibration["seconds"] = round(time.monotonic() - calib_started, 3)
         perplexity = gate_results = None
         if tokens is not None:
-            perplexity, gate_results = export.measure(ckpt.path, tmp, tokens, recipe, eval_progress)
+            perplexity, gate_results = export.measure(ckpt.path, tmp, tokens, recipe, eval_progress, stream_eval)
         report = export.new_report(source, ckpt, recipe.to_dict(), recipe.sha256(), fingerprint, recipe.format, plan,
                                    written, reused, len(shards), perplexity=perplexity, gates=gate_results,
                                    calibration=calibration)

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from bitquant import runtime
+from bitquant import runtime, streaming
 from bitquant.errors import UsageError
 from bitquant.source import resolve_source
 from bitquant.text import Tokens, tokenize_file
@@ -41,6 +41,7 @@ class EvalSettings:
     max_tokens: int | None = None
     device: str = "auto"
     dtype: str = "auto"
+    stream: bool | None = None  # run one decoder block at a time; None: when the models do not fit comfortably
 
     def __post_init__(self) -> None:
         if self.stride is None:
@@ -78,8 +79,9 @@ class EvalResult:
     stride: int
     device: str
     dtype: str
-    seconds: float  # forward passes only
+    seconds: float  # forward passes only (streamed: block loading included)
     tokens_per_second: float  # tokens through the model per second
+    streamed: bool = False  # True: evaluated one decoder block at a time (bounded memory)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -137,24 +139,66 @@ def evaluate(
     token: str | None = None,
     progress: WindowProgress | None = None,
 ) -> EvalResult:
-    """Perplexity of ``model`` (Hub id, folder, bitquant output, embedded:NAME) on a text file."""
+    """Perplexity of ``model`` (Hub id, folder, bitquant output, embedded:NAME) on a text file.
+
+    In memory when the model fits comfortably (or ``settings.stream`` is False), else one
+    decoder block at a time (:mod:`bitquant.streaming`); ``progress`` then counts blocks
+    and windows."""
     folder = resolve_source(model, revision=revision, token=token).path
     runtime.check_evaluable(folder)
     tokens = tokenize_for(folder, text, settings)
     device = settings.resolved_device()
     dtype = settings.resolved_dtype(device)
-    lm, mode = runtime.load_model(folder, dtype, device, act_quant=act_quant)
+    streamed = _streams(settings, [folder], dtype, device, act_quant)
+    spans = windows(len(tokens.ids), settings.context, settings.stride)
+    t = torch.tensor(tokens.ids)
     started = time.perf_counter()
-    nll, forwarded = token_nlls(lm, tokens.ids, settings.context, settings.stride, device, progress)
+    if streamed:
+        mode = runtime.mode_label(folder, act_quant)
+        tick = _ticker(progress, streaming.checkpoint(folder).config["num_hidden_layers"] + len(spans))
+        hidden = streaming.final_hidden(folder, t, spans, dtype, device, act_quant, tick)
+        nlls = []
+        for logits, (_, end, first) in zip(streaming.window_logits(hidden, spans), spans):
+            nlls.append(_nll(logits, t[first:end].to(device)))
+            tick()
+        nll = torch.cat(nlls)
+        forwarded = sum(e - b for b, e, _ in spans)
+    else:
+        lm, mode = runtime.load_model(folder, dtype, device, act_quant=act_quant)
+        started = time.perf_counter()
+        nll, forwarded = token_nlls(lm, tokens.ids, settings.context, settings.stride, device, progress)
     seconds = time.perf_counter() - started
     ppl, se, mean = _summary(nll)
     return EvalResult(
         model=model, mode=mode, perplexity=ppl, stderr=se, nll_mean=mean, tokens=nll.numel(),
-        windows=len(windows(len(tokens.ids), settings.context, settings.stride)), text=str(text),
+        windows=len(spans), text=str(text),
         text_sha256=tokens.sha256, text_tokens=len(tokens.ids), truncated=tokens.truncated,
         context=settings.context, stride=settings.stride, device=device, dtype=str(dtype).replace("torch.", ""),
         seconds=round(seconds, 3), tokens_per_second=round(forwarded / seconds, 2) if seconds else 0.0,
+        streamed=streamed,
     )
+
+
+def _streams(settings: EvalSettings, folders: list[Path], dtype: torch.dtype, device: str, act_quant: bool) -> bool:
+    if settings.stream is not None:
+        return settings.stream
+    return not streaming.fits(folders, dtype, device, act_quant)
+
+
+def _ticker(progress: WindowProgress | None, total: int):
+    """A callback that counts steps (blocks, then windows) into ``progress``."""
+    done = [0]
+
+    def tick() -> None:
+        done[0] += 1
+        if progress:
+            progress(done[0], total)
+
+    return tick
+
+
+def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, target, reduction="none").double().cpu()
 
 
 def perplexity_of(model, tokens: Tokens, settings: EvalSettings, device: str) -> dict:
@@ -195,28 +239,44 @@ def compare(
 ) -> dict:
     """Perplexity of both models on the same tokens, plus KL and top-1 agreement.
 
-    Both models are held in memory at once (window by window comparison keeps the
-    per-token distributions out of memory). Returns the ``perplexity`` object of a
-    conversion report.
+    Both models are held in memory at once when they fit comfortably (window by window
+    comparison keeps the per-token distributions out of memory); otherwise each runs one
+    decoder block at a time and the windows' final hidden states are compared through
+    the output heads window by window (``streamed`` in the result). Returns the
+    ``perplexity`` object of a conversion report.
     """
     device = settings.resolved_device()
     dtype = settings.resolved_dtype(device)
-    base, _ = runtime.load_model(baseline, dtype, device)
-    quant, mode = runtime.load_model(quantized, dtype, device)
-    t = torch.tensor(tokens.ids, device=device)
+    streamed = _streams(settings, [baseline, quantized], dtype, device, True)
+    t = torch.tensor(tokens.ids)
     spans = windows(len(tokens.ids), settings.context, settings.stride)
-    nll_b, nll_q, kl, agree = [], [], [], []
     started = time.perf_counter()
-    for i, (begin, end, first) in enumerate(spans, start=1):
-        target = t[first:end]
-        lb = F.log_softmax(_window_logits(base, t, begin, end, first), dim=-1)
-        lq = F.log_softmax(_window_logits(quant, t, begin, end, first), dim=-1)
+    if streamed:
+        mode = runtime.mode_label(quantized, True)
+        blocks = sum(streaming.checkpoint(f).config["num_hidden_layers"] for f in (baseline, quantized))
+        tick = _ticker(progress, blocks + len(spans))
+        hb = streaming.final_hidden(baseline, t, spans, dtype, device, True, tick)
+        hq = streaming.final_hidden(quantized, t, spans, dtype, device, True, tick)
+        pairs = zip(streaming.window_logits(hb, spans), streaming.window_logits(hq, spans))
+        window_progress = lambda i, n: tick()  # noqa: E731
+    else:
+        base, _ = runtime.load_model(baseline, dtype, device)
+        quant, mode = runtime.load_model(quantized, dtype, device)
+        started = time.perf_counter()
+        t = t.to(device)
+        pairs = ((_window_logits(base, t, b, e, f), _window_logits(quant, t, b, e, f)) for b, e, f in spans)
+        window_progress = progress
+    nll_b, nll_q, kl, agree = [], [], [], []
+    for i, ((logits_b, logits_q), (begin, end, first)) in enumerate(zip(pairs, spans), start=1):
+        target = t[first:end].to(logits_b.device)
+        lb = F.log_softmax(logits_b, dim=-1)
+        lq = F.log_softmax(logits_q, dim=-1)
         nll_b.append(F.nll_loss(lb, target, reduction="none").double().cpu())
         nll_q.append(F.nll_loss(lq, target, reduction="none").double().cpu())
         kl.append((lb.exp() * (lb - lq)).sum(-1).double().cpu())
         agree.append((lb.argmax(-1) == lq.argmax(-1)).cpu())
-        if progress:
-            progress(i, len(spans))
+        if window_progress:
+            window_progress(i, len(spans))
     seconds = time.perf_counter() - started
     ppl_b, se_b, _ = _summary(torch.cat(nll_b))
     ppl_q, se_q, _ = _summary(torch.cat(nll_q))
@@ -240,4 +300,5 @@ def compare(
         "device": device,
         "dtype": str(dtype).replace("torch.", ""),
         "seconds": round(seconds, 3),
+        "streamed": streamed,
     }

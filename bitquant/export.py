@@ -10,6 +10,7 @@ near the largest tensor whatever the model size.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -123,9 +124,10 @@ def write_weights(plan: Plan, shards: list, folder: Path, items: Iterator[Item],
 
 
 def measure(baseline: Path, folder: Path, tokens: Tokens, recipe: Recipe,
-            progress: WindowProgress | None = None) -> tuple[dict, list[dict]]:
-    """The report's ``perplexity`` (baseline vs the output in ``folder``) and ``gates``."""
-    settings = eval_settings(recipe)
+            progress: WindowProgress | None = None, stream: bool | None = None) -> tuple[dict, list[dict]]:
+    """The report's ``perplexity`` (baseline vs the output in ``folder``) and ``gates``;
+    ``stream`` as :class:`~bitquant.evaluate.EvalSettings` has it (None: when needed)."""
+    settings = dataclasses.replace(eval_settings(recipe), stream=stream)
     perplexity = evaluate.compare(baseline, folder, tokens, settings=settings, progress=progress)
     return perplexity, [g.__dict__ for g in gates.check(recipe.gates, perplexity)]
 

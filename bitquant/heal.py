@@ -88,6 +88,7 @@ def heal(
     push_private: bool = False,
     push_revision: str | None = None,
     push_create_pr: bool = False,
+    stream_eval: bool | None = None,
 ) -> ConvertReport:
     """Heal ``model`` (anything convert accepts) into a ternary model at ``out``.
 
@@ -155,7 +156,7 @@ def heal(
         del teacher
         perplexity = gate_results = None
         if tokens is not None:
-            perplexity, gate_results = export.measure(ckpt.path, tmp, tokens, conv, hooks.windows)
+            perplexity, gate_results = export.measure(ckpt.path, tmp, tokens, conv, hooks.windows, stream_eval)
             perplexity["before_heal"] = info.pop("before")
         info["completions"] = _completions(ckpt.path, tmp, tokenizer, device) if conv.format not in gguf.TYPES else []
         report = export.new_report(source, ckpt, recipe.to_dict(), recipe.sha256(), fingerprint, conv.format, mplan,

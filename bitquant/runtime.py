@@ -154,12 +154,18 @@ def _ternary_param(model, key: str) -> bool:
         return False
 
 
+def mode_label(folder: Path, act_quant: bool = True) -> str:
+    """How a checkpoint runs: ``full precision``, ``ternary W1.58A8`` or ``ternary weights-only``."""
+    if is_ternary(folder):
+        return "ternary W1.58A8" if act_quant else "ternary weights-only"
+    return "full precision"
+
+
 def load_model(folder: Path, dtype: torch.dtype, device: str, act_quant: bool = True) -> tuple[torch.nn.Module, str]:
     """Load any supported checkpoint; returns the model and its mode label."""
     if is_ternary(folder):
-        mode = "ternary W1.58A8" if act_quant else "ternary weights-only"
-        return load_ternary(folder, dtype, device, act_quant), mode
-    return load_fp(folder, dtype, device), "full precision"
+        return load_ternary(folder, dtype, device, act_quant), mode_label(folder, act_quant)
+    return load_fp(folder, dtype, device), mode_label(folder, act_quant)
 
 
 def check_evaluable(folder: Path) -> None:

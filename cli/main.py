@@ -128,7 +128,13 @@ def output_options(command):
     return command
 
 
+_STREAM_OPTION = click.option(
+    "--stream/--no-stream", "stream", default=None,
+    help="Evaluate one decoder block at a time (bounded memory), or all in memory. Default: stream when the "
+         "models do not fit comfortably.")
+
 _OUTPUT_OPTIONS = [
+    _STREAM_OPTION,
     click.option("--revision", default=None, help="Hub branch, tag or commit of MODEL (Hub ids only)."),
     click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token for private or gated models, and for --push-to-hub."),
     click.option("--overwrite", is_flag=True, help="Replace an existing output folder (only once the new one is complete)."),
@@ -168,7 +174,7 @@ _OUTPUT_OPTIONS = [
 @output_options
 @debug_option
 def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight, device, exclude, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
-            eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json):
+            eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json, stream):
     """Convert MODEL (Hub id, local folder, or embedded:smollm2-135m) into a packed ternary model.
 
     Exit codes: 0 done (or already up to date), 1 runtime failure, 2 bad input, 3 quality gate failed
@@ -198,7 +204,7 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
             max_shard_size=max_shard_size, strict=strict, progress=progress, eval_text=eval_text, eval_progress=eval_progress,
             push_to_hub=push_to_hub, push_private=private, push_revision=push_revision, push_create_pr=create_pr,
-            calib_text=calib_text, device=device,
+            calib_text=calib_text, device=device, stream_eval=stream,
         )
     _show(report, out, as_json)
 
@@ -213,11 +219,12 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
               help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")
 @click.option("--weights-only", is_flag=True, help="Ternary models: skip the 8-bit activation quantization.")
+@_STREAM_OPTION
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
 @click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @debug_option
-def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weights_only, revision, token, as_json):
+def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weights_only, stream, revision, token, as_json):
     """Perplexity of MODEL (FP16/BF16 checkpoint, bitquant output, Hub id or embedded:NAME) on TEXT_FILE.
 
     Ternary models run as deployed: ternary weights and 8-bit per-token activations (W1.58A8).
@@ -230,7 +237,7 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
     """
     from bitquant.evaluate import EvalSettings, evaluate
 
-    settings = EvalSettings(context=context, stride=stride, max_tokens=max_tokens, device=device, dtype=dtype)
+    settings = EvalSettings(context=context, stride=stride, max_tokens=max_tokens, device=device, dtype=dtype, stream=stream)
     with render.window_progress(enabled=not as_json) as progress:
         result = evaluate(model, text_file, settings=settings, act_quant=not weights_only, revision=revision,
                           token=token, progress=progress)
@@ -264,7 +271,7 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
 def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_files, data_share, sample_tokens, sample_batch,
          seed, checkpoint_every, device, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
          max_ppl_ratio, max_kl, revision, token, overwrite, force, max_shard_size, push_to_hub, private, push_revision,
-         create_pr, as_json):
+         create_pr, as_json, stream):
     """Heal MODEL into a usable ternary model: distil the FP model into its own ternary version.
 
     The student is exactly what is exported (same quantizer, W1.58A8); by default it learns
@@ -299,7 +306,7 @@ def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
             data_files=tuple(data_files), eval_text=eval_text, save_master=save_master, device=device,
             max_shard_size=max_shard_size, strict=strict, hooks=hooks, push_to_hub=push_to_hub, push_private=private,
-            push_revision=push_revision, push_create_pr=create_pr,
+            push_revision=push_revision, push_create_pr=create_pr, stream_eval=stream,
         )
     _show(report, out, as_json)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from bitquant.evaluate import EvalResult
@@ -54,9 +54,10 @@ def window_progress(enabled: bool = True) -> Iterator[Callable[[int, int], None]
         yield None
         return
     with Progress(
-        TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True
+        TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
+        TimeRemainingColumn(), console=err, transient=True
     ) as bar:
-        task = bar.add_task("windows", total=None)
+        task = bar.add_task("windows", total=None)  # streamed: decoder blocks, then windows
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
@@ -68,7 +69,8 @@ def eval_summary(r: EvalResult) -> None:
     t.add_row("model", f"{r.model} ({r.mode})")
     t.add_row("text", f"{r.text} ({r.text_tokens:,} tokens{', truncated by --max-tokens' if r.truncated else ''}; sha256 {r.text_sha256[:12]})")
     t.add_row("scored tokens", f"{r.tokens:,} in {r.windows} windows (context {r.context}, stride {r.stride})")
-    t.add_row("speed", f"{r.tokens_per_second:,.0f} tokens/s, {r.seconds:.1f} s ({r.device}, {r.dtype})")
+    how = ", streamed one decoder block at a time" if r.streamed else ""
+    t.add_row("speed", f"{r.tokens_per_second:,.0f} tokens/s, {r.seconds:.1f} s ({r.device}, {r.dtype}{how})")
     out.print(t)
 
 
@@ -118,7 +120,8 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
                       f"{_fmt(ppl['quantized'])} after (x{_fmt(ppl['ratio'])} the source)")
         else:
             t.add_row("perplexity", f"{_fmt(ppl['baseline'])} -> {_fmt(ppl['quantized'])} (x{_fmt(ppl['ratio'])})")
-        t.add_row("KL / top-1", f"{_fmt(ppl['kl_mean'])} nats, {ppl['top1_agreement']:.1%} agreement")
+        t.add_row("KL / top-1", f"{_fmt(ppl['kl_mean'])} nats, {ppl['top1_agreement']:.1%} agreement"
+                  + (" (evaluated one decoder block at a time)" if ppl.get("streamed") else ""))
     elif report.gguf:
         t.add_row("gguf", f"{report.gguf['file']}: " + ", ".join(f"{k} {_bytes(v)}" for k, v in report.gguf["bytes_by_type"].items()))
         if report.gguf["not_tq"]:

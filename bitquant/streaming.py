@@ -1,0 +1,97 @@
+"""Evaluation in bounded memory: every evaluated window runs through one decoder block at
+a time, so only one block and the windows' hidden states are ever in memory (16k tokens
+of a 4096-wide model: 270 MB in float32), whatever the model's size.
+
+The windows are embedded once, run through block 0, then block 1, and so on (blocks are
+built by :class:`~bitquant.blocks.Blocks` from the memory-mapped checkpoint: FP blocks as
+they are, packed ternary ones with the runtime's W1.58A8 layers), and the final norm and
+the output head are applied one window at a time, so the logits of all windows never
+exist at once. On a GPU, blocks move there one at a time. :func:`fits` decides when the
+simpler in-memory path is used instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bitquant import runtime
+from bitquant.blocks import Blocks
+from bitquant.source import Checkpoint, checkpoint_files, open_checkpoint
+
+#: Called as work is done: (steps done, steps in all); a step is a block or a window.
+StepProgress = Callable[[int, int], None]
+
+#: Share of the machine's memory (CPU) or of the free GPU memory that the in-memory path
+#: may take before streaming is chosen.
+MEMORY_SHARE = 0.25
+
+
+def checkpoint(folder: Path) -> Checkpoint:
+    """An FP checkpoint (validated as for conversion) or a packed ternary one."""
+    if runtime.is_ternary(folder):
+        files, weight_map = checkpoint_files(folder)
+        return Checkpoint(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")), files, weight_map)
+    return open_checkpoint(folder)
+
+
+def model_bytes(folder: Path, dtype: torch.dtype, act_quant: bool = True) -> int:
+    """Memory the in-memory path needs for this model: every weight in ``dtype``, packed
+    ternary ones unpacked to int8 codes (W1.58A8) or to ``dtype`` (weights only)."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for _, spec in checkpoint(folder).iter_specs():
+        if spec.dtype == torch.uint8:
+            total += 4 * spec.numel * (1 if act_quant else itemsize)
+        else:
+            total += spec.numel * itemsize
+    return total
+
+
+def available_bytes(device: str) -> int:
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fits(folders: list[Path], dtype: torch.dtype, device: str, act_quant: bool = True) -> bool:
+    """True when all these models together fit comfortably in memory at once."""
+    return sum(model_bytes(f, dtype, act_quant) for f in folders) <= MEMORY_SHARE * available_bytes(device)
+
+
+def final_hidden(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int, int]], dtype: torch.dtype, device: str,
+                 act_quant: bool = True, progress: Callable[[], None] | None = None):
+    """Final hidden states of every window, block by block. Returns ``(hidden, where, norm,
+    head)``: ``hidden[length]`` holds the windows of that length, ``where[j]`` says which
+    group and row window ``j`` is, and ``norm``/``head`` are the model's final norm and
+    output-head weight."""
+    blocks = Blocks(checkpoint(folder), device, dtype=dtype, act_quant=act_quant)
+    groups: dict[int, list[int]] = {}
+    for j, (begin, end, _) in enumerate(spans):
+        groups.setdefault(end - begin, []).append(j)
+    where = {j: (length, row) for length, members in groups.items() for row, j in enumerate(members)}
+    hidden = {length: blocks.embed(torch.stack([ids[spans[j][0]:spans[j][1]] for j in members]))
+              for length, members in groups.items()}
+    for i in range(blocks.n_layers):
+        layer = blocks.load(i)
+        hidden = {length: blocks.run(layer, h) for length, h in hidden.items()}
+        del layer
+        if progress:
+            progress()
+    norm, head = blocks.norm_and_head()
+    return hidden, where, norm, head
+
+
+@torch.inference_mode()
+def window_logits(streamed, spans: list[tuple[int, int, int]]) -> Iterator[torch.Tensor]:
+    """Float32 logits of each window's scored positions, one window at a time."""
+    hidden, where, norm, head = streamed
+    for j, (begin, end, first) in enumerate(spans):
+        length, row = where[j]
+        x = hidden[length][row, first - 1 - begin : end - 1 - begin]
+        yield F.linear(norm(x), head).float()
