@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -119,14 +119,19 @@ def token_nlls(model, ids: list[int], context: int, stride: int, device: str, pr
     """Per-token NLLs (float64) and the number of tokens run through the model."""
     t = torch.tensor(ids, device=device)
     spans = windows(len(ids), context, stride)
-    out, forwarded = [], 0
-    for i, (begin, end, first) in enumerate(spans, start=1):
-        logits = _window_logits(model, t, begin, end, first)
-        out.append(F.cross_entropy(logits, t[first:end], reduction="none").double().cpu())
-        forwarded += end - begin
+    logits = (_window_logits(model, t, begin, end, first) for begin, end, first in spans)
+    return _nlls(logits, t, spans, progress), sum(end - begin for begin, end, _ in spans)
+
+
+def _nlls(logits: Iterable[torch.Tensor], t: torch.Tensor, spans: list[tuple[int, int, int]],
+          progress: WindowProgress | None = None) -> torch.Tensor:
+    """Per-token NLLs (float64, on the CPU) from each window's logits, in window order."""
+    out = []
+    for i, (window, (_, end, first)) in enumerate(zip(logits, spans), start=1):
+        out.append(F.cross_entropy(window, t[first:end].to(window.device), reduction="none").double().cpu())
         if progress:
             progress(i, len(spans))
-    return torch.cat(out), forwarded
+    return torch.cat(out)
 
 
 def evaluate(
@@ -157,11 +162,7 @@ def evaluate(
         mode = runtime.mode_label(folder, act_quant)
         tick = _ticker(progress, streaming.checkpoint(folder).config["num_hidden_layers"] + len(spans))
         hidden = streaming.final_hidden(folder, t, spans, dtype, device, act_quant, tick)
-        nlls = []
-        for logits, (_, end, first) in zip(streaming.window_logits(hidden, spans), spans):
-            nlls.append(_nll(logits, t[first:end].to(device)))
-            tick()
-        nll = torch.cat(nlls)
+        nll = _nlls(streaming.window_logits(hidden, spans), t, spans, lambda i, n: tick())
         forwarded = sum(e - b for b, e, _ in spans)
     else:
         lm, mode = runtime.load_model(folder, dtype, device, act_quant=act_quant)
@@ -195,10 +196,6 @@ def _ticker(progress: WindowProgress | None, total: int):
             progress(done[0], total)
 
     return tick
-
-
-def _nll(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, target, reduction="none").double().cpu()
 
 
 def perplexity_of(model, tokens: Tokens, settings: EvalSettings, device: str) -> dict:

@@ -10,7 +10,6 @@ near the largest tensor whatever the model size.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable, Iterator
@@ -127,7 +126,7 @@ def measure(baseline: Path, folder: Path, tokens: Tokens, recipe: Recipe,
             progress: WindowProgress | None = None, stream: bool | None = None) -> tuple[dict, list[dict]]:
     """The report's ``perplexity`` (baseline vs the output in ``folder``) and ``gates``;
     ``stream`` as :class:`~bitquant.evaluate.EvalSettings` has it (None: when needed)."""
-    settings = dataclasses.replace(eval_settings(recipe), stream=stream)
+    settings = eval_settings(recipe, stream)
     perplexity = evaluate.compare(baseline, folder, tokens, settings=settings, progress=progress)
     return perplexity, [g.__dict__ for g in gates.check(recipe.gates, perplexity)]
 
@@ -143,8 +142,9 @@ def check_eval_options(recipe: Recipe, eval_text) -> None:
         )
 
 
-def eval_settings(recipe: Recipe) -> EvalSettings:
-    return EvalSettings(context=recipe.eval_context, stride=recipe.eval_stride, max_tokens=recipe.eval_max_tokens)
+def eval_settings(recipe: Recipe, stream: bool | None = None) -> EvalSettings:
+    return EvalSettings(context=recipe.eval_context, stride=recipe.eval_stride, max_tokens=recipe.eval_max_tokens,
+                        stream=stream)
 
 
 def new_report(source: ModelSource, ckpt: Checkpoint, recipe: dict, recipe_sha256: str, fingerprint: str, fmt: str,

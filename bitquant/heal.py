@@ -132,17 +132,16 @@ def heal(
         state = tmp / STATE
         state.mkdir(exist_ok=True)
         try:
-            info, student, teacher, probe = _train(ckpt, plan, recipe, text_ids, text_info, source_fp, state, device,
-                                                   tokens, hooks)
+            info, student, teacher, probe = _train(ckpt, plan, recipe, conv, text_ids, text_info, source_fp, state,
+                                                   device, tokens, hooks)
         except torch.cuda.OutOfMemoryError:
             raise OutOfMemory(
                 f"the GPU ran out of memory; lower --micro-batch-tokens (now {recipe.micro_batch_tokens}) or "
                 f"--batch-tokens (now {recipe.batch_tokens}), or --sample-batch (now {recipe.sample_batch}) while sampling"
             ) from None
         uncompile(student)  # the checks below compare the plain forward pass with OUT's
-        master = _write_master(student, ckpt, state / "master", max_shard_size)
-        _load_master(student, master)
-        master_ckpt = open_checkpoint(master.path)
+        master_ckpt = open_checkpoint(_write_master(student, ckpt, state / "master", max_shard_size))
+        _load_master(student, master_ckpt)
         mplan = plan_conversion(master_ckpt, conv)
         shards = hf_bitnet.plan_shards(mplan.specs, max_shard_size)
         journal = Journal.load(tmp, fingerprint)
@@ -163,7 +162,7 @@ def heal(
                                    written, reused, len(shards), perplexity=perplexity, gates=gate_results, heal=info)
         del student
         if master_out is not None:
-            _save_master(master.path, master_out, fingerprint, overwrite or force)
+            _save_master(master_ckpt.path, master_out, fingerprint, overwrite or force)
         shutil.rmtree(state)
         export.finish(tmp, report, source, written, journal, started)
 
@@ -172,8 +171,8 @@ def heal(
     return report
 
 
-def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, text_ids, text_info, source_fp: str, state: Path, device: str,
-           tokens, hooks: HealHooks):
+def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info, source_fp: str, state: Path,
+           device: str, tokens, hooks: HealHooks):
     """Build teacher and student, gather the data, measure the start, train. Returns the
     report's ``heal`` section (so far), the trained student, the teacher and a probe batch."""
     cuda = device == "cuda"
@@ -181,8 +180,8 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, text_ids, text_info, sour
     teacher.requires_grad_(False)
     student = runtime.load_fp(ckpt.path, torch.float32, device)
     weight_dtype = next(s.dtype for _, s in ckpt.iter_specs() if s.name in plan.quantize)
-    make_student(student, plan.quantized_modules, recipe.eps, hf_bitnet.scale_dtype(weight_dtype), recipe.train)
-    trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    trainable = sum(p.numel() for p in make_student(student, plan.quantized_modules, recipe.eps,
+                                                   hf_bitnet.scale_dtype(weight_dtype), recipe.train))
 
     text_n, sample_n = data.split_batch(recipe.batch_sequences, recipe.data_share if text_info else 0.0)
     pools, per, sources = [], [], []
@@ -215,7 +214,7 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, text_ids, text_info, sour
             before = json.loads(cached.read_text(encoding="utf-8"))
         else:
             with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False):
-                before = evaluate.perplexity_of(student, tokens, export.eval_settings(recipe.conversion()), device)
+                before = evaluate.perplexity_of(student, tokens, export.eval_settings(conv), device)
             cached.write_text(json.dumps(before), encoding="utf-8")
 
     if cuda:  # after sampling, whose static-cache compile they would fight; measured on an H100
@@ -235,13 +234,7 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, text_ids, text_info, sour
     return info, student, teacher, probe
 
 
-@dataclass
-class _Master:
-    path: Path
-    files: list
-
-
-def _write_master(student, ckpt: Checkpoint, folder: Path, max_shard_size: int) -> _Master:
+def _write_master(student, ckpt: Checkpoint, folder: Path, max_shard_size: int) -> Path:
     """The student's weights, rounded to the source's dtype tensor by tensor, as an
     ordinary checkpoint of the source's architecture (config and tokenizer copied)."""
     if folder.exists():
@@ -254,23 +247,22 @@ def _write_master(student, ckpt: Checkpoint, folder: Path, max_shard_size: int) 
     try:
         for spec in specs:
             writer.write(spec.name, weights[spec.name].detach().to("cpu", spec.dtype).contiguous())
-        files = writer.close()
+        writer.close()
     except BaseException:
         writer.abort()
         raise
     hf_bitnet.write_index(folder, shards)
     (folder / "config.json").write_bytes((ckpt.path / "config.json").read_bytes())
     hf_bitnet.copy_files(ckpt.path, folder, CARRIED_FILES)
-    return _Master(folder, files)
+    return folder
 
 
 @torch.no_grad()
-def _load_master(student, master: _Master) -> None:
+def _load_master(student, master: Checkpoint) -> None:
     """Set the student's weights to the master's rounded values, so that the student is
     exactly what is exported."""
-    ckpt = open_checkpoint(master.path)
     params = dict(student.named_parameters(remove_duplicate=False))
-    for name, tensor in ckpt.iter_tensors():
+    for name, tensor in master.iter_tensors():
         if name in params:
             params[name].copy_(tensor.to(params[name].dtype))
 
