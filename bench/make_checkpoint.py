@@ -7,6 +7,11 @@ byte-level BPE tokenizer of the right vocabulary size is written beside them.
 
     python bench/make_checkpoint.py llama2-7b /tmp/llama2-7b-synthetic     # 13.5 GB
     python bench/make_checkpoint.py tinyllama-1b /tmp/tinyllama-synthetic  # 2.2 GB
+    python bench/make_checkpoint.py bitnet-2b-4t /tmp/bitnet-2b-master     # 4.8 GB, BF16 master
+
+``bitnet-2b-4t`` is a ternary-trained master shaped as microsoft/bitnet-b1.58-2B-4T-bf16:
+BitNetForCausalLM with its sub-norms, tied embeddings, relu2 and the master's
+``quantization_config`` (autobitlinear, online), in bfloat16.
 """
 
 from __future__ import annotations
@@ -29,13 +34,20 @@ PRESETS = {
     "tinyllama-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                          num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-5,
                          tie_word_embeddings=False),
+    # microsoft/bitnet-b1.58-2B-4T-bf16 (the master of the packed release)
+    "bitnet-2b-4t": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
+                         num_key_value_heads=5, vocab_size=128256, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                         tie_word_embeddings=True),
 }
 
+#: Presets that are BitNet masters rather than LLaMA FP16 checkpoints.
+BITNET = {"bitnet-2b-4t"}
 
-def tensor_specs(cfg: dict) -> list[TensorSpec]:
+
+def tensor_specs(cfg: dict, bitnet: bool = False) -> list[TensorSpec]:
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    f16 = torch.float16
+    f16 = torch.bfloat16 if bitnet else torch.float16
     specs = [TensorSpec("model.embed_tokens.weight", f16, (v, h))]
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
@@ -50,6 +62,9 @@ def tensor_specs(cfg: dict) -> list[TensorSpec]:
             TensorSpec(p + "mlp.up_proj.weight", f16, (i, h)),
             TensorSpec(p + "mlp.down_proj.weight", f16, (h, i)),
         ]
+        if bitnet:
+            specs += [TensorSpec(p + "self_attn.attn_sub_norm.weight", f16, (h,)),
+                      TensorSpec(p + "mlp.ffn_sub_norm.weight", f16, (i,))]
     specs.append(TensorSpec("model.norm.weight", f16, (h,)))
     if not cfg["tie_word_embeddings"]:
         specs.append(TensorSpec("lm_head.weight", f16, (v, h)))
@@ -66,7 +81,8 @@ def main() -> None:
     cfg = PRESETS[args.preset]
     args.out.mkdir(parents=True, exist_ok=False)
     gen = torch.Generator().manual_seed(args.seed)
-    shards = plan_shards(tensor_specs(cfg), args.max_shard_size)
+    bitnet = args.preset in BITNET
+    shards = plan_shards(tensor_specs(cfg, bitnet), args.max_shard_size)
     for shard in shards:
         writer = SafetensorsStreamWriter(args.out / shard.filename, list(shard.specs))
         for spec in shard.specs:
@@ -78,8 +94,16 @@ def main() -> None:
         writer.close()
         print(f"wrote {shard.filename} ({shard.nbytes / 1e9:.2f} GB)")
     write_index(args.out, shards)
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
-              "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "rope_theta": 10000.0, **cfg}
+    if bitnet:  # every field written: BitNetConfig's defaults differ from the release
+        config = {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet", "torch_dtype": "bfloat16",
+                  "hidden_act": "relu2", "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": None,
+                  "attention_bias": False, "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
+                  "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                          "quantization_mode": "online"}, **cfg}
+    else:
+        config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+                  "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "rope_theta": 10000.0, **cfg}
     (args.out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     write_tokenizer(args.out, cfg["vocab_size"])
 

@@ -55,8 +55,9 @@ class _Capture:
 
 class Blocks:
     """Builds a checkpoint's decoder blocks one at a time, in ``dtype`` (float32 unless
-    asked) on ``device``. Packed ternary projections (a bitquant output) become the
-    runtime's :class:`~bitquant.runtime.TernaryLinear` (W1.58A8, or weights only)."""
+    asked) on ``device``. The ternary weights of a ternary checkpoint (packed in either
+    convention, or a master's latent weights) become the runtime's
+    :class:`~bitquant.runtime.TernaryLinear` (W1.58A8, or weights only)."""
 
     def __init__(self, ckpt: Checkpoint, device: str, batch: int = 4, dtype: torch.dtype = torch.float32,
                  act_quant: bool = True):
@@ -117,23 +118,25 @@ class Blocks:
 
     def load(self, i: int) -> torch.nn.Module:
         from bitquant.formats.hf_bitnet import SCALE_SUFFIX
-        from bitquant.packing import unpack_ternary
-        from bitquant.runtime import TernaryLinear
+        from bitquant.inputs import is_ternary_weight
+        from bitquant.recipe import PROJECTIONS
+        from bitquant.runtime import TernaryLinear, ternary_weight
 
         prefix = f"{LAYER_PREFIX}{i}."
+        layout = self.ckpt.layout
         raw = self.ckpt.read(self.names[i])
-        packed = {n: t for n, t in raw.items() if t.dtype == torch.uint8 and n + SCALE_SUFFIX in raw}
+        ternary = {n for n in raw if is_ternary_weight(n, layout, raw, PROJECTIONS)}
         state = {n[len(prefix):]: t.to(self.device, self.dtype) for n, t in raw.items()
-                 if n not in packed and n.removesuffix(SCALE_SUFFIX) not in packed}
+                 if n not in ternary and n.removesuffix(SCALE_SUFFIX) not in ternary}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
-        for name, codes in packed.items():
+        for name in ternary:
             module = name[len(prefix):].removesuffix(".weight")
             parent, _, leaf = module.rpartition(".")
             bias = state.pop(module + ".bias", None)
-            scale = raw[name + SCALE_SUFFIX].to(self.device, self.dtype)
+            codes, scale, multiply = ternary_weight(name, raw[name], raw.get(name + SCALE_SUFFIX), layout)
             setattr(layer.get_submodule(parent), leaf,
-                    TernaryLinear(unpack_ternary(codes).to(self.device), scale, bias, self.act_quant))
+                    TernaryLinear(codes.to(self.device), scale.to(self.device, self.dtype), bias, self.act_quant, multiply))
         missing, unexpected = layer.load_state_dict(state, assign=True, strict=False)
         missing = [m for m in missing if not isinstance(layer.get_submodule(m.rpartition(".")[0]), TernaryLinear)]
         if missing or unexpected:

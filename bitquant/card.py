@@ -59,9 +59,37 @@ def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
 
+#: What each input kind means for the quality of the output (see bitquant.inputs).
+_LOSSLESS = {
+    "master": "**Lossless.** The source is a ternary-trained master: its forward pass ternarizes its latent weights "
+              "with absmean (s = mean|W| in float32) on the fly, and these are exactly those codes and scales, so this "
+              "model computes what the master was trained as.",
+    "packed": "**Lossless.** The source was already packed ternary: every code and every scale was copied (the scale "
+              "converted between transformers' two conventions where needed); no quantization error was added.",
+    "ternary-dense": "**Lossless.** Every projection of the source already held only the values {-c, 0, +c}; their "
+                     "codes and c were kept (absmean would have shrunk c by the share of non-zeros).",
+}
+
+
+def _quality(report: ConvertReport) -> list[str]:
+    """The paragraph on what the conversion did to quality, from the input kind."""
+    if report.heal:
+        return ["**Quality.** Healing recovers much of what ternarization destroys, not all of it: compare the "
+                "perplexities below (source, plain ternary before healing, healed) before use.", ""]
+    kind = (report.input or {}).get("kind", "fp")
+    if kind in _LOSSLESS:
+        return [_LOSSLESS[kind], ""]
+    return ["**Quality warning.** This post-training recipe is exact for checkpoints trained with ternary "
+            "quantization-aware training. Applied to an ordinary FP16/BF16 model it usually destroys it "
+            "(SmolLM2-135M: perplexity 23.6 becomes about 6.4e7). Check the perplexity below before use.", ""]
+
+
 def _method(report: ConvertReport) -> str:
     """One sentence on how the ternary weights were made."""
     recipe = report.recipe
+    kind = (report.input or {}).get("kind", "fp")
+    if kind in ("packed", "ternary-dense"):
+        return "every ternary matrix's codes and scale were taken over from the source; norms are unchanged."
     if report.heal:
         h = report.heal
         return (f"the model was distilled into its own ternary version for {h['tokens']:,} tokens "
@@ -148,18 +176,14 @@ def render(report: ConvertReport, source: ModelSource) -> str:
         f"(sha256 `{report.recipe_sha256[:16]}`): {_method(report)} "
         "Embeddings, biases and the output head are unchanged.",
         "",
-        *(["**Quality.** Healing recovers much of what ternarization destroys, not all of it: compare the "
-            "perplexities below (source, plain ternary before healing, healed) before use.", ""] if report.heal else [
-        "**Quality warning.** This post-training recipe is exact for checkpoints trained with ternary "
-        "quantization-aware training. Applied to an ordinary FP16/BF16 model it usually destroys it "
-        "(SmolLM2-135M: perplexity 23.6 becomes about 6.4e7). Check the perplexity below before use.",
-        ""]),
+        *_quality(report),
         *(_load_gguf(gguf) if gguf else _load_transformers()),
         "## Measured",
         "",
         "| quantity | value |",
         "|---|---|",
         f"| source | {source.spec} ({source.kind}{', commit ' + source.commit_sha if source.commit_sha else ''}) |",
+        *([f"| input kind | {report.input['label']} |"] if report.input else []),
         f"| ternary matrices | {summary['matrices']} ({size.quantized_params:,} weights) |",
         f"| kept in full precision | {len(report.kept_full_precision)} projections |",
         f"| bits per weight, ternary matrices | {_fmt(size.bits_per_weight_quantized)} |",

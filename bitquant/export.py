@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bitquant import __version__, card, evaluate, gates
-from bitquant.errors import UsageError
+from bitquant import __version__, card, evaluate, gates, inputs
+from bitquant.errors import TensorError, UsageError
 from bitquant.evaluate import EvalSettings, WindowProgress
 from bitquant.fingerprint import file_sha256
 from bitquant.formats import gguf, hf_bitnet
@@ -30,6 +30,7 @@ from bitquant.plan import Plan
 from bitquant.recipe import Recipe
 from bitquant.report import ConvertReport, LayerStats, OutputFile, SizeStats
 from bitquant.source import CARRIED_FILES, Checkpoint, ModelSource
+from bitquant.ternary import ternary_values
 from bitquant.text import Tokens
 
 REPORT = "report.json"
@@ -55,13 +56,63 @@ class Written:
     gguf: dict | None
 
 
-def absmean_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe) -> Iterator[Item]:
-    """Source tensors in file order; projections are ternarized (absmean) when written."""
+def source_items(ckpt: Checkpoint, plan: Plan, recipe: Recipe) -> Iterator[Item]:
+    """Source tensors in file order, each ternary one with how it becomes ternary
+    (:mod:`bitquant.inputs`): copied from a packed source; absmean for masters; absmean for
+    FP models, except that a matrix already holding only {-c, 0, +c} keeps its codes and c.
+    Tensors of ternary-trained inputs are checked for NaN/Inf and all-zero matrices."""
+    layout = plan.layout
+    scales: dict[str, float] = {}
+    if layout.kind == "packed":
+        stored = ckpt.read([n + hf_bitnet.SCALE_SUFFIX for n in plan.quantize])
+        scales = {n: inputs.stored_scale(stored[n + hf_bitnet.SCALE_SUFFIX], layout.linear_class, n) for n in plan.quantize}
     for name, tensor in ckpt.iter_tensors():
-        if name in plan.quantize:
-            yield name, tensor, lambda t=tensor, n=name: quantize_pack(t, eps=recipe.eps, name=n)
-        else:
+        if not plan.outputs[name]:
+            continue  # a packed source's weight_scale, consumed by its weight
+        if layout.ternary_trained and name not in plan.quantize:  # ternary ones are checked as they are converted
+            inputs.check_tensor(name, tensor)
+        if name not in plan.quantize:
             yield name, tensor, None
+        elif layout.kind == "packed":
+            copy = inputs.copy_packed if tensor.dtype == torch.uint8 else inputs.copy_dense_codes
+            yield name, tensor, lambda t=tensor, n=name, c=copy: c(t, scales[n], n)
+        elif layout.kind == "master":
+            yield name, tensor, lambda t=tensor, n=name: _master_absmean(t, recipe.eps, n)
+        else:
+            yield name, tensor, lambda t=tensor, n=name: _fp_ternary(t, recipe.eps, n)
+
+
+def _master_absmean(w: torch.Tensor, eps: float, name: str):
+    t = quantize_pack(w, eps=eps, name=name)
+    if t.scale_clamped:
+        raise TensorError(f"tensor {name!r} of this ternary-trained model is all zeros (mean|W| < {eps:g}, every code 0); "
+                          "the checkpoint is broken (download it again, or use another revision)")
+    return t
+
+
+def _fp_ternary(w: torch.Tensor, eps: float, name: str):
+    found = ternary_values(w)
+    if found is not None:
+        return inputs.copy_ternary_values(found[0], found[1], name)
+    return quantize_pack(w, eps=eps, name=name)
+
+
+def input_info(plan: Plan, layers: list[LayerStats], fmt: str) -> dict:
+    """The report's ``input`` section: what kind of checkpoint was converted, and whether
+    the conversion added any quantization error."""
+    copied = sum(1 for l in layers if l.copied)
+    kind = plan.layout.kind
+    if kind == "fp" and layers and copied == len(layers):
+        kind = "ternary-dense"
+    return {
+        "kind": kind,
+        "label": inputs.KIND_LABELS[kind],
+        "source_linear_class": plan.layout.linear_class,
+        "output_linear_class": None if fmt in gguf.TYPES else plan.linear_class,
+        "copied_matrices": copied,
+        "absmean_matrices": len(layers) - copied,
+        "quantization_error_added": kind == "fp" and copied < len(layers),
+    }
 
 
 def write_model(ckpt: Checkpoint, plan: Plan, recipe: Recipe, folder: Path, journal: Journal, shards: list,
@@ -69,16 +120,15 @@ def write_model(ckpt: Checkpoint, plan: Plan, recipe: Recipe, folder: Path, jour
                 progress: ProgressFn | None = None) -> Written:
     """Write the model files of ``plan`` into ``folder`` in ``recipe.format``.
 
-    ``items`` supplies the tensors (default: :func:`absmean_items`); GGUF outputs always
-    use absmean. Shards finished by an interrupted run (``journal``) are reused.
+    ``items`` supplies the tensors (default: :func:`source_items`). Shards finished by an
+    interrupted run (``journal``) are reused.
     """
+    items = source_items(ckpt, plan, recipe) if items is None else items
     if recipe.format in gguf.TYPES:
-        layers, files, size, info = gguf.export(ckpt, plan.quantize, plan.total_params, folder, recipe.format,
-                                                recipe.eps, source_spec, strict, progress)
+        layers, files, size, info = gguf.export(ckpt, plan, items, folder, recipe.format, source_spec, strict, progress)
         return Written(layers, files, size, info)
-    items = absmean_items(ckpt, plan, recipe) if items is None else items
     layers, files = write_weights(plan, shards, folder, items, journal, progress)
-    hf_bitnet.write_config(folder, ckpt.config, [k.name for k in plan.kept])
+    hf_bitnet.write_config(folder, ckpt.config, [k.name for k in plan.kept], plan.linear_class)
     hf_bitnet.write_index(folder, shards)
     hf_bitnet.copy_files(ckpt.path, folder, CARRIED_FILES)
     return Written(layers, files, size_stats(ckpt, plan, shards, files, layers), None)
@@ -104,10 +154,11 @@ def write_weights(plan: Plan, shards: list, folder: Path, items: Iterator[Item],
                 pass
             elif make is not None:
                 t = make()
-                stat = LayerStats.of(name, tensor.shape, t)
+                logical = plan.logical[name]
+                stat = LayerStats.of(name, logical.shape, t)
                 layers[stat.name] = stat
                 shard_layers.setdefault(writer.shard_of(name), []).append(stat)
-                for out_name, out_tensor in hf_bitnet.encode(name, t.packed, t.scale, tensor.dtype):
+                for out_name, out_tensor in hf_bitnet.encode(name, t.packed, t.scale, logical.dtype, plan.linear_class):
                     writer.write(out_name, out_tensor)
             else:
                 writer.write(name, tensor)
@@ -166,8 +217,9 @@ def new_report(source: ModelSource, ckpt: Checkpoint, recipe: dict, recipe_sha25
         elapsed_seconds=0.0,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         resumed_shards=reused,
-        notes=notes(written.layers, reused, shards),
+        notes=notes(written.layers, reused, shards) + list((written.gguf or {}).get("notes", [])),
         gguf=written.gguf,
+        input=input_info(plan, written.layers, fmt),
         **extra,
     )
 

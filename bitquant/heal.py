@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from bitquant import __version__, embedded, evaluate, export, runtime
-from bitquant.errors import BitquantError, SourceError
+from bitquant import __version__, embedded, evaluate, export, inputs, runtime
+from bitquant.errors import BitquantError, SourceError, UsageError
 from bitquant.evaluate import WindowProgress
 from bitquant.export import REPORT, ProgressFn
 from bitquant.fingerprint import conversion_fingerprint, source_fingerprint
@@ -109,6 +109,9 @@ def heal(
     device = runtime.resolve_device(device)
     source = resolve_source(model, revision=revision, token=token)
     ckpt = open_checkpoint(source.path)
+    if ckpt.layout.ternary_trained:
+        raise UsageError(f"{model} is already a ternary model ({inputs.KIND_LABELS[ckpt.layout.kind]}); heal distils an "
+                         f"FP model into its ternary version: run bitquant convert {model} for a lossless conversion")
     if conv.format in gguf.TYPES:
         gguf.check_config(ckpt.config)
     plan = plan_conversion(ckpt, conv)

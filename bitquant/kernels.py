@@ -40,6 +40,7 @@ class PackedTernary:
     scale_clamped: bool
     zero_fraction: float
     relative_error: float
+    copied: bool = False  # codes and scale taken from an already-ternary source, not computed
 
 
 def available() -> bool:

@@ -27,6 +27,10 @@ from bitquant.errors import RecipeError
 SCHEMA_VERSION = 1
 
 #: The seven projections of a LLaMA-family decoder block.
+#: transformers' BitNet linear classes the hf-bitnet format can write; ``auto`` keeps a
+#: packed input's own class and otherwise picks autobitlinear for BitNetForCausalLM (the
+#: layout of the BitNet b1.58 2B-4T release) and bitlinear for the rest.
+LINEAR_CLASS_CHOICES = ("auto", "bitlinear", "autobitlinear")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 #: ``absmean``: BitNet b1.58 rounding, no calibration (exact for ternary-trained models).
@@ -46,7 +50,8 @@ class Recipe:
     as ``model.layers.0.mlp.down_proj``; matching projections stay in full precision.
     ``indivisible`` says what to do with a projection whose output size is not a multiple
     of 4 (the packed layout needs it): ``error`` stops, ``keep`` keeps it in full precision
-    and lists it in the report.
+    and lists it in the report. ``linear_class`` is the transformers BitNet class that the
+    ``hf-bitnet`` format is written for (``LINEAR_CLASS_CHOICES``).
 
     Calibrated recipes (``method: gptq``, ``equalize: true`` or a
     ``target_bits_per_weight``) run ``calib_tokens`` tokens of calibration text, in
@@ -67,6 +72,7 @@ class Recipe:
     method: str = "absmean"
     eps: float = 1e-5
     format: str = "hf-bitnet"
+    linear_class: str = "auto"
     projections: tuple[str, ...] = PROJECTIONS
     exclude: tuple[str, ...] = ()
     indivisible: str = "error"
@@ -130,6 +136,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "method": (str,),
     "eps": (float, int),
     "format": (str,),
+    "linear_class": (str,),
     "projections": (tuple,),
     "exclude": (tuple,),
     "indivisible": (str,),
@@ -199,6 +206,7 @@ def _validate(r: Recipe) -> None:
     check_types(r, _TYPES)
     check_common(r)
     check_choice("method", r.method, METHODS)
+    check_choice("linear_class", r.linear_class, LINEAR_CLASS_CHOICES)
     if r.target_bits_per_weight is not None and not 2 <= r.target_bits_per_weight <= 16:
         raise RecipeError(
             f"recipe field 'target_bits_per_weight' must be between 2 (all ternary) and 16 (all kept), "

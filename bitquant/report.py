@@ -25,6 +25,9 @@ class LayerStats:
     # inputs, tr(dW H dW^T) / tr(W H W^T), for the method and for absmean rounding.
     output_error: float | None = None
     absmean_output_error: float | None = None
+    # True when codes and scale were copied from an already-ternary source (packed, or
+    # dense ternary values): no quantization error was added.
+    copied: bool = False
 
     @classmethod
     def of(cls, weight_name: str, shape, result) -> "LayerStats":
@@ -33,7 +36,7 @@ class LayerStats:
         weight ``weight_name`` (``....weight``)."""
         return cls(weight_name.removesuffix(".weight"), tuple(shape), result.scale, result.zero_fraction,
                    result.relative_error, result.scale_clamped, getattr(result, "output_error", None),
-                   getattr(result, "absmean_output_error", None))
+                   getattr(result, "absmean_output_error", None), bool(getattr(result, "copied", False)))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "LayerStats":
@@ -108,6 +111,7 @@ class ConvertReport:
     published: dict[str, Any] | None = None  # where --push-to-hub uploaded it
     gguf: dict[str, Any] | None = None  # GGUF outputs: file, type, bytes_by_type, not_tq
     calibration: dict[str, Any] | None = None  # calibrated recipes: text, tokens, methods, transforms, mixed precision
+    input: dict[str, Any] | None = None  # what the source held (FP, master, packed, ternary-valued) and what was copied
     heal: dict[str, Any] | None = None  # bitquant heal: training data, schedule, speed, loss curve, exactness
     up_to_date: bool = False  # set when convert found OUT already up to date (not saved)
 

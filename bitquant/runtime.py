@@ -1,15 +1,19 @@
 """Run models in torch for evaluation: FP checkpoints as they are, ternary ones as deployed.
 
-A packed ternary checkpoint (transformers BitNet offline layout) is loaded by building the
-architecture from its config, unpacking each packed weight **once** into a
-:class:`TernaryLinear`, and loading every other tensor from the memory-mapped files.
-transformers' own ``BitLinear`` unpacks on every forward pass; this does not.
+A ternary checkpoint (:mod:`bitquant.inputs`: packed in either transformers convention,
+or a ternary-trained master) is loaded by building the architecture from its config,
+turning each ternary weight **once** into a :class:`TernaryLinear` (packed codes
+unpacked; a master's latent weights ternarized with absmean, as transformers'
+``AutoBitLinear`` does online in every forward pass), and loading every other tensor from
+the memory-mapped files. transformers' own classes unpack or re-quantize on every forward
+pass; this does not.
 
-:class:`TernaryLinear` computes exactly what ``BitLinear`` does (W1.58A8, as in the
-BitNet b1.58 paper): each token's activations are quantized to 8 bits with absmax scaling
-(``127 / max|x|``, clamped at 1e-5), multiplied by the {-1, 0, 1} codes, and divided by
-the activation scale and by ``weight_scale`` (= 1/s). ``act_quant=False`` skips the
-activation step (weights-only ternary).
+:class:`TernaryLinear` computes what ``BitLinear`` / ``AutoBitLinear`` do (W1.58A8, as in
+the BitNet b1.58 paper): each token's activations are quantized to 8 bits with absmax
+scaling (``127 / max|x|``, clamped at 1e-5), multiplied by the {-1, 0, 1} codes, divided by
+the activation scale, and divided by ``weight_scale`` (bitlinear: 1/s) or multiplied by it
+(autobitlinear and masters: s). ``act_quant=False`` skips the activation step
+(weights-only ternary).
 """
 
 from __future__ import annotations
@@ -22,14 +26,17 @@ import torch.nn.functional as F
 
 from bitquant.errors import SourceError, UnsupportedModelError, UsageError
 from bitquant.formats.hf_bitnet import SCALE_SUFFIX
+from bitquant.inputs import BITNET_ARCHITECTURE, Layout, is_ternary_weight
 from bitquant.packing import unpack_ternary
-from bitquant.source import checkpoint_files, open_checkpoint
+from bitquant.recipe import PROJECTIONS
+from bitquant.source import Checkpoint, open_checkpoint
 from bitquant.tensorfile import SafetensorsReader
-from bitquant.ternary import quantize_activations
+from bitquant.ternary import absmean_scale, quantize_activations, ternarize
 
 
 class TernaryLinear(torch.nn.Module):
-    """y = (act_quant(x) @ codes^T) / (act_scale * weight_scale) + bias, codes unpacked once.
+    """y = (act_quant(x) @ codes^T) / (act_scale * weight_scale) + bias, codes unpacked once;
+    with ``multiply``, y = (act_quant(x) @ codes^T) / act_scale * weight_scale + bias.
 
     With activation quantization the product of 8-bit activations and ternary codes is a
     sum of integers, computed exactly by ``torch._int_mm`` (int8 x int8 -> int32; several
@@ -39,10 +46,12 @@ class TernaryLinear(torch.nn.Module):
     more than 16 rows and dimensions divisible by 8).
     """
 
-    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_quant: bool = True):
+    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_quant: bool = True,
+                 multiply: bool = False):
         super().__init__()
         self.out_features, self.in_features = codes.shape
         self.act_quant = act_quant
+        self.multiply = multiply
         dtype = weight_scale.dtype
         self.register_buffer("codes_t", codes.to(torch.int8).t().contiguous() if act_quant else None)
         self.register_buffer("codes_f", None if act_quant else codes.to(dtype))
@@ -56,7 +65,8 @@ class TernaryLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.act_quant:
-            y = F.linear(x, self.codes_f) / self.weight_scale
+            y = F.linear(x, self.codes_f)
+            y = y * self.weight_scale if self.multiply else y / self.weight_scale
             return y if self.bias is None else y + self.bias
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
@@ -65,13 +75,27 @@ class TernaryLinear(torch.nn.Module):
             acc = torch._int_mm(q.to(torch.int8), self.codes_t).to(x.dtype)
         else:
             acc = q @ self.codes_t.to(x.dtype)
-        y = acc / (scale * self.weight_scale)
+        y = acc / scale * self.weight_scale if self.multiply else acc / (scale * self.weight_scale)
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}"
+        scale = "multiplied" if self.multiply else "divided"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}, "
+                f"weight_scale={scale}")
+
+
+def ternary_weight(name: str, tensor: torch.Tensor, weight_scale: torch.Tensor | None,
+                   layout: Layout) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """``(codes, weight_scale, multiply)`` of one ternary weight of a ternary checkpoint:
+    a master's latent weight ternarized with absmean (fp32 s, multiplied), or the stored
+    codes (packed, or unpacked floats) with the stored scale in the source's convention."""
+    if layout.kind == "master":
+        s = absmean_scale(tensor, name=name)
+        return ternarize(tensor, s), s.reshape(1), True
+    codes = unpack_ternary(tensor) if tensor.dtype == torch.uint8 else tensor.to(torch.int8)
+    return codes, weight_scale.reshape(1), layout.linear_class == "autobitlinear"
 
 
 def resolve_device(device: str) -> str:
@@ -84,13 +108,14 @@ def resolve_device(device: str) -> str:
 
 
 def is_ternary(folder: Path) -> bool:
-    """True for a checkpoint in the transformers BitNet layout."""
+    """True for a checkpoint that runs ternary: the transformers BitNet layout (packed, or a
+    master quantized online) or a BitNetForCausalLM."""
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     qc = config.get("quantization_config") or {}
-    return qc.get("quant_method") == "bitnet"
+    return qc.get("quant_method") == "bitnet" or (config.get("architectures") or [""])[0] == BITNET_ARCHITECTURE
 
 
 def load_fp(folder: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -102,48 +127,52 @@ def load_fp(folder: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
     return model.to(device).eval()
 
 
-def load_ternary(folder: Path, dtype: torch.dtype, device: str, act_quant: bool = True) -> torch.nn.Module:
-    """A bitquant (or any transformers BitNet offline) checkpoint, unpacked once."""
+def load_ternary(folder: Path | Checkpoint, dtype: torch.dtype, device: str, act_quant: bool = True) -> torch.nn.Module:
+    """A ternary checkpoint (packed in either convention, or a master), each ternary
+    weight turned into a :class:`TernaryLinear` once."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(folder)
+    ckpt = folder if isinstance(folder, Checkpoint) else open_checkpoint(folder)
+    config = AutoConfig.from_pretrained(ckpt.path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain Linear layers; ternary ones are swapped in
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # random init, replaced below
-    files, _ = checkpoint_files(folder)
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    names = {spec.name for _, spec in ckpt.iter_specs()}
+    for f in ckpt.files:
         with SafetensorsReader(f) as reader:
-            names = set(reader.names())
             for name in reader.names():
-                if name.endswith(SCALE_SUFFIX) and name.removesuffix(SCALE_SUFFIX) in names:
+                if ckpt.weight_map and ckpt.weight_map.get(name) != f:
+                    continue
+                if name.endswith(SCALE_SUFFIX) and is_ternary_weight(name.removesuffix(SCALE_SUFFIX), ckpt.layout, names, PROJECTIONS):
                     continue
                 tensor = reader.get(name)
-                if tensor.dtype == torch.uint8 and name + SCALE_SUFFIX in names:
-                    _install(model, name, tensor, reader.get(name + SCALE_SUFFIX), dtype, act_quant)
+                if is_ternary_weight(name, ckpt.layout, names, PROJECTIONS):
+                    scale = ckpt.read([name + SCALE_SUFFIX])[name + SCALE_SUFFIX] if ckpt.layout.kind == "packed" else None
+                    _install(model, name, *ternary_weight(name, tensor, scale, ckpt.layout), dtype, act_quant)
                 else:
                     state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor.clone()
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [m for m in missing if not _ternary_param(model, m) and not (m == "lm_head.weight" and config.tie_word_embeddings)]
     if missing or unexpected:
         raise SourceError(
-            f"{folder} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-convert it"
+            f"{ckpt.path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}); re-convert it"
         )
     if config.tie_word_embeddings:
         model.tie_weights()
     return model.to(device).eval()
 
 
-def _install(model, name: str, packed: torch.Tensor, weight_scale: torch.Tensor, dtype, act_quant: bool) -> None:
+def _install(model, name: str, codes: torch.Tensor, weight_scale: torch.Tensor, multiply: bool, dtype,
+             act_quant: bool) -> None:
     module_name = name.removesuffix(".weight")
     parent_name, _, leaf = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, leaf)
-    codes = unpack_ternary(packed)
     if tuple(codes.shape) != (old.out_features, old.in_features):
-        raise SourceError(f"packed weight {name} has shape {tuple(codes.shape)}, expected {(old.out_features, old.in_features)}")
+        raise SourceError(f"ternary weight {name} has shape {tuple(codes.shape)}, expected {(old.out_features, old.in_features)}")
     bias = None if old.bias is None else old.bias.detach()  # replaced by load_state_dict below
-    setattr(parent, leaf, TernaryLinear(codes, weight_scale.to(dtype), bias, act_quant))
+    setattr(parent, leaf, TernaryLinear(codes, weight_scale.to(dtype), bias, act_quant, multiply))
 
 
 def _ternary_param(model, key: str) -> bool:

@@ -17,12 +17,14 @@ from typing import Iterator
 
 import torch
 
-from bitquant import embedded
+from bitquant import embedded, inputs
 from bitquant.errors import SourceError, UnsupportedModelError
+from bitquant.inputs import Layout
+from bitquant.recipe import PROJECTIONS
 from bitquant.tensorfile import SafetensorsReader, TensorSpec
 
 #: Architectures whose decoder blocks have the seven LLaMA projections.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", inputs.BITNET_ARCHITECTURE)
 
 #: Files fetched from the Hub: configuration, tokenizer and safetensors weights only.
 HUB_PATTERNS = [
@@ -127,6 +129,7 @@ class Checkpoint:
     config: dict
     files: list[Path]
     weight_map: dict[str, Path] = field(default_factory=dict)
+    layout: Layout = field(default_factory=lambda: Layout("fp"))
 
     @property
     def architecture(self) -> str:
@@ -229,7 +232,8 @@ def checkpoint_files(folder: Path) -> tuple[list[Path], dict[str, Path]]:
 
 
 def open_checkpoint(folder: Path) -> Checkpoint:
-    """Validate a checkpoint folder: config, supported architecture, safetensors shards."""
+    """Validate a checkpoint folder: config, supported architecture, safetensors shards, and
+    what it holds (:func:`bitquant.inputs.detect`: FP, ternary-trained master or packed)."""
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise SourceError(f"{folder} has no config.json; point at a Hugging Face checkpoint folder")
@@ -240,10 +244,7 @@ def open_checkpoint(folder: Path) -> Checkpoint:
         raise UnsupportedModelError(
             f"architecture {name} is not supported; bitquant converts {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
-    if config.get("quantization_config"):
-        method = config["quantization_config"].get("quant_method", "unknown")
-        raise UnsupportedModelError(
-            f"{folder} is already quantized ({method}); convert the FP16/BF16 checkpoint instead"
-        )
     files, weight_map = checkpoint_files(folder)
-    return Checkpoint(folder, config, files, weight_map)
+    ckpt = Checkpoint(folder, config, files, weight_map)
+    ckpt.layout = inputs.detect(config, {s.name: s for _, s in ckpt.iter_specs()}, PROJECTIONS, str(folder))
+    return ckpt

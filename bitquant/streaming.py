@@ -12,7 +12,6 @@ simpler in-memory path is used instead.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,9 +19,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bitquant import runtime
 from bitquant.blocks import Blocks
-from bitquant.source import Checkpoint, checkpoint_files, open_checkpoint
+from bitquant.source import Checkpoint, open_checkpoint
 
 #: Called as work is done: (steps done, steps in all); a step is a block or a window.
 StepProgress = Callable[[int, int], None]
@@ -33,10 +31,7 @@ MEMORY_SHARE = 0.25
 
 
 def checkpoint(folder: Path) -> Checkpoint:
-    """An FP checkpoint (validated as for conversion) or a packed ternary one."""
-    if runtime.is_ternary(folder):
-        files, weight_map = checkpoint_files(folder)
-        return Checkpoint(folder, json.loads((folder / "config.json").read_text(encoding="utf-8")), files, weight_map)
+    """A checkpoint, validated as for conversion (FP, master or packed ternary)."""
     return open_checkpoint(folder)
 
 

@@ -170,3 +170,28 @@ def absmean_roundtrip(w: torch.Tensor, eps: float = DEFAULT_EPS) -> torch.Tensor
 def dequantize(codes: torch.Tensor, scale: float, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """s * Wq in ``dtype``."""
     return (codes.to(torch.float32) * scale).to(dtype)
+
+
+def ternary_values(w: torch.Tensor) -> tuple[torch.Tensor, float] | None:
+    """``(codes, c)`` when every value of ``w`` is -c, 0 or +c for one c > 0 (a matrix that
+    is already ternary, e.g. dequantized codes), else ``None``.
+
+    absmean would give such a matrix the scale c x (share of non-zeros), not c; the codes
+    are ``sign(w)`` and c is kept exactly. The first row is checked before the whole
+    matrix, so an ordinary weight costs one short test.
+    """
+    if w.numel() == 0 or not w.is_floating_point():
+        return None
+    flat = w.reshape(-1)
+    c = flat[: min(flat.numel(), 4096)].abs().amax()
+    if c == 0 or not torch.isfinite(c):
+        c = flat.abs().amax()
+        if c == 0 or not torch.isfinite(c):
+            return None
+    head = flat[: min(flat.numel(), 4096)].abs()
+    if not bool(((head == 0) | (head == c)).all()):
+        return None
+    a = flat.abs()
+    if not bool(((a == 0) | (a == c)).all()) or a.amax() != c:
+        return None
+    return torch.sign(w).to(torch.int8), float(c)

@@ -170,12 +170,20 @@ _OUTPUT_OPTIONS = [
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Calibrated recipes: where calibration runs (auto: cuda when torch sees a GPU).")
 @click.option("--exclude", multiple=True, metavar="PATTERN", help="Keep modules matching this shell pattern in full precision (repeatable), e.g. 'model.layers.0.*'.")
+@click.option("--linear-class", type=click.Choice(["auto", "bitlinear", "autobitlinear"]), default=None,
+              help="transformers BitNet class to write for: bitlinear (weight_scale = 1/s) or autobitlinear "
+                   "(weight_scale = s, float32). Default auto: a packed input keeps its own, BitNetForCausalLM gets "
+                   "autobitlinear (the 2B-4T release layout), others bitlinear.")
 @click.option("--force", is_flag=True, help="Convert even when OUT is already up to date (implies --overwrite).")
 @output_options
 @debug_option
-def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight, device, exclude, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
+def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight, device, exclude, linear_class, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
             eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json, stream):
     """Convert MODEL (Hub id, local folder, or embedded:smollm2-135m) into a packed ternary model.
+
+    FP models are ternarized with absmean. Ternary-trained masters (BitNetForCausalLM,
+    autobitlinear online), already-packed checkpoints (either weight_scale convention) and
+    already-ternary dense weights are converted without loss.
 
     Exit codes: 0 done (or already up to date), 1 runtime failure, 2 bad input, 3 quality gate failed
     (the output is still written).
@@ -188,6 +196,8 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
       bitquant convert embedded:smollm2-135m -o smollm2-gguf --format gguf-tq2_0
       bitquant convert embedded:smollm2-135m -o smollm2-gptq --config gptq
       bitquant convert embedded:smollm2-135m -o smollm2-mixed --config gptq-mixed --target-bits-per-weight 3
+      bitquant convert ./bitnet-2b-master-bf16 -o ./bitnet-2b-packed
+      bitquant convert ./bitnet-2b-packed -o ./bitnet-2b-bitlinear --linear-class bitlinear
     """
     from bitquant.convert import convert as run_convert
     from bitquant.recipe import load_recipe
@@ -197,7 +207,7 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
         exclude=tuple(recipe.exclude) + tuple(exclude) if exclude else None,
         eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
         max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, format=fmt, calib_tokens=calib_tokens,
-        target_bits_per_weight=target_bits_per_weight,
+        target_bits_per_weight=target_bits_per_weight, linear_class=linear_class,
     )
     with render.tensor_progress(enabled=not as_json) as progress, render.window_progress(enabled=not as_json) as eval_progress:
         report = run_convert(

@@ -81,6 +81,21 @@ def gate_line(g: dict) -> str:
     return f"{what} {_fmt(g['value'])} > {_fmt(g['limit'])} ({g['option']}), {_fmt(g['value'] / g['limit'])}x the limit"
 
 
+def input_line(info: dict) -> str:
+    """What the source held, and whether converting it added quantization error."""
+    layout = f", {info['source_linear_class']}" if info.get("source_linear_class") else ""
+    target = f"; written as {info['output_linear_class']}" if info.get("output_linear_class") else ""
+    if info["quantization_error_added"]:
+        how = "absmean"
+        if info["copied_matrices"]:
+            how += f" ({info['copied_matrices']} already-ternary matrices copied)"
+    elif info["kind"] == "master":
+        how = "lossless: absmean is the master's own quantizer"
+    else:
+        how = f"lossless: {info['copied_matrices']} matrices copied code for code"
+    return f"{info['label']}{layout}; {how}{target}"
+
+
 def convert_summary(report: ConvertReport, out_dir: Path) -> None:
     if report.up_to_date:
         out.print(f"{out_dir} is up to date (same source, recipe {report.recipe_sha256[:12]}, bitquant "
@@ -95,6 +110,8 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
     src = report.source
     t.add_row("source", f"{src['id']} ({src['kind']}{', ' + src['commit_sha'][:12] if src.get('commit_sha') else ''})")
     t.add_row("architecture", report.architecture)
+    if report.input:
+        t.add_row("input", input_line(report.input))
     t.add_row("recipe", f"{report.recipe['name']} (sha256 {report.recipe_sha256[:12]})")
     if report.heal:
         heal_rows(report, t)

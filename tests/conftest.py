@@ -23,21 +23,30 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).resolve().parent / "data"
 
 
+#: The ``quantization_config`` of a ternary-trained master (the -bf16 master of BitNet b1.58 2B-4T).
+MASTER_QC = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantization_mode": "online"}
+
+
 def tiny_config(arch: str = "llama", tied: bool = False, **overrides):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import BitNetConfig, LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
         tie_word_embeddings=tied,
     )
+    if arch == "bitnet":  # BitNetConfig's defaults differ from the 2B-4T release: every field explicit
+        common.update(hidden_act="relu2", rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                      attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
     common.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "bitnet": BitNetConfig}[arch]
     return cls(**common)
 
 
-def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype=torch.float32, seed: int = 0, **overrides) -> Path:
-    """Save a tiny random model with save_pretrained (safetensors) and return its folder."""
+def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype=torch.float32, seed: int = 0,
+                    quantization_config: dict | None = None, **overrides) -> Path:
+    """Save a tiny random model with save_pretrained (safetensors) and return its folder.
+    ``quantization_config`` is added to its config.json (e.g. :data:`MASTER_QC`)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -50,7 +59,16 @@ def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     model.save_pretrained(folder)
+    if quantization_config is not None:
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["quantization_config"] = quantization_config
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+def make_master(folder: Path, tied: bool = True, **kw) -> Path:
+    """A tiny random BitNetForCausalLM master (latent weights, quantized online)."""
+    return make_checkpoint(folder, arch="bitnet", tied=tied, quantization_config=MASTER_QC, **kw)
 
 
 TOKENIZER_VOCAB = 320

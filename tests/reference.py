@@ -39,28 +39,39 @@ def act_quant(x: torch.Tensor) -> torch.Tensor:
 
 
 class RefTernaryLinear(torch.nn.Module):
-    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_bits: bool = True):
+    """``multiply``: transformers' AutoBitLinear (offline) convention, y = linear(act_quant(x), Wq) * weight_scale."""
+
+    def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_bits: bool = True,
+                 multiply: bool = False):
         super().__init__()
         self.codes = codes
         self.weight_scale = weight_scale
         self.bias = bias
         self.act_bits = act_bits
+        self.multiply = multiply
 
     def forward(self, x):
         xq = act_quant(x) if self.act_bits else x
-        y = F.linear(xq, self.codes.to(x.dtype)) / self.weight_scale.to(x.dtype)
+        y = F.linear(xq, self.codes.to(x.dtype))
+        y = y * self.weight_scale.to(x.dtype) if self.multiply else y / self.weight_scale.to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
 
-def reference_model(source_dir, quantized: dict[str, tuple[np.ndarray, float]], dtype=torch.float32, act_bits: bool = True):
+def reference_model(source_dir, quantized: dict[str, tuple[np.ndarray, float]], dtype=torch.float32, act_bits: bool = True,
+                    multiply: bool = False):
     """The source model with each module in ``quantized`` (name -> (codes, weight_scale))
-    replaced by a reference ternary linear layer."""
-    from transformers import AutoModelForCausalLM
+    replaced by a reference ternary linear layer. A source with a ``quantization_config``
+    (a master) is built as a plain dense model first."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source_dir, dtype=dtype)
+    config = AutoConfig.from_pretrained(source_dir)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_pretrained(source_dir, config=config, dtype=dtype)
     for name, (codes, weight_scale) in quantized.items():
         parent_name, _, leaf = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         old = getattr(parent, leaf)
-        setattr(parent, leaf, RefTernaryLinear(torch.from_numpy(codes), torch.tensor([weight_scale]), old.bias, act_bits))
+        setattr(parent, leaf, RefTernaryLinear(torch.from_numpy(codes), torch.tensor([weight_scale]), old.bias, act_bits,
+                                               multiply))
     return model.eval()

@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from conftest import DATA, REPO, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint
+from conftest import DATA, MASTER_QC, REPO, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint, make_master
 from fake_hub import FakeHub
 
 DOC = REPO / "docs" / "bad-inputs.md"
@@ -117,6 +117,27 @@ def s_heal_eval_data(tmp, src, hub):
 def s_heal_arch(tmp, src, hub):
     edit_config(src, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     return heal(src), {}
+
+
+def s_master(change):
+    """A tiny BitNet master (tokenizer copied from the usual source), then ``change(master)``."""
+    def setup(tmp, src, hub):
+        master = make_master(tmp / "master")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (src / name).is_file():
+                (master / name).write_bytes((src / name).read_bytes())
+        return change(master) or conv(master), {}
+    return setup
+
+
+def _drop_sub_norm(master):
+    edit_weights(master, lambda sd: sd.pop("model.layers.1.self_attn.attn_sub_norm.weight"))
+
+
+def _zero_mlp(master):
+    import torch
+
+    edit_weights(master, lambda sd: sd.__setitem__("model.layers.0.mlp.down_proj.weight", torch.zeros_like(sd["model.layers.0.mlp.down_proj.weight"])))
 
 
 def s_out_file(tmp, src, hub):
@@ -222,6 +243,12 @@ CASES = [
     Case("heal-binary-data", "heal --data: not UTF-8", s_heal_latin1, 2, "is not UTF-8 text"),
     Case("heal-eval-data", "heal --data: the --eval-text file", s_heal_eval_data, 2, "is the --eval-text file"),
     Case("heal-arch", "heal: an unsupported architecture", s_heal_arch, 2, "architecture GPT2LMHeadModel is not supported"),
+    Case("qc-mismatch", "quantization_config says packed, the weights are dense", lambda t, s, h: (edit_config(s, quantization_config={"quant_method": "bitnet"}) or conv(s), {}), 2, "says the projections are packed (bitlinear, offline)"),
+    Case("linear-class", "unknown quantization_config.linear_class", s_master(lambda m: edit_config(m, quantization_config={**MASTER_QC, "linear_class": "ternarylinear"})), 2, "which bitquant does not know"),
+    Case("sub-norms", "BitNet checkpoint without its sub-norms", s_master(_drop_sub_norm), 2, "BitNet blocks need attn_sub_norm and ffn_sub_norm"),
+    Case("zero-master", "ternary-trained master with an all-zero matrix", s_master(_zero_mlp), 2, "of this ternary-trained model is all zeros"),
+    Case("master-gptq", "calibrated recipe on a ternary-trained master", s_master(lambda m: conv(m, "--config", "gptq")), 2, "does not apply"),
+    Case("heal-ternary", "heal: an already ternary model", s_master(lambda m: heal(m)), 2, "is already a ternary model"),
     Case("heal-oom", "heal: the GPU runs out of memory", lambda t, s, h: (heal(s, "--data", BOOK), {"BQ_TEST_OOM": "1"}), 1, "the GPU ran out of memory; lower --micro-batch-tokens"),
 ]
 

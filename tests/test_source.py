@@ -37,9 +37,17 @@ def test_unsupported_architecture_is_named(tiny_llama):
 
 def test_already_quantized_is_refused(tiny_llama):
     cfg = json.loads((tiny_llama / "config.json").read_text())
-    cfg["quantization_config"] = {"quant_method": "bitnet"}
+    cfg["quantization_config"] = {"quant_method": "gptq", "bits": 4}
     (tiny_llama / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(UnsupportedModelError, match="already quantized"):
+    with pytest.raises(UnsupportedModelError, match="already quantized \\(gptq\\)"):
+        open_checkpoint(tiny_llama)
+
+
+def test_bitnet_config_that_does_not_match_the_tensors_is_refused(tiny_llama):
+    cfg = json.loads((tiny_llama / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "bitnet"}  # says packed bitlinear, but the weights are dense
+    (tiny_llama / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="says the projections are packed .*model.layers.0.*float32"):
         open_checkpoint(tiny_llama)
 
 

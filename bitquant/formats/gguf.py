@@ -1,15 +1,20 @@
-"""GGUF for llama.cpp: ternary projections as TQ2_0 or TQ1_0 (FORMATS.md section 2).
+"""GGUF for llama.cpp: ternary projections as TQ2_0 or TQ1_0 (FORMATS.md sections 2 and 5).
 
-Layout of the file written (architecture ``llama``):
+llama.cpp architectures written: ``llama`` (Llama, Mistral), ``qwen2`` (with its q/k/v
+biases) and ``bitnet`` (BitNetForCausalLM: sub-norms, tied output, the activation named
+in ``bitnet.hidden_activation``). Layout of the file:
 
-* projections ternarized by the recipe: TQ2_0 (2.0625 bits/weight) or TQ1_0 (1.6875),
+* ternary projections: TQ2_0 (2.0625 bits/weight) or TQ1_0 (1.6875),
   built by ``gguf.quants`` from the ternarized values s * code, so each 256-weight block
-  gets d = fp16(s) and exactly the recipe's codes. A row length that is not a multiple of
+  gets d = fp16(s) and exactly the given codes. For ``bitnet``, whose runtime multiplies
+  by an optional per-matrix ``blk.N.<proj>.scale``, blocks hold the codes with d = 1 and
+  s is stored exactly, as F32, in that tensor. A row length that is not a multiple of
   256 cannot be TQ: such a matrix is stored as Q8_0 with d = fp16(s) and the codes as its
   int8 values (the same numbers, 8.5 bits/weight), or F16 if rows are not a multiple of
   32 either, and listed in the report; ``strict`` makes that an error;
-* q and k rows permuted into llama.cpp's rope layout (pairs of halves interleaved, per
-  head), which permutes codes and leaves the per-matrix scale unchanged;
+* ``llama`` only: q and k rows permuted into llama.cpp's rope layout (pairs of halves
+  interleaved, per head), which permutes codes and leaves the per-matrix scale unchanged
+  (``qwen2`` and ``bitnet`` use NEOX rope, the transformers order);
 * projections the recipe keeps, the token embedding and the output head: F16; norms: F32;
 * llama hyper-parameters and the tokenizer (SentencePiece, or byte-level BPE with the
   GPT-2 split pattern) through the ``gguf`` package's vocabulary helpers.
@@ -29,7 +34,6 @@ import torch
 
 from bitquant.errors import TensorError, UnsupportedModelError, WriteFailure
 from bitquant.fingerprint import file_sha256
-from bitquant.kernels import quantize_pack
 from bitquant.packing import unpack_ternary
 from bitquant.report import LayerStats, OutputFile, SizeStats
 
@@ -37,10 +41,19 @@ TYPES = {"gguf-tq2_0": "TQ2_0", "gguf-tq1_0": "TQ1_0"}
 QK_TQ = 256  # weights per TQ block
 QK8_0 = 32  # weights per Q8_0 block
 
+#: transformers architecture -> llama.cpp architecture.
+ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
+                 "BitNetForCausalLM": "bitnet"}
+
+#: What the llama.cpp vendored by llama-cpp-python 0.3.36 computes in arch ``bitnet``
+#: (src/models/bitnet.cpp builds the MLP with LLM_FFN_SILU whatever the model says).
+LLAMA_CPP_BITNET_ACTIVATION = "silu"
+
 _LEAVES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
 }
 
 
@@ -55,7 +68,8 @@ def gguf_name(hf: str) -> str:
         module, leaf = ".".join(parts[3:-1]), parts[-1]
         if module in _LEAVES:
             return f"blk.{parts[2]}.{_LEAVES[module]}.{leaf}"
-    raise UnsupportedModelError(f"tensor {hf!r} has no llama.cpp name; GGUF export supports LLaMA/Mistral tensors only")
+    raise UnsupportedModelError(f"tensor {hf!r} has no llama.cpp name; GGUF export supports "
+                                "Llama, Mistral, Qwen2 and BitNet tensors only")
 
 
 def permute_for_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -71,7 +85,7 @@ class Entry:
 
     hf_name: str
     name: str
-    kind: str  # "ternary" or "plain"
+    kind: str  # "ternary", "plain" or "scale" (a bitnet ternary matrix's s)
     qtype: str  # GGML type name: TQ2_0, TQ1_0, Q8_0, F16, F32
     shape: tuple[int, ...]  # logical shape (rows, cols) as in transformers
     nbytes: int
@@ -89,6 +103,16 @@ def nbytes_of(qtype: str, shape: tuple[int, ...]) -> int:
     block, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
     n = int(np.prod(shape))
     return n // block * size
+
+
+def plan_entries(hf_name: str, shape: tuple[int, ...], ternary: bool, tq: str, strict: bool, arch: str) -> list[Entry]:
+    """The GGUF tensors of one source tensor: itself, and for a ternary matrix of arch
+    ``bitnet`` its F32 scale."""
+    entry = plan_entry(hf_name, shape, ternary, tq, strict)
+    if ternary and arch == "bitnet":
+        name = entry.name.removesuffix(".weight") + ".scale"
+        return [entry, Entry(hf_name, name, "scale", "F32", (1,), nbytes_of("F32", (1,)))]
+    return [entry]
 
 
 def plan_entry(hf_name: str, shape: tuple[int, ...], ternary: bool, tq: str, strict: bool) -> Entry:
@@ -128,7 +152,9 @@ def encode_plain(entry: Entry, tensor: torch.Tensor) -> np.ndarray:
 
 
 def rope_heads(config: dict, hf_name: str) -> int | None:
-    """Heads to permute by, for q and k projections (None for other tensors)."""
+    """Heads to permute by, for q and k projections of arch ``llama`` (None otherwise)."""
+    if ARCHITECTURES[config["architectures"][0]] != "llama":
+        return None
     if hf_name.endswith("self_attn.q_proj.weight"):
         return config["num_attention_heads"]
     if hf_name.endswith("self_attn.k_proj.weight"):
@@ -136,14 +162,33 @@ def rope_heads(config: dict, hf_name: str) -> int | None:
     return None
 
 
-def check_config(config: dict) -> None:
+def check_config(config: dict) -> list[str]:
+    """Refuse what llama.cpp cannot run; returns notes for the report (e.g. an activation
+    that the vendored llama.cpp does not compute)."""
     arch = config["architectures"][0]
-    if arch not in ("LlamaForCausalLM", "MistralForCausalLM"):
-        raise UnsupportedModelError(f"GGUF export supports LlamaForCausalLM and MistralForCausalLM, not {arch}")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedModelError(f"GGUF export supports {', '.join(ARCHITECTURES)}, not {arch}")
     rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
     kind = rope.get("rope_type") or rope.get("type") or "default"
     if kind != "default":
         raise UnsupportedModelError(f"GGUF export does not handle rope scaling {kind!r} yet; use the default format")
+    if ARCHITECTURES[arch] != "bitnet":
+        return []
+    if not config.get("tie_word_embeddings", False):
+        raise UnsupportedModelError("llama.cpp's bitnet architecture reuses the token embedding as the output layer, "
+                                    "but this model has an untied lm_head; use the default format for it")
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    if (config.get("head_dim") or hidden // heads) * heads != hidden:
+        raise UnsupportedModelError("llama.cpp's bitnet architecture needs heads x head_dim = hidden_size; "
+                                    "use the default format for this model")
+    act = config.get("hidden_act", "relu2")
+    if act not in ("relu2", "silu"):
+        raise UnsupportedModelError(f"GGUF export of a BitNet model knows the activations relu2 and silu, not {act!r}")
+    if act != LLAMA_CPP_BITNET_ACTIVATION:
+        return [f"this model's MLP uses {act}, but llama.cpp's bitnet architecture (as vendored by llama-cpp-python "
+                f"0.3.36) computes {LLAMA_CPP_BITNET_ACTIVATION} whatever the file says, so that llama.cpp gives wrong "
+                "outputs for it; the file records bitnet.hidden_activation for runtimes that read it"]
+    return []
 
 
 def add_metadata(writer, config: dict, name: str, tq: str) -> None:
@@ -164,17 +209,44 @@ def add_metadata(writer, config: dict, name: str, tq: str) -> None:
     writer.add_rope_dimension_count(config.get("head_dim") or hidden // heads)
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(LlamaFileType.MOSTLY_TQ2_0 if tq == "TQ2_0" else LlamaFileType.MOSTLY_TQ1_0)
+    if ARCHITECTURES[config["architectures"][0]] == "bitnet":
+        writer.add_string("bitnet.hidden_activation", config.get("hidden_act", "relu2"))
 
 
-def pre_tokenizer(tokenizer_json: dict) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenization (the text splitting before BPE)."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
+#: Split patterns of byte-level BPE tokenizers (as in their tokenizer.json) -> llama.cpp's
+#: pre-tokenizer name. They differ in how many digits make one piece.
+_SPLIT_PATTERNS = {
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+
+def pre_tokenizer(pre: dict | None) -> str:
+    """llama.cpp's name for a tokenizer's pre-tokenization (the text splitting before BPE),
+    from the pre-tokenizer that transformers actually runs (its JSON form)."""
+    pre = pre or {}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         return "gpt-2"  # byte-level BPE with the GPT-2 split pattern (GPT-2, SmolLM, StarCoder, ...)
+    steps = pre.get("pretokenizers") or []
+    if pre.get("type") == "Sequence" and len(steps) == 2 and steps[0].get("type") == "Split" \
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True):
+        name = _SPLIT_PATTERNS.get((steps[0].get("pattern") or {}).get("Regex"))
+        if name:
+            return name  # byte-level BPE with the Llama-3 or the Qwen2 split pattern
     raise UnsupportedModelError(
         f"GGUF export cannot yet name this tokenizer's pre-tokenizer ({pre.get('type', 'none')}) for llama.cpp; "
-        "byte-level BPE tokenizers with the GPT-2 pattern are supported"
+        "byte-level BPE tokenizers with the GPT-2, Llama-3 or Qwen2 pattern are supported"
     )
+
+
+def _runtime_pre_tokenizer(folder: Path) -> dict | None:
+    """The pre-tokenizer transformers runs for this model: for some architectures (Qwen2)
+    its tokenizer class replaces the one in tokenizer.json."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    backend = getattr(tok, "backend_tokenizer", None)
+    return json.loads(backend.to_str()).get("pre_tokenizer") if backend is not None else None
 
 
 def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
@@ -201,7 +273,7 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
             raise UnsupportedModelError(
                 f"GGUF export supports SentencePiece and byte-level BPE tokenizers; this one is neither ({e})"
             ) from None
-        model, pre, merges = "gpt2", pre_tokenizer(tokenizer_json), True
+        model, pre, merges = "gpt2", pre_tokenizer(_runtime_pre_tokenizer(folder)), True
         special = {t["id"] for t in tokenizer_json.get("added_tokens", []) if t.get("special")}
     tokens, scores, types = [], [], []
     for i, (text, score, typ) in enumerate(vocab.all_tokens()):
@@ -226,11 +298,13 @@ def write_file(path: Path, config: dict, tokenizer_folder: Path, name: str, tq: 
     ``tensors`` iterable yields (one array per entry, in order), one at a time."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
-    writer = GGUFWriter(path, "llama")
+    writer = GGUFWriter(path, ARCHITECTURES[config["architectures"][0]])
     add_metadata(writer, config, name, tq)
     add_tokenizer(writer, tokenizer_folder, config["vocab_size"])
     for e in entries:
-        if e.qtype in ("F16", "F32"):
+        if e.kind == "scale":
+            writer.add_tensor_info(e.name, e.shape, np.dtype(np.float32), e.nbytes)
+        elif e.qtype in ("F16", "F32"):
             writer.add_tensor_info(e.name, e.shape, np.dtype(np.float16 if e.qtype == "F16" else np.float32), e.nbytes)
         else:
             writer.add_tensor_info(e.name, (e.shape[0], e.nbytes // e.shape[0]), np.dtype(np.uint8), e.nbytes,
@@ -245,28 +319,37 @@ def write_file(path: Path, config: dict, tokenizer_folder: Path, name: str, tq: 
     writer.close()
 
 
-def export(ckpt, quantize: set[str], total_params: int, folder: Path, fmt: str, eps: float, name: str,
-           strict: bool = False, progress=None):
-    """Stream checkpoint ``ckpt`` into ``folder/model.gguf``, ternarizing the weights named in
-    ``quantize``. Returns the layer stats, the output file, the size stats and the GGUF
-    details for the report."""
+def export(ckpt, plan, items, folder: Path, fmt: str, name: str, strict: bool = False, progress=None):
+    """Stream the tensors that ``items`` yields (``(name, tensor, make)``, as
+    :func:`bitquant.export.source_items`; ``make()`` gives a ternary matrix's packed codes
+    and scale) into ``folder/model.gguf``, following ``plan``. Returns the layer stats,
+    the output file, the size stats and the GGUF details for the report."""
     tq = TYPES[fmt]
-    entries = [plan_entry(spec.name, spec.shape, spec.name in quantize, tq, strict) for _, spec in ckpt.iter_specs()]
+    notes = check_config(ckpt.config)
+    arch = ARCHITECTURES[ckpt.config["architectures"][0]]
+    entries = [e for spec in plan.logical.values()
+               for e in plan_entries(spec.name, spec.shape, spec.name in plan.quantize, tq, strict, arch)]
     layers: list[LayerStats] = []
+    separate_scale = arch == "bitnet"
 
     def arrays():
-        for i, (hf_name, tensor) in enumerate(ckpt.iter_tensors(), start=1):
-            entry = entries[i - 1]
+        for i, (hf_name, tensor, make) in enumerate(items, start=1):
             heads = rope_heads(ckpt.config, hf_name)
-            if entry.kind == "ternary":
-                t = quantize_pack(tensor, eps=eps, name=hf_name)
-                layers.append(LayerStats.of(hf_name, tensor.shape, t))
+            if make is not None:
+                t = make()
+                logical = plan.logical[hf_name]
+                layers.append(LayerStats.of(hf_name, logical.shape, t))
                 codes = unpack_ternary(t.packed)
-                yield encode_ternary(entry, permute_for_rope(codes, heads) if heads else codes, t.scale)
+                entry = plan_entry(hf_name, logical.shape, True, tq, strict)
+                yield encode_ternary(entry, permute_for_rope(codes, heads) if heads else codes,
+                                     1.0 if separate_scale else t.scale)
+                if separate_scale:
+                    yield np.array([t.scale], dtype=np.float32)
             else:
+                entry = plan_entry(hf_name, tuple(tensor.shape), False, tq, strict)
                 yield encode_plain(entry, permute_for_rope(tensor, heads) if heads else tensor)
             if progress:
-                progress(i, len(entries), hf_name)
+                progress(i, plan.source_count, hf_name)
 
     path = folder / "model.gguf"
     try:
@@ -279,16 +362,18 @@ def export(ckpt, quantize: set[str], total_params: int, folder: Path, fmt: str, 
         by_type[e.qtype] = by_type.get(e.qtype, 0) + e.nbytes
     ternary = [e for e in entries if e.kind == "ternary"]
     quantized_params = sum(e.shape[0] * e.shape[1] for e in ternary)
-    quantized_bytes = sum(e.nbytes for e in ternary)
+    quantized_bytes = sum(e.nbytes for e in entries if e.kind in ("ternary", "scale"))
     total_bytes = sum(e.nbytes for e in entries)
     size = SizeStats.from_counts(ckpt.source_bytes(), files[0].bytes, quantized_params, quantized_bytes,
-                                 total_params, total_bytes)
+                                 plan.total_params, total_bytes)
     info = {
         "file": path.name,
         "type": tq,
+        "architecture": arch,
         "bytes_by_type": dict(sorted(by_type.items())),
         "not_tq": [{"name": e.hf_name.removesuffix(".weight"), "stored_as": e.qtype,
                     "reason": f"rows of {e.shape[1]} weights are not a multiple of {QK_TQ}"}
                    for e in ternary if e.qtype != tq],
+        "notes": notes,
     }
     return layers, files, size, info

@@ -1,11 +1,16 @@
-"""The transformers BitNet "offline" layout (FORMATS.md section 1).
+"""The transformers BitNet "offline" layout (FORMATS.md sections 1 and 5).
 
 For each ternarized projection ``P``:
 
 * ``P.weight``: ``uint8 [out/4, in]``, codes + 1 packed in row-block order
   (:mod:`bitquant.packing`);
-* ``P.weight_scale``: shape ``[1]`` in the model dtype, holding **1/s**, because
-  transformers' ``BitLinear`` divides by it (storing s loads fine and gives garbage).
+* ``P.weight_scale``: shape ``[1]``, in one of transformers' two inverse conventions:
+
+  - ``linear_class: bitlinear`` (``BitLinear``) divides by it, so it holds **1/s**, in the
+    model dtype (storing s loads fine and gives garbage);
+  - ``linear_class: autobitlinear`` (``AutoBitLinear``, offline) multiplies by it, so it
+    holds **s**, in float32: rounding s to bf16 (0.2%) moves a BitNet model's logits by
+    several percent, because the 8-bit activation rounding amplifies it.
 
 ``config.json`` keeps the source architecture and gains a ``quantization_config``. With
 every projection quantized, ``modules_to_not_convert`` is ``null`` (transformers' default:
@@ -42,31 +47,38 @@ def scale_name(weight_name: str) -> str:
     return weight_name + SCALE_SUFFIX
 
 
-def packed_specs(name: str, spec: TensorSpec) -> list[TensorSpec]:
-    """Output specs for a ternarized ``[out, in]`` weight: packed codes, then ``weight_scale``."""
+def packed_specs(name: str, spec: TensorSpec, linear_class: str = "bitlinear") -> list[TensorSpec]:
+    """Output specs for a ternarized ``[out, in]`` weight: packed codes, then ``weight_scale``.
+    ``spec.dtype`` is the model dtype (for a packed source: its scale's dtype)."""
     return [
         TensorSpec(name, torch.uint8, packed_shape(spec.shape, name)),
-        TensorSpec(scale_name(name), scale_dtype(spec.dtype), (1,)),
+        TensorSpec(scale_name(name), scale_dtype(spec.dtype, linear_class), (1,)),
     ]
 
 
-def encode(name: str, packed: torch.Tensor, scale: float, dtype: torch.dtype) -> list[tuple[str, torch.Tensor]]:
+def encode(name: str, packed: torch.Tensor, scale: float, dtype: torch.dtype,
+           linear_class: str = "bitlinear") -> list[tuple[str, torch.Tensor]]:
     """The tensors stored for one ternarized weight (order matches :func:`packed_specs`):
-    the packed codes, and 1/s in the model dtype."""
-    return [(name, packed), (scale_name(name), inverse_scale(scale, scale_dtype(dtype)).reshape(1))]
+    the packed codes, and ``weight_scale`` in ``linear_class``'s convention."""
+    out_dtype = scale_dtype(dtype, linear_class)
+    if linear_class == "autobitlinear":
+        stored = torch.tensor([scale], dtype=torch.float64).to(out_dtype)
+    else:
+        stored = inverse_scale(scale, out_dtype).reshape(1)
+    return [(name, packed), (scale_name(name), stored)]
 
 
-def scale_dtype(weight_dtype: torch.dtype) -> torch.dtype:
-    """The dtype ``weight_scale`` is stored in: the weight's own (the model dtype)."""
-    return weight_dtype
+def scale_dtype(weight_dtype: torch.dtype, linear_class: str = "bitlinear") -> torch.dtype:
+    """The dtype ``weight_scale`` is stored in: float32 for autobitlinear, else the model dtype."""
+    return torch.float32 if linear_class == "autobitlinear" else weight_dtype
 
 
-def quantization_config(kept_modules: list[str]) -> dict:
+def quantization_config(kept_modules: list[str], linear_class: str = "bitlinear") -> dict:
     """The ``quantization_config`` block of ``config.json``."""
     not_convert = None if not kept_modules else ["lm_head", *sorted(kept_modules)]
     return {
         "quant_method": "bitnet",
-        "linear_class": "bitlinear",
+        "linear_class": linear_class,
         "quantization_mode": "offline",
         "modules_to_not_convert": not_convert,
     }
@@ -166,9 +178,9 @@ def write_index(folder: Path, shards: list[Shard]) -> None:
     _write_json(folder / INDEX_FILE, index)
 
 
-def write_config(folder: Path, source_config: dict, kept_modules: list[str]) -> None:
+def write_config(folder: Path, source_config: dict, kept_modules: list[str], linear_class: str = "bitlinear") -> None:
     config = dict(source_config)
-    config["quantization_config"] = quantization_config(kept_modules)
+    config["quantization_config"] = quantization_config(kept_modules, linear_class)
     _write_json(folder / "config.json", config)
 
 
