@@ -30,7 +30,7 @@ import torch
 
 from bitquant.errors import SourceError, TensorError, UnsupportedModelError
 from bitquant.kernels import PackedTernary
-from bitquant.packing import pack_ternary, unpack_ternary
+from bitquant.packing import pack_ternary
 from bitquant.formats.hf_bitnet import SCALE_SUFFIX
 from bitquant.tensorfile import TensorSpec
 
@@ -186,21 +186,31 @@ def stored_scale(weight_scale: torch.Tensor, linear_class: str, name: str) -> fl
     return 1.0 / value if linear_class == "bitlinear" else value
 
 
-def _copied(packed: torch.Tensor, codes: torch.Tensor, scale: float, name: str) -> PackedTernary:
-    nonzero = int(torch.count_nonzero(codes))
+#: Per byte value of a packed matrix: how many of its four 2-bit fields hold code 0
+#: (stored as 1), and whether any holds 3 (no code).
+_BYTES = torch.arange(256)
+_ZEROS_IN_BYTE = sum(((_BYTES >> (2 * i)) & 3 == 1).long() for i in range(4))
+_BAD_BYTE = sum(((_BYTES >> (2 * i)) & 3 == 3).long() for i in range(4)) > 0
+
+
+def _copied(packed: torch.Tensor, nonzero: int, numel: int, scale: float, name: str) -> PackedTernary:
     if nonzero == 0:
         raise TensorError(f"tensor {name!r} of this ternary-trained model is all zeros; the checkpoint is broken "
                           "(download it again, or use another revision)")
-    return PackedTernary(packed, scale, False, 1.0 - nonzero / codes.numel(), 0.0, copied=True)
+    return PackedTernary(packed, scale, False, 1.0 - nonzero / numel, 0.0, copied=True)
 
 
 def copy_packed(packed: torch.Tensor, scale: float, name: str) -> PackedTernary:
-    """A packed uint8 matrix taken over as it is (its 2-bit fields checked: 3 is no code)."""
-    codes = unpack_ternary(packed)
-    if bool((codes > 1).any()):
+    """A packed uint8 matrix taken over as it is; its 2-bit fields are checked (3 is no
+    code) and counted from a histogram of its bytes, without unpacking it."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise TensorError(f"packed weight {name!r} must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    hist = torch.bincount(packed.reshape(-1), minlength=256)
+    if bool(hist[_BAD_BYTE].any()):
         raise TensorError(f"packed weight {name!r} holds the 2-bit value 3, which is no ternary code; "
                           "the checkpoint is not in the BitNet packed layout")
-    return _copied(packed, codes, scale, name)
+    numel = 4 * packed.numel()
+    return _copied(packed, numel - int(hist @ _ZEROS_IN_BYTE), numel, scale, name)
 
 
 def copy_dense_codes(codes: torch.Tensor, scale: float, name: str) -> PackedTernary:
@@ -209,12 +219,12 @@ def copy_dense_codes(codes: torch.Tensor, scale: float, name: str) -> PackedTern
         raise TensorError(f"{name!r} should hold ternary codes (-1, 0, 1), as autobitlinear offline stores them, but "
                           "holds other values; fix its quantization_config (a latent master is online)")
     c = codes.to(torch.int8)
-    return _copied(pack_ternary(c), c, scale, name)
+    return _copied(pack_ternary(c), int(torch.count_nonzero(c)), c.numel(), scale, name)
 
 
 def copy_ternary_values(codes: torch.Tensor, c: float, name: str) -> PackedTernary:
     """A dense matrix of values {-c, 0, +c} (see :func:`bitquant.ternary.ternary_values`)."""
-    return _copied(pack_ternary(codes), codes, c, name)
+    return _copied(pack_ternary(codes), int(torch.count_nonzero(codes)), codes.numel(), c, name)
 
 
 def check_tensor(name: str, tensor: torch.Tensor) -> None:
@@ -222,11 +232,12 @@ def check_tensor(name: str, tensor: torch.Tensor) -> None:
     (a published re-upload of a BitNet model has all-zero MLP weights)."""
     if not tensor.is_floating_point():
         return
-    nonzero = False
+    largest = 0.0
     for chunk in tensor.reshape(-1).split(1 << 22):  # bounded temporaries, even for a 128k-token embedding
-        if not bool(torch.isfinite(chunk).all()):
+        m = float(chunk.abs().amax())  # NaN propagates through amax; one pass finds NaN, Inf and all-zero
+        if m != m or m == float("inf"):
             raise TensorError(f"tensor {name!r} contains NaN or Inf values; fix or re-export the checkpoint")
-        nonzero = nonzero or bool(chunk.any())
-    if tensor.dim() == 2 and not nonzero:
+        largest = max(largest, m)
+    if tensor.dim() == 2 and largest == 0.0:
         raise TensorError(f"tensor {name!r} of this ternary-trained model is all zeros; the checkpoint is broken "
                           "(download it again, or use another revision)")
