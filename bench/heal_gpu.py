@@ -4,6 +4,8 @@
     python bench/heal_gpu.py smollm2 --out /tmp/healed
     # a short run (checks the CUDA paths and measures throughput in a minute or two)
     python bench/heal_gpu.py smollm2 --set tokens=327680 --set sample_tokens=262144 --eval-max-tokens 4096
+    # the same on the low-memory road (bf16 latent weights, torchao AdamW8bit)
+    python bench/heal_gpu.py smollm2 --set tokens=327680 --set sample_tokens=262144 --low-memory
     # a TinyLlama-1.1B-shaped synthetic checkpoint, 200 steps on --data text (memory and speed)
     python bench/heal_gpu.py tinyllama --set tokens=1638400 --set batch_tokens=8192 --set micro_batch_tokens=8192
 
@@ -59,6 +61,7 @@ def main() -> None:
     p.add_argument("--eval-max-tokens", type=int, default=16384)
     p.add_argument("--device", default="auto")
     p.add_argument("--copy", default=None)
+    p.add_argument("--low-memory", action="store_true", help="the low-memory road (bf16 weights, torchao AdamW8bit)")
     args = p.parse_args()
 
     import torch
@@ -89,12 +92,13 @@ def main() -> None:
 
     started = time.monotonic()
     report = heal(model, args.out, recipe=recipe, eval_text=eval_text, data_files=data_files,
-                  device=args.device, hooks=HealHooks(train=train, note=lambda m: print("note:", m, flush=True)))
+                  device=args.device, hooks=HealHooks(train=train, note=lambda m: print("note:", m, flush=True)),
+                  low_memory=args.low_memory or None)
     wall = time.monotonic() - started
     h, ppl = report.heal, report.perplexity
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     rows = [("device", f"{name}, torch {torch.__version__}"), ("model", model), ("recipe", json.dumps(parse_set(args.set))),
-            ("wall (sampling, training, export, eval)", f"{wall:.0f} s"),
+            ("wall (sampling, training, export, eval)", f"{wall:.0f} s"), ("road", h["road"]),
             ("tokens trained", f"{h['tokens']:,} in {h['steps']} steps (passes over data {h['passes_over_data']})"),
             ("training tokens/s", f"{h['tokens_per_second']:,.0f} overall, {h['steady_tokens_per_second']:,.0f} steady"
                                   f" (compiled: {h['compiled']})"),

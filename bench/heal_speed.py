@@ -40,14 +40,15 @@ def tinyllama_config():
                        tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 
 
-def models(config, compile_mode: str):
+def models(config, compile_mode: str, student_dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
     from bitquant.training.student import compile_blocks, make_student
 
     torch.manual_seed(0)
-    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32).cuda()
-    teacher = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().requires_grad_(False)
+    with torch.device("cuda"):  # initialised on the GPU: a 7B shape in seconds rather than minutes
+        student = AutoModelForCausalLM.from_config(config, dtype=student_dtype)
+        teacher = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).requires_grad_(False)
     teacher.load_state_dict(student.state_dict())
     modules = {n for n, m in student.named_modules() if n.rsplit(".", 1)[-1].endswith("_proj")}
     make_student(student, modules, 1e-5, torch.float16, ("projections", "norms"), compiled=compile_mode == "projections")
@@ -57,15 +58,19 @@ def models(config, compile_mode: str):
     return student, teacher
 
 
-def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: int, warmup: int) -> tuple[float, float, float]:
-    from bitquant.training.loop import _accumulate, _decoder_and_head
+def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: int, warmup: int,
+                low_memory: bool = False) -> tuple[float, float, float]:
+    """Training tokens/s, warm-up seconds and peak GiB; ``low_memory``: heal's low-memory
+    road (bf16 latent weights, torchao's 8-bit AdamW), made by heal's own make_optimizer."""
+    from bitquant.training.loop import StudentLoss, _accumulate, _decoder_and_head, make_optimizer
+    from bitquant.training.recipe import load_heal_recipe
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    student, teacher = models(config, mode)
+    student, teacher = models(config, mode, torch.bfloat16 if low_memory else torch.float32)
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), fused=True)
-    s_body, s_head = _decoder_and_head(student)
+    opt = make_optimizer(params, load_heal_recipe().replace(lr=1e-4), True, low_memory)
+    model = StudentLoss(student)
     t_body, t_head = _decoder_and_head(teacher)
     seqs = batch_tokens // 512
     ids = torch.randint(0, config.vocab_size, (seqs, 512), device="cuda")
@@ -75,7 +80,10 @@ def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: 
         if step == warmup:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-        _accumulate(ids, micro_tokens // 512, s_body, s_head, t_body, t_head, autocast)
+        _accumulate(ids, micro_tokens // 512, model, t_body, t_head, autocast)
+        for group in opt.param_groups:  # as heal's loop sets it (torchao keeps lr as a tensor)
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(1e-4)
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -83,7 +91,7 @@ def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: 
     rate = steps * batch_tokens / (time.perf_counter() - t0)
     warm = t0 - began
     peak = torch.cuda.max_memory_allocated() / 2**30
-    del student, teacher, opt
+    del student, teacher, opt, model
     return rate, warm, peak
 
 

@@ -38,8 +38,8 @@ from bitquant.journal import Journal
 from bitquant.plan import plan_conversion
 from bitquant.report import ConvertReport
 from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_source
-from bitquant.staging import check_target, staged_output
-from bitquant.training import data, loop
+from bitquant.staging import check_target, staged_output, staging_path
+from bitquant.training import checkpoint, data, distributed, loop
 from bitquant.training.recipe import HealRecipe, load_heal_recipe
 from bitquant.training.student import compile_blocks, make_student, uncompile
 
@@ -89,15 +89,27 @@ def heal(
     push_revision: str | None = None,
     push_create_pr: bool = False,
     stream_eval: bool | None = None,
-) -> ConvertReport:
+    parallel: str = "auto",
+    low_memory: bool | None = None,
+) -> ConvertReport | None:
     """Heal ``model`` (anything convert accepts) into a ternary model at ``out``.
 
     Returns the report (also in ``out/report.json``), with a ``heal`` section. A re-run of
     the same command resumes an interrupted one from its last checkpoint; once finished,
     a re-run finds OUT up to date, as convert does.
+
+    Under ``torchrun``/``accelerate launch`` (:mod:`bitquant.training.distributed`) every
+    process samples and trains its share, wrapped as ``parallel`` says (``auto``: DDP when
+    training fits one GPU, else FSDP2); only the main process writes OUT, the report and
+    the progress. The other processes return OUT's report once it exists (``None`` if the
+    main process failed). ``low_memory`` trains bf16 latent weights with torchao's 8-bit
+    AdamW (default: in one process when the GPU would not hold fp32 weights and AdamW).
     """
     started = time.monotonic()
+    world = distributed.world_from_env()
     hooks = hooks or HealHooks()
+    if not world.main:
+        hooks = HealHooks()  # progress is the main process's
     recipe = (recipe or load_heal_recipe()).fitted()
     conv = recipe.conversion()
     out = Path(out)
@@ -106,7 +118,7 @@ def heal(
     if master_out is not None:
         check_target(master_out, overwrite or force)
     export.check_eval_options(conv, eval_text)
-    device = runtime.resolve_device(device)
+    device = distributed.setup(world, runtime.resolve_device(device))
     source = resolve_source(model, revision=revision, token=token)
     ckpt = open_checkpoint(source.path)
     if ckpt.layout.ternary_trained:
@@ -130,13 +142,34 @@ def heal(
             return existing
     check_target(out.absolute(), overwrite or force)
 
-    resumable = lambda folder: (folder / STATE / loop.CHECKPOINT).is_file()  # noqa: E731
-    with staged_output(out, fingerprint, overwrite or force, keep_on_error=resumable) as tmp:
+    work = (ckpt, plan, recipe, conv, text_ids, text_info, source_fp, low_memory)
+    if not world.main:
+        world.barrier()  # the main process has made the staging folder
+        _train(*work, staging_path(out, fingerprint) / STATE, device, None, hooks, world, parallel)
+        world.barrier()  # the main process has written OUT
+        return export.up_to_date(out, fingerprint)
+    try:
+        report = _heal_main(work, source, out, fingerprint, tokens, tokenizer, master_out, device, hooks, world, parallel,
+                            overwrite or force, max_shard_size, strict, stream_eval, started)
+    finally:
+        world.barrier()  # let the other processes finish, whatever happened here
+    if push_to_hub and not report.gates_failed():
+        export.publish(out, report, push_to_hub, token, push_private, push_revision, push_create_pr)
+    return report
+
+
+def _heal_main(work, source, out: Path, fingerprint: str, tokens, tokenizer, master_out: Path | None, device: str,
+               hooks: HealHooks, world, parallel: str, overwrite: bool, max_shard_size: int, strict: bool, stream_eval,
+               started: float) -> ConvertReport:
+    """The main process's heal: staging, training, the master, OUT, its evaluation and report."""
+    ckpt, plan, recipe, conv = work[:4]
+    resumable = lambda folder: (folder / STATE / checkpoint.CHECKPOINT / checkpoint.PROGRESS).is_file()  # noqa: E731
+    with staged_output(out, fingerprint, overwrite, keep_on_error=resumable) as tmp:
         state = tmp / STATE
         state.mkdir(exist_ok=True)
+        world.barrier()  # the staging folder exists for the other processes
         try:
-            info, student, teacher, probe = _train(ckpt, plan, recipe, conv, text_ids, text_info, source_fp, state,
-                                                   device, tokens, hooks)
+            info, student, teacher, probe = _train(*work, state, device, tokens, hooks, world, parallel)
         except torch.cuda.OutOfMemoryError:
             raise OutOfMemory(
                 f"the GPU ran out of memory; lower --micro-batch-tokens (now {recipe.micro_batch_tokens}) or "
@@ -165,23 +198,23 @@ def heal(
                                    written, reused, len(shards), perplexity=perplexity, gates=gate_results, heal=info)
         del student
         if master_out is not None:
-            _save_master(master_ckpt.path, master_out, fingerprint, overwrite or force)
+            _save_master(master_ckpt.path, master_out, fingerprint, overwrite)
         shutil.rmtree(state)
         export.finish(tmp, report, source, written, journal, started)
-
-    if push_to_hub and not report.gates_failed():
-        export.publish(out, report, push_to_hub, token, push_private, push_revision, push_create_pr)
     return report
 
 
-def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info, source_fp: str, state: Path,
-           device: str, tokens, hooks: HealHooks):
+def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info, source_fp: str, low_memory,
+           state: Path, device: str, tokens, hooks: HealHooks, world=None, parallel: str = "auto"):
     """Build teacher and student, gather the data, measure the start, train. Returns the
     report's ``heal`` section (so far), the trained student, the teacher and a probe batch."""
-    cuda = device == "cuda"
+    world = world or distributed.World()
+    cuda = device.startswith("cuda")
+    params = sum(s.numel for _, s in ckpt.iter_specs())
+    low_memory = distributed.choose_low_memory(low_memory, params, device, world)
     teacher = runtime.load_fp(ckpt.path, torch.bfloat16 if cuda else torch.float32, device)
     teacher.requires_grad_(False)
-    student = runtime.load_fp(ckpt.path, torch.float32, device)
+    student = runtime.load_fp(ckpt.path, torch.bfloat16 if low_memory else torch.float32, device)
     weight_dtype = next(s.dtype for _, s in ckpt.iter_specs() if s.name in plan.quantize)
     trainable = sum(p.numel() for p in make_student(student, plan.quantized_modules, recipe.eps,
                                                    hf_bitnet.scale_dtype(weight_dtype), recipe.train))
@@ -202,8 +235,9 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
                               "pass --data FILE to train on text instead")
         eos = config.get("eos_token_id")
         eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        ids, sampled = data.cached_samples(teacher, settings, settings.key(source_fp, device), embedded.cache_root() / "heal-data",
-                                           bos, eos_ids, config["vocab_size"], hooks.sample)
+        ids, sampled = data.cached_samples(teacher, settings, settings.key(source_fp, "cuda" if cuda else "cpu"),
+                                           embedded.cache_root() / "heal-data", bos, eos_ids, config["vocab_size"],
+                                           hooks.sample, world)
         pools.append(ids)
         per.append(sample_n)
         sources.append({"kind": "teacher samples", "share": sample_n / recipe.batch_sequences, **sampled})
@@ -223,14 +257,26 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
     if cuda:  # after sampling, whose static-cache compile they would fight; measured on an H100
         compile_blocks(student)  # (bench/heal_speed.py): 2.3x eager training, 1.8x compiling the projections alone
         compile_blocks(teacher)
-    result = loop.train(student, teacher, batches, recipe, state, compiled=cuda, progress=hooks.train, note=hooks.note)
+    wrapping = distributed.choose_parallel(parallel, params, device, world)
+    result = loop.train(student, teacher, batches, recipe, state, compiled=cuda, progress=hooks.train, note=hooks.note,
+                        world=world, parallel=wrapping, low_memory=low_memory)
+    if result.full_state is not None and world.main:  # FSDP2: rebuild an unsharded student from the gathered weights
+        del student
+        student = runtime.load_fp(ckpt.path, torch.bfloat16 if low_memory else torch.float32, device)
+        make_student(student, plan.quantized_modules, recipe.eps, hf_bitnet.scale_dtype(weight_dtype), recipe.train)
+        loaded = student.load_state_dict({k.removeprefix("student."): v for k, v in result.full_state.items()}, strict=False)
+        if loaded.unexpected_keys or any(n in loaded.missing_keys for n, p in student.named_parameters() if p.requires_grad):
+            raise RuntimeError("the weights gathered from FSDP2 do not match the student")
     info = {
         "tokens": result.tokens, "steps": result.steps, "lr": recipe.lr, "batch_tokens": recipe.batch_tokens,
         "seq_len": recipe.seq_len, "trained": list(recipe.train), "trainable_params": trainable,
         "data": sources, "passes_over_data": [round(x, 3) for x in batches.passes(result.steps)],
         "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
         "steady_tokens_per_second": result.steady_tokens_per_second, "peak_gpu_bytes": result.peak_gpu_bytes,
-        "world_size": 1, "device": device, "compute_dtype": "bfloat16 autocast, float32 master weights" if cuda else "float32",
+        "world_size": world.size, "parallel": result.parallel, "device": device,
+        "road": ("low memory: bf16 latent weights (stochastic rounding), torchao AdamW8bit" if low_memory
+                 else "fp32 latent weights, AdamW"),
+        "compute_dtype": "bfloat16 autocast" if cuda else ("bfloat16" if low_memory else "float32"),
         "compiled": result.compiled, "resumed_from_step": result.resumed_from_step, "final_loss": result.final_loss,
         "curve": result.curve, "before": before,
     }

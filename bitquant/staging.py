@@ -38,8 +38,14 @@ def check_target(out: Path, overwrite: bool) -> None:
         raise OutputError(f"cannot create {out}: its parent folder {parent} does not exist")
 
 
+def staging_path(out: Path, key: str) -> Path:
+    """Where :func:`staged_output` stages ``out`` for ``key`` (other processes of a
+    launched run work in the folder that the main process created)."""
+    return out.parent / f"{STAGING_PREFIX}{out.name}-{key[:16]}"
+
+
 def _make_staging(out: Path, key: str) -> Path:
-    tmp = out.parent / f"{STAGING_PREFIX}{out.name}-{key[:16]}"
+    tmp = staging_path(out, key)
     for stale in out.parent.glob(f"{STAGING_PREFIX}{out.name}-*"):
         if stale != tmp and stale.is_dir() and len(stale.name) == len(tmp.name):
             shutil.rmtree(stale, ignore_errors=True)

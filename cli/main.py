@@ -112,12 +112,19 @@ def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
 
 def _quiet_transformers() -> None:
     """transformers' own progress bars ("Loading weights", "Converting and de-quantizing
-    GGUF tensors") would appear beside bitquant's; Hub download bars stay."""
+    GGUF tensors") would appear beside bitquant's; Hub download bars stay. Import-time
+    log noise of optional libraries is silenced too."""
     from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     enable_progress_bars()
+    import logging
+
+    # torchao (heal's low-memory road), which transformers imports when it is installed, logs
+    # every kernel library built for other GPUs, and torch logs torchao's deprecated calls.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def output_options(command):
@@ -273,13 +280,19 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
 @click.option("--seed", type=int, default=None, help="Seed of sampling and batch order.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between resume checkpoints.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--parallel", type=click.Choice(["auto", "ddp", "fsdp"]), default="auto", show_default=True,
+              help="Under torchrun/accelerate launch: DDP (a full copy per GPU) or FSDP2 (sharded); auto shards when "
+                   "training would not fit one GPU. Ignored in a single process.")
+@click.option("--low-memory/--no-low-memory", "low_memory", default=None,
+              help="One-GPU road for large models: bf16 latent weights with stochastic rounding and torchao's 8-bit "
+                   "AdamW (8 instead of 18 bytes per parameter). Default: on when one GPU would not hold fp32 training.")
 @click.option("--save-master", type=click.Path(path_type=Path), default=None, metavar="DIR",
               help="Also write the trained latent weights as an ordinary checkpoint (bitquant convert DIR reproduces OUT).")
 @click.option("--force", is_flag=True, help="Heal even when OUT is already up to date (implies --overwrite).")
 @output_options
 @debug_option
 def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_files, data_share, sample_tokens, sample_batch,
-         seed, checkpoint_every, device, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
+         seed, checkpoint_every, device, parallel, low_memory, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
          max_ppl_ratio, max_kl, revision, token, overwrite, force, max_shard_size, push_to_hub, private, push_revision,
          create_pr, as_json, stream):
     """Heal MODEL into a usable ternary model: distil the FP model into its own ternary version.
@@ -296,8 +309,10 @@ def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_
       bitquant heal embedded:smollm2-135m -o smollm2-healed --eval-text tests/data/alice29.txt
       bitquant heal embedded:smollm2-135m -o smollm2-healed --device cpu --tokens 32768 --data book.txt
       bitquant heal ./my-llama -o ./my-llama-healed --tokens 100000000 --save-master ./my-llama-master
+      torchrun --nproc-per-node 8 -m bitquant heal ./my-llama -o ./my-llama-healed
     """
     from bitquant.heal import heal as run_heal
+    from bitquant.training.distributed import world_from_env
     from bitquant.training.recipe import load_heal_recipe
 
     if tokens is not None and batch_tokens is not None and tokens < batch_tokens:
@@ -311,14 +326,19 @@ def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_
         eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
         max_ppl_ratio=max_ppl_ratio, max_kl=max_kl,
     )
-    with render.heal_progress(enabled=not as_json) as hooks:
+    main_process = world_from_env().main  # under a launcher only the main process shows progress and the report
+    with render.heal_progress(enabled=not as_json and main_process) as hooks:
         report = run_heal(
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
             data_files=tuple(data_files), eval_text=eval_text, save_master=save_master, device=device,
             max_shard_size=max_shard_size, strict=strict, hooks=hooks, push_to_hub=push_to_hub, push_private=private,
-            push_revision=push_revision, push_create_pr=create_pr, stream_eval=stream,
+            push_revision=push_revision, push_create_pr=create_pr, stream_eval=stream, parallel=parallel,
+            low_memory=low_memory,
         )
-    _show(report, out, as_json)
+    if main_process:
+        _show(report, out, as_json)
+    elif report is None:
+        raise click.exceptions.Exit(1)  # the main process failed and said why
 
 
 def _show(report, out: Path, as_json: bool) -> None:

@@ -268,3 +268,15 @@ def test_bpe_without_merges_is_refused(tiny, tmp_path):
     (tiny / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(UnsupportedModelError, match="no merges, which llama.cpp needs"):
         convert(str(tiny), tmp_path / "g", recipe=Recipe(format="gguf-tq2_0"))
+
+
+def test_pre_tokenizer_names_for_llama_cpp():
+    from bitquant.formats.gguf_vocab import _SPLIT_PATTERNS, pre_tokenizer
+
+    assert pre_tokenizer({"type": "ByteLevel", "use_regex": True}) == "gpt-2"
+    byte_level = {"type": "ByteLevel", "use_regex": False}
+    names = {pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": p}}, byte_level]})
+             for p in _SPLIT_PATTERNS}
+    assert names == {"llama-bpe", "qwen2"}
+    with pytest.raises(UnsupportedModelError, match="cannot yet name"):
+        pre_tokenizer({"type": "Sequence", "pretokenizers": [{"type": "Split", "pattern": {"Regex": "\\\\s+"}}, byte_level]})

@@ -18,7 +18,7 @@ from bitquant.errors import UsageError
 from bitquant.evaluate import EvalSettings
 from bitquant.heal import HealHooks, OutOfMemory, heal
 from bitquant.staging import STAGING_PREFIX
-from bitquant.training import loop
+from bitquant.training import checkpoint, loop
 from bitquant.training.recipe import load_heal_recipe
 from bitquant.training.student import make_student
 from conftest import DATA, REPO, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint, run_clean
@@ -128,7 +128,7 @@ def test_interrupted_heal_resumes_to_identical_weights(source, tmp_path):
         heal(str(source), out, recipe=recipe(), device="cpu", hooks=HealHooks(train=stop_at_5))
     assert not out.exists()
     staged = list(tmp_path.glob(STAGING_PREFIX + "out-*"))
-    assert len(staged) == 1 and (staged[0] / "heal-state" / loop.CHECKPOINT).is_file()
+    assert len(staged) == 1 and checkpoint.saved_step(staged[0] / "heal-state" / checkpoint.CHECKPOINT) == 5
     resumed = heal(str(source), out, recipe=recipe(), device="cpu")
     assert resumed.heal["resumed_from_step"] == 5
     assert sha(out / "model.safetensors") == sha(tmp_path / "whole" / "model.safetensors")
@@ -149,8 +149,7 @@ def test_a_nan_loss_stops_and_keeps_the_last_checkpoint(source, tmp_path, monkey
         heal(str(source), out, recipe=recipe(), device="cpu")
     assert not out.exists()
     staged = list(tmp_path.glob(STAGING_PREFIX + "out-*"))
-    state = torch.load(staged[0] / "heal-state" / loop.CHECKPOINT, weights_only=True)
-    assert state["step"] == 4  # the last checkpoint before the NaN
+    assert checkpoint.saved_step(staged[0] / "heal-state" / checkpoint.CHECKPOINT) == 4  # the last checkpoint before the NaN
 
 
 def test_user_text_and_a_share_of_samples(source, tmp_path):
@@ -179,3 +178,26 @@ def test_out_of_gpu_memory_names_the_options_that_reduce_it(source, tmp_path, mo
 def test_heal_exports_gguf(source, tmp_path):
     report = heal(str(source), tmp_path / "out", recipe=recipe(format="gguf-tq2_0"), device="cpu")
     assert report.format == "gguf-tq2_0" and (tmp_path / "out" / "model.gguf").is_file()
+
+
+def test_low_memory_road_trains_bf16_weights_with_8bit_adamw(source, tmp_path):
+    pytest.importorskip("torchao")
+    out, master = tmp_path / "out", tmp_path / "master"
+    report = heal(str(source), out, recipe=recipe(), device="cpu", low_memory=True, save_master=master)
+    h = report.heal
+    assert h["road"].startswith("low memory") and h["compute_dtype"] == "bfloat16"
+    assert h["curve"][-1]["loss"] < h["curve"][0]["loss"]
+    assert h["exactness"]["relative_error"] <= 1e-6  # still exactly what ships
+    # what is trained is what ships: the master converts to OUT byte for byte
+    convert(str(master), tmp_path / "again")
+    assert sha(tmp_path / "again" / "model.safetensors") == sha(out / "model.safetensors")
+    # interrupted and resumed, as on the plain road (the 8-bit optimizer state is in the checkpoint)
+    def stop_at_5(p):
+        if p["step"] == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        heal(str(source), tmp_path / "r", recipe=recipe(), device="cpu", low_memory=True, hooks=HealHooks(train=stop_at_5))
+    resumed = heal(str(source), tmp_path / "r", recipe=recipe(), device="cpu", low_memory=True)
+    assert resumed.heal["resumed_from_step"] == 5
+    assert abs(resumed.heal["final_loss"] / h["final_loss"] - 1) < 0.05  # stochastic rounding: not bit-identical

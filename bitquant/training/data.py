@@ -54,10 +54,12 @@ class SampleSettings:
 
 @torch.inference_mode()
 def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], progress: SampleProgress | None = None,
-           static: bool | None = None) -> torch.Tensor:
+           static: bool | None = None, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """``settings.sequences`` sequences of ``settings.seq_len`` token ids (int64, on CPU),
     each starting with ``bos_id``; batch ``i`` is drawn from seed ``settings.seed + i``.
-    ``static``: use a static KV cache (compiled by transformers on CUDA); default on CUDA."""
+    ``static``: use a static KV cache (compiled by transformers on CUDA); default on CUDA.
+    ``part`` = (k, n) draws only the batches i with i % n == k (the other rows stay 0), so
+    that n processes together draw exactly what one would."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
@@ -68,8 +70,10 @@ def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], pro
         pad_token_id=eos_ids[0] if eos_ids else bos_id, bos_token_id=bos_id, repetition_penalty=1.0,
         cache_implementation="static" if (device.type == "cuda" if static is None else static) else None,
     )
-    out = torch.empty(n, length, dtype=torch.int64)
+    out = torch.zeros(n, length, dtype=torch.int64)
     for i, begin in enumerate(range(0, n, settings.batch)):
+        if i % part[1] != part[0]:
+            continue
         rows = min(settings.batch, n - begin)
         torch.manual_seed(settings.seed + i)
         start = torch.full((rows, 1), bos_id, dtype=torch.long, device=device)
@@ -81,10 +85,16 @@ def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], pro
 
 
 def cached_samples(model, settings: SampleSettings, key: str, cache_dir: Path, bos_id: int, eos_ids: list[int],
-                   vocab_size: int, progress: SampleProgress | None = None) -> tuple[torch.Tensor, dict]:
+                   vocab_size: int, progress: SampleProgress | None = None, world=None) -> tuple[torch.Tensor, dict]:
     """Samples from the cache, or drawn now and cached. Returns the ids and a description:
     ``tokens``, ``sequences``, ``seq_len``, ``temperature``, ``seed``, ``seconds`` and
-    ``tokens_per_second`` of the sampling run, ``cached`` (found in the cache), ``path``."""
+    ``tokens_per_second`` of the sampling run, ``cached`` (found in the cache), ``path``.
+    Under a launcher (``world``), every process draws its share of the batches (their
+    seeds do not depend on the number of processes), all of them get every sample, and the
+    main process writes the cache."""
+    from bitquant.training.distributed import World
+
+    world = world or World()
     from safetensors.torch import load_file, save_file
 
     path = cache_dir / f"{key}.safetensors"
@@ -97,17 +107,24 @@ def cached_samples(model, settings: SampleSettings, key: str, cache_dir: Path, b
         except (OSError, ValueError, KeyError):
             pass  # a damaged cache entry is sampled again
     started = time.perf_counter()
-    ids = sample(model, settings, bos_id, eos_ids, progress)
+    ids = sample(model, settings, bos_id, eos_ids, progress, part=(world.rank, world.size))
+    if world.distributed:
+        device = next(model.parameters()).device
+        ids = world.sum(ids.to(device)).cpu()
     seconds = time.perf_counter() - started
     info = {"tokens": ids.numel(), "sequences": ids.shape[0], "seq_len": ids.shape[1], "temperature": settings.temperature,
             "seed": settings.seed, "seconds": round(seconds, 3), "tokens_per_second": round(ids.numel() / seconds, 1),
             "sha256": tensor_sha256(ids)}
+    if not world.main:
+        world.barrier()  # the main process writes the cache
+        return ids, {**info, "cached": False, "path": str(path)}
     cache_dir.mkdir(parents=True, exist_ok=True)
     stored = ids.to(torch.uint16) if vocab_size <= 65536 else ids.to(torch.int32)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     save_file({"ids": stored.contiguous()}, tmp)
     meta_path.write_text(json.dumps(info), encoding="utf-8")
     os.replace(tmp, path)
+    world.barrier()
     return ids, {**info, "cached": False, "path": str(path)}
 
 

@@ -2,17 +2,20 @@
 cosine (or constant) learning rate, micro-batches with gradient accumulation, bf16
 autocast on CUDA, checkpoints for resuming, and a stop on a NaN or diverging loss.
 
-A checkpoint (``checkpoint.pt`` in the state folder, written atomically every
-``checkpoint_every`` steps and on Ctrl-C/SIGTERM) holds the trainable parameters, the
-optimizer state, the step and the loss curve; batches are a function of the step
-(:class:`~bitquant.training.data.Batches`), so a resumed run continues exactly where it
-stopped. A diverging run raises :class:`Diverged` and keeps the last good checkpoint.
+Under a launcher (:mod:`bitquant.training.distributed`) every process takes an equal share
+of each global batch and the student is wrapped in DDP or FSDP2; one process runs the same
+code unwrapped, so the loss curve is the same up to float rounding.
+
+A checkpoint (:mod:`bitquant.training.checkpoint`, replaced every ``checkpoint_every``
+steps and on Ctrl-C/SIGTERM) holds the trainable parameters, the optimizer state, the
+step and the loss curve, whatever the sharding. Batches are a function of the step (:class:`~bitquant.training.data.Batches`), so a
+resumed run continues exactly where it stopped, on any number of processes. A diverging
+run raises :class:`Diverged` and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,12 +25,14 @@ from pathlib import Path
 import torch
 
 from bitquant.errors import BitquantError
+from bitquant.training import distributed
+from bitquant.training import checkpoint
 from bitquant.training.data import Batches
+from bitquant.training.distributed import World
 from bitquant.training.loss import kl_loss
 from bitquant.training.recipe import HealRecipe
 from bitquant.training.student import uncompile
 
-CHECKPOINT = "checkpoint.pt"
 
 #: Called after each optimizer step with ``step``, ``steps``, ``tokens``, ``loss``,
 #: ``tokens_per_second`` and ``eta_seconds``.
@@ -57,6 +62,10 @@ class TrainResult:
     curve: list[dict] = field(default_factory=list)
     resumed_from_step: int = 0
     compiled: bool = False
+    parallel: str | None = None  # "ddp" or "fsdp" under a launcher
+    # fsdp only: the trained parameters, gathered in full on the main process (module names
+    # under StudentLoss, i.e. "student.<name>"); the student module itself stays sharded
+    full_state: dict | None = field(default=None, repr=False)
 
 
 def lr_at(step: int, r: HealRecipe) -> float:
@@ -77,6 +86,20 @@ def _decoder_and_head(model):
     return model.get_decoder(), model.get_output_embeddings().weight
 
 
+class StudentLoss(torch.nn.Module):
+    """The student and its loss as one module, so that DDP and FSDP2 see every trainable
+    parameter used inside one forward pass (the output head included)."""
+
+    def __init__(self, student: torch.nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, ids: torch.Tensor, h_t: torch.Tensor, t_head: torch.Tensor, weight: float) -> torch.Tensor:
+        body, head = _decoder_and_head(self.student)
+        h_s = body(input_ids=ids, use_cache=False).last_hidden_state
+        return kl_loss(h_s.flatten(0, 1), head, h_t.flatten(0, 1), t_head) * weight
+
+
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
     out, seen = {}, set()
     for name, p in model.named_parameters():
@@ -86,39 +109,41 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return out
 
 
-def _save(path: Path, params: dict, optimizer, step: int, curve: list[dict]) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save({"step": step, "curve": curve, "params": {k: v.detach() for k, v in params.items()},
-                "optimizer": optimizer.state_dict()}, tmp)
-    os.replace(tmp, path)
+def make_optimizer(params: list, r: HealRecipe, cuda: bool, low_memory: bool):
+    """AdamW: torch's (fused on CUDA) for fp32 latent weights; for the low-memory road
+    (bf16 latent weights) torchao's 8-bit AdamW with stochastic rounding into bf16, so that
+    updates smaller than a bf16 step are not lost."""
+    if not low_memory:
+        return torch.optim.AdamW(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
+                                 **({"fused": True} if cuda else {}))
+    import logging
 
+    for name in ("torchao", "torch.utils._pytree"):  # kernels built for other GPUs, deprecated calls
+        logging.getLogger(name).setLevel(logging.ERROR)
+    from torchao.optim import AdamW8bit
 
-def _load(path: Path, params: dict, optimizer) -> tuple[int, list[dict]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if set(state["params"]) != set(params):
-        return 0, []  # another set of trainable parameters: start over
-    with torch.no_grad():
-        for k, p in params.items():
-            p.copy_(state["params"][k])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"]), list(state["curve"])
+    return AdamW8bit(params, lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay, bf16_stochastic_round=True)
 
 
 def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *, compiled: bool = False,
-          progress: TrainProgress | None = None, note: Note | None = None) -> TrainResult:
+          progress: TrainProgress | None = None, note: Note | None = None, world: World = World(),
+          parallel: str | None = None, low_memory: bool = False) -> TrainResult:
     """Distil ``teacher`` into ``student`` for ``r.steps`` steps (resuming from
-    ``state_dir`` when it holds a checkpoint of this run)."""
+    ``state_dir`` when it holds a checkpoint of this run). Under a launcher, ``world`` is
+    this process's place and ``parallel`` the wrapping (``ddp`` or ``fsdp``). With DDP the
+    student ends with its full trained weights; with FSDP2 it stays sharded and the result's
+    ``full_state`` holds them (on the main process)."""
     device = next(student.parameters()).device
     cuda = device.type == "cuda"
-    params = _trainable(student)
-    optimizer = torch.optim.AdamW(list(params.values()), lr=r.lr, betas=tuple(r.betas), weight_decay=r.weight_decay,
-                                  **({"fused": True} if cuda else {}))
+    rows = distributed.rows_of(world, r.batch_sequences)
+    model = distributed.wrap(StudentLoss(student), list(student.get_decoder().layers), parallel, str(device))
+    params = _trainable(model)
+    optimizer = make_optimizer(list(params.values()), r, cuda, low_memory)
     state_dir.mkdir(parents=True, exist_ok=True)
-    path = state_dir / CHECKPOINT
-    start, curve = _load(path, params, optimizer) if path.is_file() else (0, [])
+    path = state_dir / checkpoint.CHECKPOINT
+    start, curve = checkpoint.load(path, model, optimizer) if (path / checkpoint.PROGRESS).is_file() else (0, [])
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    s_body, s_head = _decoder_and_head(student)
     t_body, t_head = _decoder_and_head(teacher)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     micro = max(1, r.micro_batch_tokens // r.seq_len)
@@ -133,10 +158,13 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
         while step < r.steps:
             step_began = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, r)
-            ids = batches.batch(step).to(device, non_blocking=True)
+                if isinstance(group["lr"], torch.Tensor):  # torchao keeps it as a tensor (no recompiles)
+                    group["lr"].fill_(lr_at(step, r))
+                else:
+                    group["lr"] = lr_at(step, r)
+            ids = batches.batch(step)[rows].to(device, non_blocking=True)
             try:
-                loss = _accumulate(ids, micro, s_body, s_head, t_body, t_head, autocast)
+                loss = _accumulate(ids, micro, model, t_body, t_head, autocast)
             except Exception as e:  # a compiled projection that fails on this device: run eagerly
                 if not compiled or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
@@ -146,10 +174,10 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 optimizer.zero_grad(set_to_none=True)
                 if note:
                     note(f"torch.compile failed here ({type(e).__name__}); training without it")
-                loss = _accumulate(ids, micro, s_body, s_head, t_body, t_head, autocast)
+                loss = _accumulate(ids, micro, model, t_body, t_head, autocast)
             if r.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), r.grad_clip)
-            loss_value = float(loss)
+            loss_value = float(world.mean(loss))
             if not math.isfinite(loss_value):
                 raise Diverged(_diverged_message(f"the loss became {loss_value} at step {step + 1}", path, r))
             optimizer.step()
@@ -176,17 +204,23 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 progress({"step": step, "steps": r.steps, "tokens": step * r.batch_tokens, "loss": loss_value,
                           "tokens_per_second": rate, "eta_seconds": (r.steps - step) * r.batch_tokens / rate})
             if step % r.checkpoint_every == 0 and step < r.steps:
-                _save(path, params, optimizer, step, curve)
+                checkpoint.save(path, model, optimizer, step, curve, world)
     except KeyboardInterrupt:
         if step > start:
-            _save(path, params, optimizer, step, curve)  # a re-run resumes from here
+            checkpoint.save(path, model, optimizer, step, curve, world)  # a re-run resumes from here
         raise
     seconds = time.perf_counter() - began
     tokens = (step - start) * r.batch_tokens
     steady_seconds = time.perf_counter() - steady_from if steady_from else 0.0
     steady = (step * r.batch_tokens - steady_tokens) / steady_seconds if steady_seconds > 0 else 0.0
     if step > start:
-        _save(path, params, optimizer, step, curve)
+        checkpoint.save(path, model, optimizer, step, curve, world)
+    full_state = None
+    if parallel == "fsdp":  # the sharded student cannot be exported: gather its trained weights on the main process
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                          ignore_frozen_params=True))
     student.eval()
     return TrainResult(
         steps=step, tokens=step * r.batch_tokens, seconds=round(seconds, 3),
@@ -194,28 +228,30 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
         steady_tokens_per_second=round(steady, 1) if steady else round(tokens / seconds, 1) if seconds > 0 else 0.0,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         final_loss=round(loss_value, 6) if step > start else (curve[-1]["loss"] if curve else float("nan")),
-        curve=curve, resumed_from_step=start, compiled=compiled,
+        curve=curve, resumed_from_step=start, compiled=compiled, parallel=parallel, full_state=full_state,
     )
 
 
-def _accumulate(ids, micro: int, s_body, s_head, t_body, t_head, autocast) -> torch.Tensor:
-    """Forward and backward over the micro-batches of one batch; returns the mean loss."""
+def _accumulate(ids, micro: int, model, t_body, t_head, autocast) -> torch.Tensor:
+    """Forward and backward over this process's micro-batches of one batch; returns their
+    mean loss (gradients are averaged over the processes on the last micro-batch)."""
     total = torch.zeros((), device=ids.device)
     n = ids.shape[0]
-    for b in range(0, n, micro):
+    starts = list(range(0, n, micro))
+    for b in starts:
         chunk = ids[b : b + micro]
-        with autocast:
-            with torch.no_grad():
-                h_t = t_body(input_ids=chunk, use_cache=False).last_hidden_state
-            h_s = s_body(input_ids=chunk, use_cache=False).last_hidden_state
-            loss = kl_loss(h_s.flatten(0, 1), s_head, h_t.flatten(0, 1), t_head) * (chunk.shape[0] / n)
-        loss.backward()
+        with distributed.no_sync(model, last=b == starts[-1]):
+            with autocast:
+                with torch.no_grad():
+                    h_t = t_body(input_ids=chunk, use_cache=False).last_hidden_state
+                loss = model(chunk, h_t, t_head, chunk.shape[0] / n)
+            loss.backward()
         total += loss.detach()
     return total
 
 
 def _diverged_message(what: str, path: Path, r: HealRecipe) -> str:
-    kept = f"the last good checkpoint is kept in {path.parent}" if path.is_file() else "no checkpoint was written yet"
+    kept = f"the last good checkpoint is kept in {path.parent}" if (path / checkpoint.PROGRESS).is_file() else "no checkpoint was written yet"
     return f"{what}; {kept}; lower --lr (now {r.lr:g}) and run again"
 
 

@@ -1,0 +1,136 @@
+"""bitquant heal under torchrun: 2 CPU processes (gloo) against 1 on the same global batch.
+
+Each run is the real command line in fresh processes (``torchrun --standalone -m
+bitquant heal ...``). The training data is sampled from the teacher, so these tests also
+check that two processes draw exactly the samples that one draws.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bitquant.staging import STAGING_PREFIX
+from bitquant.training import checkpoint
+from conftest import REPO, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint
+
+RECIPE = """kind: heal
+name: tiny-distributed
+schema: 1
+tokens: 3072
+batch_tokens: 256
+micro_batch_tokens: 64
+seq_len: 32
+sample_tokens: 1024
+sample_batch: 4
+checkpoint_every: 4
+lr: 0.02
+warmup_steps: 2
+min_steps: 1
+eval_context: 32
+eval_max_tokens: 512
+"""
+
+# Runs the CLI; with BQ_STOP_AT=k every process is interrupted (as by Ctrl-C) after k steps.
+RUNNER = """
+import os, sys
+k = int(os.environ.get("BQ_STOP_AT", "0"))
+if k:
+    import bitquant.training.loop as loop
+    real, done = loop._accumulate, [0]
+    def stopping(*a, **kw):
+        if done[0] == k:
+            raise KeyboardInterrupt
+        done[0] += 1
+        return real(*a, **kw)
+    loop._accumulate = stopping
+from bitquant.cli.main import main
+sys.argv = ["bitquant", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.fixture
+def setup(tmp_path, tiny_tokenizer_dir):
+    src = make_checkpoint(tmp_path / "src", vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1)
+    sd = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for k, v in sd.items():
+        if k.endswith("_proj.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.15
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    add_tokenizer(src, tiny_tokenizer_dir)
+    (tmp_path / "recipe.yaml").write_text(RECIPE)
+    (tmp_path / "runner.py").write_text(RUNNER)
+    return tmp_path
+
+
+def run(tmp: Path, out: str, procs: int, *extra: str, stop_at: int = 0) -> subprocess.CompletedProcess:
+    env = dict(os.environ, BITQUANT_CACHE=str(tmp / "cache"), TORCHDYNAMO_DISABLE="1", HF_HUB_OFFLINE="1",
+               BQ_STOP_AT=str(stop_at), OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    args = ["heal", str(tmp / "src"), "-o", str(tmp / out), "--device", "cpu", "--config", str(tmp / "recipe.yaml"),
+            "--save-master", str(tmp / f"{out}-master"), "--json", *extra]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={procs}"] if procs > 1 else [sys.executable]
+    return subprocess.run([*launcher, str(tmp / "runner.py"), *args], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=tmp)
+
+
+def curve(tmp: Path, out: str) -> list[float]:
+    return [p["loss"] for p in json.loads((tmp / out / "report.json").read_text())["heal"]["curve"]]
+
+
+def relative_difference(a: Path, b: Path) -> float:
+    """||A - B|| / ||A|| over all the weights of two masters.
+
+    The float tolerance to expect: after 12 AdamW steps at lr 0.02, one process run with
+    micro-batches of 1 instead of 2 sequences (the same sums in another order) ends 1.9e-4
+    away (largest single difference 2.6e-3: Adam turns tiny gradients into whole steps)."""
+    x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert x.keys() == y.keys()
+    num = sum(float((x[k].double() - y[k].double()).pow(2).sum()) for k in x)
+    return (num / sum(float(x[k].double().pow(2).sum()) for k in x)) ** 0.5
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_follow_one_process_loss_curve(setup, parallel):
+    one = run(setup, "one", 1)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = run(setup, "two", 2, "--parallel", parallel)
+    assert two.returncode == 0, two.stderr[-3000:]
+    report = json.loads((setup / "two" / "report.json").read_text())["heal"]
+    assert report["world_size"] == 2 and report["parallel"] == parallel and report["steps"] == 12
+    assert report["data"][0]["sha256"] == json.loads((setup / "one" / "report.json").read_text())["heal"]["data"][0]["sha256"]
+    a, b = curve(setup, "one"), curve(setup, "two")
+    assert len(a) == len(b) == 12
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+    assert relative_difference(setup / "one-master", setup / "two-master") <= 1e-3
+    assert two.stdout.count('"bitquant_version"') == 1  # one report, from the main process
+
+
+def test_a_run_stopped_on_two_processes_resumes_on_one(setup):
+    whole = run(setup, "whole", 1)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    stopped = run(setup, "out", 2, stop_at=5)
+    assert stopped.returncode != 0 and "interrupted" in stopped.stderr
+    staged = list(setup.glob(STAGING_PREFIX + "out-*"))
+    assert len(staged) == 1 and checkpoint.saved_step(staged[0] / "heal-state" / checkpoint.CHECKPOINT) == 5
+    assert (staged[0] / "heal-state" / checkpoint.CHECKPOINT / ".metadata").is_file()  # torch.distributed.checkpoint
+    resumed = run(setup, "out", 1)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    report = json.loads((setup / "out" / "report.json").read_text())["heal"]
+    assert report["resumed_from_step"] == 5 and report["world_size"] == 1
+    assert relative_difference(setup / "whole-master", setup / "out-master") <= 1e-3
+    a, b = curve(setup, "whole"), curve(setup, "out")
+    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+
+
+def test_an_uneven_split_is_refused(setup):
+    r = run(setup, "odd", 2, "--batch-tokens", "96")  # 3 sequences of 32 over 2 processes
+    assert r.returncode != 0 and "cannot be split evenly over 2 processes" in r.stderr
