@@ -66,6 +66,21 @@ def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype
     return folder
 
 
+def make_heal_source(folder: Path, tokenizer_dir: Path) -> Path:
+    """A tiny random Llama for heal tests: projections with larger weights than the default
+    init (so that ternarizing them matters to the logits), BOS/EOS ids, a tokenizer."""
+    from safetensors.torch import load_file, save_file
+
+    src = make_checkpoint(folder, vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1)
+    sd = load_file(src / "model.safetensors")
+    g = torch.Generator().manual_seed(0)
+    for k, v in sd.items():
+        if k.endswith("_proj.weight"):
+            sd[k] = torch.randn(v.shape, generator=g) * 0.15
+    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
+    return add_tokenizer(src, tokenizer_dir)
+
+
 def make_master(folder: Path, tied: bool = True, **kw) -> Path:
     """A tiny random BitNetForCausalLM master (latent weights, quantized online)."""
     return make_checkpoint(folder, arch="bitnet", tied=tied, quantization_config=MASTER_QC, **kw)

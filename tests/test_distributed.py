@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from bitquant.staging import STAGING_PREFIX
 from bitquant.training import checkpoint
-from conftest import REPO, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint
+from conftest import REPO, make_heal_source
 
 RECIPE = """kind: heal
 name: tiny-distributed
@@ -59,14 +58,7 @@ main()
 
 @pytest.fixture
 def setup(tmp_path, tiny_tokenizer_dir):
-    src = make_checkpoint(tmp_path / "src", vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1)
-    sd = load_file(src / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    for k, v in sd.items():
-        if k.endswith("_proj.weight"):
-            sd[k] = torch.randn(v.shape, generator=g) * 0.15
-    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
-    add_tokenizer(src, tiny_tokenizer_dir)
+    make_heal_source(tmp_path / "src", tiny_tokenizer_dir)
     (tmp_path / "recipe.yaml").write_text(RECIPE)
     (tmp_path / "runner.py").write_text(RUNNER)
     return tmp_path

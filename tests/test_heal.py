@@ -21,7 +21,7 @@ from bitquant.staging import STAGING_PREFIX
 from bitquant.training import checkpoint, loop
 from bitquant.training.recipe import load_heal_recipe
 from bitquant.training.student import make_student
-from conftest import DATA, REPO, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint, run_clean
+from conftest import DATA, REPO, make_heal_source, run_clean
 
 TEXT = DATA / "alice29.txt"
 BOOK = REPO / "bitquant" / "data" / "paradise-lost.txt"
@@ -37,17 +37,7 @@ def recipe(**changes):
 @pytest.fixture
 def source(tmp_path, tiny_tokenizer_dir, monkeypatch):
     monkeypatch.setenv("BITQUANT_CACHE", str(tmp_path / "cache"))
-    src = make_checkpoint(tmp_path / "src", vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1)
-    # larger weights than the default init, so that ternarizing them matters to the logits
-    from safetensors.torch import load_file, save_file
-
-    sd = load_file(src / "model.safetensors")
-    g = torch.Generator().manual_seed(0)
-    for k, v in sd.items():
-        if k.endswith("_proj.weight"):
-            sd[k] = torch.randn(v.shape, generator=g) * 0.15
-    save_file(sd, src / "model.safetensors", metadata={"format": "pt"})
-    return add_tokenizer(src, tiny_tokenizer_dir)
+    return make_heal_source(tmp_path / "src", tiny_tokenizer_dir)
 
 
 def sha(path: Path) -> str:
