@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from bitquant import runtime, streaming
 from bitquant.errors import UsageError
-from bitquant.source import resolve_source
+from bitquant.source import open_checkpoint, resolve_source
 from bitquant.text import Tokens, tokenize_file
 
 #: Called after each window: (windows done, windows in all).
@@ -160,7 +160,7 @@ def evaluate(
     started = time.perf_counter()
     if streamed:
         mode = runtime.mode_label(folder, act_quant)
-        tick = _ticker(progress, streaming.checkpoint(folder).config["num_hidden_layers"] + len(spans))
+        tick = _ticker(progress, open_checkpoint(folder).config["num_hidden_layers"] + len(spans))
         hidden = streaming.final_hidden(folder, t, spans, dtype, device, act_quant, tick)
         nll = _nlls(streaming.window_logits(hidden, spans), t, spans, lambda i, n: tick())
         forwarded = sum(e - b for b, e, _ in spans)
@@ -250,7 +250,7 @@ def compare(
     started = time.perf_counter()
     if streamed:
         mode = runtime.mode_label(quantized, True)
-        blocks = sum(streaming.checkpoint(f).config["num_hidden_layers"] for f in (baseline, quantized))
+        blocks = sum(open_checkpoint(f).config["num_hidden_layers"] for f in (baseline, quantized))
         tick = _ticker(progress, blocks + len(spans))
         hb = streaming.final_hidden(baseline, t, spans, dtype, device, True, tick)
         hq = streaming.final_hidden(quantized, t, spans, dtype, device, True, tick)

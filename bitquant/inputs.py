@@ -76,6 +76,13 @@ def is_projection(name: str, projections: tuple[str, ...]) -> bool:
     return leaf == "weight" and ".layers." in name and module.rsplit(".", 1)[-1] in projections
 
 
+def runs_ternary(config: dict) -> bool:
+    """True when a config describes a ternary model (BitNet quantization, or the BitNet
+    architecture), from config.json alone; :func:`detect` says which layout."""
+    qc = config.get("quantization_config") or {}
+    return qc.get("quant_method") == "bitnet" or (config.get("architectures") or [""])[0] == BITNET_ARCHITECTURE
+
+
 def is_ternary_weight(name: str, layout: Layout, names, projections: tuple[str, ...]) -> bool:
     """True when source tensor ``name`` is a ternary matrix of a ternary-trained checkpoint
     (``names``: every tensor name of the checkpoint)."""

@@ -41,11 +41,6 @@ class Plan:
         """Module names (no ``.weight``) of the projections to ternarize."""
         return {name.removesuffix(".weight") for name in self.quantize}
 
-    @property
-    def copies(self) -> bool:
-        """True when the codes come from the source (packed) rather than from absmean."""
-        return self.layout.kind == "packed"
-
 
 def output_linear_class(ckpt: Checkpoint, recipe: Recipe) -> str:
     """The recipe's ``linear_class``, with ``auto`` resolved (see ``LINEAR_CLASS_CHOICES``)."""

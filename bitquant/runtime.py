@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from bitquant.errors import SourceError, UnsupportedModelError, UsageError
 from bitquant.formats.hf_bitnet import SCALE_SUFFIX
-from bitquant.inputs import BITNET_ARCHITECTURE, Layout, is_ternary_weight
+from bitquant.inputs import Layout, is_ternary_weight, runs_ternary
 from bitquant.packing import unpack_ternary
 from bitquant.recipe import PROJECTIONS
 from bitquant.source import Checkpoint, open_checkpoint
@@ -114,8 +114,7 @@ def is_ternary(folder: Path) -> bool:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
-    qc = config.get("quantization_config") or {}
-    return qc.get("quant_method") == "bitnet" or (config.get("architectures") or [""])[0] == BITNET_ARCHITECTURE
+    return runs_ternary(config)
 
 
 def load_fp(folder: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:

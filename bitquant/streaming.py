@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from bitquant.blocks import Blocks
-from bitquant.source import Checkpoint, open_checkpoint
+from bitquant.source import open_checkpoint
 
 #: Called as work is done: (steps done, steps in all); a step is a block or a window.
 StepProgress = Callable[[int, int], None]
@@ -30,17 +30,12 @@ StepProgress = Callable[[int, int], None]
 MEMORY_SHARE = 0.25
 
 
-def checkpoint(folder: Path) -> Checkpoint:
-    """A checkpoint, validated as for conversion (FP, master or packed ternary)."""
-    return open_checkpoint(folder)
-
-
 def model_bytes(folder: Path, dtype: torch.dtype, act_quant: bool = True) -> int:
     """Memory the in-memory path needs for this model: every weight in ``dtype``, packed
     ternary ones unpacked to int8 codes (W1.58A8) or to ``dtype`` (weights only)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     total = 0
-    for _, spec in checkpoint(folder).iter_specs():
+    for _, spec in open_checkpoint(folder).iter_specs():
         if spec.dtype == torch.uint8:
             total += 4 * spec.numel * (1 if act_quant else itemsize)
         else:
@@ -65,7 +60,7 @@ def final_hidden(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int, in
     head)``: ``hidden[length]`` holds the windows of that length, ``where[j]`` says which
     group and row window ``j`` is, and ``norm``/``head`` are the model's final norm and
     output-head weight."""
-    blocks = Blocks(checkpoint(folder), device, dtype=dtype, act_quant=act_quant)
+    blocks = Blocks(open_checkpoint(folder), device, dtype=dtype, act_quant=act_quant)
     groups: dict[int, list[int]] = {}
     for j, (begin, end, _) in enumerate(spans):
         groups.setdefault(end - begin, []).append(j)

@@ -177,21 +177,19 @@ def ternary_values(w: torch.Tensor) -> tuple[torch.Tensor, float] | None:
     is already ternary, e.g. dequantized codes), else ``None``.
 
     absmean would give such a matrix the scale c x (share of non-zeros), not c; the codes
-    are ``sign(w)`` and c is kept exactly. The first row is checked before the whole
-    matrix, so an ordinary weight costs one short test.
+    are ``sign(w)`` and c is kept exactly. The first 4,096 values are checked before the
+    whole matrix, so an ordinary weight costs one short test.
     """
     if w.numel() == 0 or not w.is_floating_point():
         return None
     flat = w.reshape(-1)
-    c = flat[: min(flat.numel(), 4096)].abs().amax()
-    if c == 0 or not torch.isfinite(c):
+    head = flat[:4096].abs()
+    c = head.amax()
+    if c == 0:  # the first values are all zero: c comes from the rest
         c = flat.abs().amax()
-        if c == 0 or not torch.isfinite(c):
-            return None
-    head = flat[: min(flat.numel(), 4096)].abs()
-    if not bool(((head == 0) | (head == c)).all()):
+    if c == 0 or not torch.isfinite(c) or not bool(((head == 0) | (head == c)).all()):
         return None
     a = flat.abs()
-    if not bool(((a == 0) | (a == c)).all()) or a.amax() != c:
+    if not bool(((a == 0) | (a == c)).all()):
         return None
     return torch.sign(w).to(torch.int8), float(c)

@@ -7,6 +7,7 @@ from bitquant import evaluate, streaming
 from bitquant.convert import convert
 from bitquant.evaluate import EvalSettings
 from bitquant.recipe import load_recipe
+from bitquant.source import open_checkpoint
 from conftest import DATA, TOKENIZER_VOCAB, add_tokenizer, make_checkpoint
 
 TEXT = DATA / "alice29.txt"
@@ -63,7 +64,7 @@ def test_model_bytes_counts_unpacked_codes(model, tmp_path):
     fp = streaming.model_bytes(model, torch.float32)
     w158a8 = streaming.model_bytes(out, torch.float32)
     weights_only = streaming.model_bytes(out, torch.float32, act_quant=False)
-    specs = [s for _, s in streaming.checkpoint(model).iter_specs()]
+    specs = [s for _, s in open_checkpoint(model).iter_specs()]
     projections = [s for s in specs if s.name.endswith("_proj.weight")]
     assert fp == 4 * sum(s.numel for s in specs)
     # int8 codes instead of float32, plus one float32 weight_scale per projection

@@ -248,24 +248,24 @@ def export(ckpt, plan, items, folder: Path, fmt: str, name: str, strict: bool = 
     arch = ARCHITECTURES[ckpt.config["architectures"][0]]
     entries = [e for spec in plan.logical.values()
                for e in plan_entries(spec.name, spec.shape, spec.name in plan.quantize, tq, strict, arch)]
+    planned = {e.hf_name: e for e in entries if e.kind != "scale"}  # each source tensor's own entry
     layers: list[LayerStats] = []
     separate_scale = arch == "bitnet"
 
     def arrays():
         for i, (hf_name, tensor, make) in enumerate(items, start=1):
             heads = rope_heads(ckpt.config, hf_name)
+            entry = planned[hf_name]
             if make is not None:
                 t = make()
                 logical = plan.logical[hf_name]
                 layers.append(LayerStats.of(hf_name, logical.shape, t))
                 codes = unpack_ternary(t.packed)
-                entry = plan_entry(hf_name, logical.shape, True, tq, strict)
                 yield encode_ternary(entry, permute_for_rope(codes, heads) if heads else codes,
                                      1.0 if separate_scale else t.scale)
                 if separate_scale:
                     yield np.array([t.scale], dtype=np.float32)
             else:
-                entry = plan_entry(hf_name, tuple(tensor.shape), False, tq, strict)
                 yield encode_plain(entry, permute_for_rope(tensor, heads) if heads else tensor)
             if progress:
                 progress(i, plan.source_count, hf_name)

@@ -24,6 +24,7 @@ import torch
 
 from bitquant.errors import UsageError
 from bitquant.text import tokenize_file
+from bitquant.training.distributed import World
 
 #: Called while sampling: (tokens sampled, tokens to sample).
 SampleProgress = Callable[[int, int], None]
@@ -85,16 +86,13 @@ def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], pro
 
 
 def cached_samples(model, settings: SampleSettings, key: str, cache_dir: Path, bos_id: int, eos_ids: list[int],
-                   vocab_size: int, progress: SampleProgress | None = None, world=None) -> tuple[torch.Tensor, dict]:
+                   vocab_size: int, progress: SampleProgress | None = None, world: World = World()) -> tuple[torch.Tensor, dict]:
     """Samples from the cache, or drawn now and cached. Returns the ids and a description:
     ``tokens``, ``sequences``, ``seq_len``, ``temperature``, ``seed``, ``seconds`` and
     ``tokens_per_second`` of the sampling run, ``cached`` (found in the cache), ``path``.
     Under a launcher (``world``), every process draws its share of the batches (their
     seeds do not depend on the number of processes), all of them get every sample, and the
     main process writes the cache."""
-    from bitquant.training.distributed import World
-
-    world = world or World()
     from safetensors.torch import load_file, save_file
 
     path = cache_dir / f"{key}.safetensors"

@@ -126,9 +126,7 @@ def choose_low_memory(choice: bool | None, params: int, device: str, world: Worl
                   > FIT_SHARE * torch.cuda.get_device_properties(torch.device(device)).total_memory)
     if wanted:
         try:
-            import importlib
-
-            importlib.import_module("torchao.optim")
+            import torchao.optim  # noqa: F401  (only whether it is installed)
         except ImportError:
             raise UsageError(
                 f"training this model ({params / 1e9:.1f}B parameters) needs about {params * TRAIN_BYTES_PER_PARAM / 1e9:.0f} GB "
