@@ -1,0 +1,95 @@
+"""Batched decoding with a static KV cache, one new token per sequence per step, through
+the model's own decoder blocks: heal's teacher sampling.
+
+transformers' ``generate`` with its static cache attends over the whole cache length at
+every step and spends much of each step outside the model (argument handling in every
+module call, logits processors, stopping criteria that wait for the GPU). This loop keeps
+one preallocated key/value buffer per block, attends to the positions written so far
+(step t reads t keys, not the cache length), groups query heads per key/value head
+instead of repeating keys, and draws the next token with the Gumbel-max trick on the GPU.
+The projections, norms, rotary embedding and MLP are the model's own modules (the
+Llama-style block: Llama, Mistral, Qwen2, Qwen3), so the arithmetic is transformers'; a
+test checks each step's logits against the model's full forward pass.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def _rotary(layer: torch.nn.Module) -> Callable:
+    """The model family's own ``apply_rotary_pos_emb`` (from the module of its attention class)."""
+    return sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
+
+
+def _block_step(layer, h: torch.Tensor, pe, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, rotary) -> torch.Tensor:
+    """One decoder block on one new token per sequence (``h``: [B, 1, hidden]), its key and
+    value written at ``pos`` of the block's cache ([B, kv_heads, length, head_dim]), attending
+    to positions 0..pos. The block's own modules do the arithmetic; only the attention's
+    plumbing is done here, without transformers' per-call argument handling, which costs
+    more than the arithmetic at one token a step."""
+    attn = layer.self_attn
+    b = h.shape[0]
+    hd = k_cache.shape[-1]
+    kv = k_cache.shape[1]
+    x = layer.input_layernorm(h)
+    q = attn.q_proj(x).view(b, 1, -1, hd)
+    k = attn.k_proj(x).view(b, 1, kv, hd)
+    v = attn.v_proj(x).view(b, 1, kv, hd)
+    if getattr(attn, "q_norm", None) is not None:  # Qwen3, Gemma 3: per-head norms before the rotation
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), *pe)
+    k_cache[:, :, pos] = k[:, :, 0]
+    v_cache[:, :, pos] = v[:, 0]
+    heads = q.shape[1]
+    # grouped-query attention without repeating keys: each key/value head's query heads
+    # become that head's "query positions" (all attend to every cached position)
+    o = F.scaled_dot_product_attention(q.reshape(b, kv, heads // kv, hd), k_cache[:, :, : pos + 1],
+                                       v_cache[:, :, : pos + 1], scale=attn.scaling)
+    h = h + attn.o_proj(o.reshape(b, 1, heads * hd))
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+@torch.inference_mode()
+def sample_batch(model, rows: int, length: int, bos_id: int, temperature: float, banned: list[int],
+                 generator: torch.Generator, on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """``rows`` sequences of ``length`` token ids (int64, on the model's device), each
+    starting with ``bos_id``, every next token drawn from ``softmax(logits / temperature)``
+    with the ``banned`` ids (EOS) excluded. ``generator`` (on the model's device) makes it
+    repeatable. ``on_step(pos, logits)`` sees each step's float32 logits (before the ban)."""
+    config = model.config
+    body = model.get_decoder()
+    head = model.get_output_embeddings()
+    layers = body.layers
+    device = head.weight.device
+    dtype = body.embed_tokens.weight.dtype
+    kv, hd = config.num_key_value_heads, layers[0].self_attn.head_dim
+    caches = [(torch.empty(rows, kv, length, hd, dtype=dtype, device=device),
+               torch.empty(rows, kv, length, hd, dtype=dtype, device=device)) for _ in layers]
+    rotary = _rotary(layers[0])
+    out = torch.empty(rows, length, dtype=torch.int64, device=device)
+    out[:, 0] = bos_id
+    ban = torch.tensor(banned, dtype=torch.long, device=device) if banned else None
+    for pos in range(length - 1):
+        h = body.embed_tokens(out[:, pos : pos + 1])
+        pe = body.rotary_emb(h, torch.full((1, 1), pos, dtype=torch.long, device=device))
+        for layer, (k_cache, v_cache) in zip(layers, caches):
+            h = _block_step(layer, h, pe, k_cache, v_cache, pos, rotary)
+        logits = head(body.norm(h[:, -1])).float()
+        if on_step:
+            on_step(pos, logits)
+        if ban is not None:
+            logits.index_fill_(1, ban, float("-inf"))
+        out[:, pos + 1] = gumbel_argmax(logits, temperature, generator)
+    return out
+
+
+def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """One draw per row from softmax(logits / temperature): argmax(logits / T + Gumbel noise)."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
+    noise = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
+    return (logits / temperature + noise).argmax(-1)
