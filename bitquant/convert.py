@@ -130,7 +130,7 @@ def convert(
         if tokens is not None:
             perplexity, gate_results = export.measure(ckpt.path, tmp, tokens, recipe, eval_progress, stream_eval)
         report = export.new_report(source, ckpt, recipe.to_dict(), recipe.sha256(), fingerprint, recipe.format, plan,
-                                   written, reused, len(shards), perplexity=perplexity, gates=gate_results,
+                                   written, reused, shards, max_shard_size, perplexity=perplexity, gates=gate_results,
                                    calibration=calibration)
         export.finish(tmp, report, source, written, journal, started)
 

@@ -23,6 +23,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from bitquant import activity
 from bitquant.errors import SourceError
 
 PREFIX = "embedded:"
@@ -90,6 +91,7 @@ def materialize(name: str) -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    activity.step(f"preparing embedded:{model.name} from its GGUF file (once; about a minute)")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         _dequantize_gguf(gguf, tmp)
@@ -110,6 +112,8 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
+    quiet_bars = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"  # transformers' own bar over the GGUF tensors: bitquant shows its step
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(
@@ -120,6 +124,10 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+        if quiet_bars is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = quiet_bars
     lm.save_pretrained(out)  # dequantized: a plain FP16 config, no quantization_config
     tok.save_pretrained(out)
     config_path = out / "config.json"

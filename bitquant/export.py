@@ -199,7 +199,8 @@ def eval_settings(recipe: Recipe, stream: bool | None = None) -> EvalSettings:
 
 
 def new_report(source: ModelSource, ckpt: Checkpoint, recipe: dict, recipe_sha256: str, fingerprint: str, fmt: str,
-               plan: Plan, written: Written, reused: list[str], shards: int, **extra) -> ConvertReport:
+               plan: Plan, written: Written, reused: list[str], shards: list[hf_bitnet.Shard], max_shard_size: int,
+               **extra) -> ConvertReport:
     """A report of a freshly written output (``files`` and timings are set by :func:`finish`)."""
     return ConvertReport(
         bitquant_version=__version__,
@@ -217,7 +218,9 @@ def new_report(source: ModelSource, ckpt: Checkpoint, recipe: dict, recipe_sha25
         elapsed_seconds=0.0,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         resumed_shards=reused,
-        notes=notes(written.layers, reused, shards) + list((written.gguf or {}).get("notes", [])),
+        notes=notes(written.layers, reused, len(shards))
+        + ([] if written.gguf else oversized_notes(shards, max_shard_size))
+        + list((written.gguf or {}).get("notes", [])),
         gguf=written.gguf,
         input=input_info(plan, written.layers, fmt),
         **extra,
@@ -300,6 +303,15 @@ def notes(layers: list[LayerStats], reused: list[str], n_shards: int) -> list[st
     if n_shards > MANY_SHARDS:
         out.append(f"the output is split into {n_shards} shards; a larger --max-shard-size (default 5GB) makes fewer files")
     return out
+
+
+def oversized_notes(shards: list[hf_bitnet.Shard], max_shard_size: int) -> list[str]:
+    """A note for each tensor larger than ``--max-shard-size``, which gets a shard of its own."""
+    def size(n: int) -> str:
+        return f"{n / 1e6:,.1f} MB" if n >= 10**5 else f"{n / 1e3:,.1f} kB"
+
+    return [f"{s.specs[0].name} ({size(s.nbytes)}) is larger than --max-shard-size ({size(max_shard_size)}), so its "
+            f"shard {s.filename} is too" for s in shards if len(s.specs) == 1 and s.nbytes > max_shard_size]
 
 
 def versions() -> dict[str, str]:

@@ -73,6 +73,8 @@ def resolve_source(spec: str, revision: str | None = None, token: str | None = N
         return ModelSource(spec, embedded.materialize(spec[len(embedded.PREFIX) :]), "embedded")
     path = Path(spec).expanduser()
     if path.exists() or spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        if not path.exists():
+            raise SourceError(f"{spec!r} does not exist; pass a checkpoint folder or a Hub model id")
         if not path.is_dir():
             raise SourceError(f"{spec!r} is not a folder; pass a checkpoint folder or a Hub model id")
         return ModelSource(spec, path.resolve(), "local", revision)

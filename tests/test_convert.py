@@ -141,6 +141,9 @@ def test_report_sizes_and_hashes_match_disk(tmp_path):
         assert f.bytes == on_disk[f.name].stat().st_size
         assert f.sha256 == hashlib.sha256(on_disk[f.name].read_bytes()).hexdigest()
     assert {f.name for f in report.files} == set(on_disk) - {"report.json"}
+    big = [n for n in report.notes if "is larger than --max-shard-size (10.0 kB)" in n]
+    assert any(n.startswith("model.embed_tokens.weight (") for n in big)
+    assert not [n for n in convert(str(src), tmp_path / "default").notes if "max-shard-size" in n]
     q = report.size.quantized_params
     assert report.size.bits_per_weight_quantized == pytest.approx(8 * (q / 4 + 2 * len(report.layers)) / q, rel=1e-3)
     saved = json.loads((out / "report.json").read_text())

@@ -86,6 +86,8 @@ def test_not_a_folder_and_bad_ids(tmp_path):
     f.write_text("x")
     with pytest.raises(SourceError, match="is not a folder"):
         resolve_source(str(f))
+    with pytest.raises(SourceError, match="does not exist"):
+        resolve_source(str(tmp_path / "missing"))
     with pytest.raises(SourceError, match="neither an existing folder nor a valid Hub model id"):
         resolve_source("not a valid id!")
 
