@@ -27,11 +27,10 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-try:
-    import bitquant.configs  # noqa: F401  (an installed bitquant, e.g. pip install --target on the GPU machine)
-except ImportError:
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_tree import REPO, use_source_tree  # noqa: E402
+
+use_source_tree()
 
 
 def stand_in_package(gguf: Path, site: Path) -> None:
@@ -62,6 +61,8 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--copy", default=None)
     p.add_argument("--low-memory", action="store_true", help="the low-memory road (bf16 weights, torchao AdamW8bit)")
+    p.add_argument("--also-eval", action="append", default=[], metavar="FILE",
+                   help="also measure source and healed model on this held-out text (16,384 tokens)")
     args = p.parse_args()
 
     import torch
@@ -115,8 +116,28 @@ def main() -> None:
         rows += [("perplexity FP", f"{ppl['baseline']:.3f}"), ("perplexity plain absmean", f"{ppl['before_heal']['perplexity']:.4g}"),
                  ("perplexity healed", f"{ppl['quantized']:.3f} (ratio {ppl['ratio']:.3f}, KL {ppl['kl_mean']:.3f}, "
                                        f"top-1 {ppl['top1_agreement']:.1%})")]
+    if h.get("time_budget"):
+        b = h["time_budget"]
+        rows.append(("time budget", f"{b['seconds']:.0f} s: {b['steps']} steps chosen at {b['probe_tokens_per_second']:,.0f} "
+                                    "tokens/s (probe)"))
+    if h.get("block_stage", {}).get("steps"):
+        rows.append(("block-wise stage", f"{h['block_stage']['steps']} of {h['steps']} steps"))
+    if args.also_eval:
+        from bitquant.evaluate import EvalSettings, evaluate
+
+        for text in args.also_eval:
+            fp = evaluate(model, text, settings=EvalSettings(max_tokens=16384)).perplexity
+            healed = evaluate(args.out, text, settings=EvalSettings(max_tokens=16384)).perplexity
+            rows.append((f"held-out {Path(text).name}", f"FP {fp:.3f}, healed {healed:.3f} (ratio {healed / fp:.3f})"))
+    if report.generation:
+        g = report.generation["models"]
+        rows.append(("distinct 4-grams, source / healed", f"{g['source']['distinct_4grams']} / {g['healed']['distinct_4grams']}"))
+        for prompt, a, b in zip(report.generation["prompts"], g["source"]["completions"], g["healed"]["completions"]):
+            rows.append((f"  {prompt!r} FP", repr(a[:150])))
+            rows.append((f"  {prompt!r} healed", repr(b[:150])))
     curve = h["curve"]
-    rows.append(("curve", " ".join(f"{c['tokens'] / 1e6:.1f}M:{c['loss']:.3f}" for c in curve[:: max(1, len(curve) // 12)])))
+    rows.append(("curve", " ".join(f"{c['tokens'] / 1e6:.1f}M:{c['loss']:.3f}{'b' if c.get('stage') == 'blocks' else ''}"
+                                   for c in curve[:: max(1, len(curve) // 16)])))
     for k, v in rows:
         print(f"{k:42s} {v}")
     if args.copy:

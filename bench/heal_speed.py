@@ -11,17 +11,26 @@ optimizer step of --batch-tokens (default 32,768), timed after --warmup steps:
 * ``projections``: each fake-ternary projection compiled (quantizers fused);
 * ``blocks``: every decoder block of teacher and student compiled.
 
-Sampling: transformers' generate with a dynamic KV cache (baseline) and with a static
-cache (compiled into CUDA graphs by transformers), per batch of --sample-batch sequences
-of 512 tokens; the first static batch includes compilation and is shown apart.
+Sampling, per batch of --sample-batch sequences of 512 tokens (the first batch, which
+compiles or warms up, is shown apart): transformers' generate with a static KV cache
+(compiled into CUDA graphs by transformers; heal's sampler until this round) or a dynamic
+one, and ``decode``, heal's own loop (bitquant.decode: a static cache read only up to the
+current position, Gumbel-max draws on the GPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_tree import use_source_tree  # noqa: E402
+
+use_source_tree()
 
 
 def smollm2_config():
@@ -95,20 +104,34 @@ def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: 
     return rate, warm, peak
 
 
-def sample_speed(config, static: bool, batches: int, batch: int) -> list[float]:
-    from transformers import AutoModelForCausalLM
+def sample_speed(config, sampler: str, batches: int, batch: int) -> list[float]:
+    """Seconds per batch of ``batch`` sequences of 512 tokens: ``decode`` is heal's sampler
+    (bitquant.decode); ``static`` / ``dynamic`` are transformers' generate with that cache
+    (what heal used before)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from bitquant.training import data
+    from bitquant import decode
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
-    settings = data.SampleSettings(tokens=batches * batch * 512, seq_len=512, temperature=1.0, seed=0, batch=batch)
-    stamps = [time.perf_counter()]
-    data.sample(model, settings, config.bos_token_id, [config.eos_token_id],
-                progress=lambda done, total: stamps.append(time.perf_counter()), static=static)
+    times = []
+    for i in range(batches):
+        began = time.perf_counter()
+        if sampler == "decode":
+            g = torch.Generator(device="cuda").manual_seed(i)
+            decode.sample_batch(model, batch, 512, config.bos_token_id, 1.0, [config.eos_token_id], g)
+        else:
+            gc = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=511,
+                                  min_new_tokens=511, eos_token_id=[config.eos_token_id], pad_token_id=config.eos_token_id,
+                                  cache_implementation="static" if sampler == "static" else None)
+            start = torch.full((batch, 1), config.bos_token_id, dtype=torch.long, device="cuda")
+            with torch.inference_mode():
+                model.generate(start, attention_mask=torch.ones_like(start), generation_config=gc)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - began)
     del model
     torch.cuda.empty_cache()
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return times
 
 
 def main() -> None:
@@ -121,7 +144,8 @@ def main() -> None:
     p.add_argument("--sample-batch", type=int, default=512)
     p.add_argument("--sample-batches", type=int, default=3)
     p.add_argument("--no-sampling", action="store_true")
-    p.add_argument("--no-dynamic", action="store_true", help="skip the (slow) dynamic-cache baseline")
+    p.add_argument("--samplers", default="static,decode",
+                   help="static / dynamic: transformers generate with that KV cache; decode: bitquant.decode (heal's)")
     p.add_argument("--tinyllama", action="store_true")
     args = p.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
@@ -140,17 +164,14 @@ def main() -> None:
         print(*rows[-1], flush=True)
     if not args.no_sampling:
         tokens = args.sample_batch * 512
-        dyn = None
-        if not args.no_dynamic:
-            dyn = sample_speed(config, False, 1, args.sample_batch)
-            rows.append(("sample dynamic cache", f"{tokens / dyn[0]:,.0f} tokens/s ({dyn[0]:.1f} s a batch of {args.sample_batch})"))
+        base_rate = None
+        for sampler in [x for x in args.samplers.split(",") if x]:
+            st = sample_speed(config, sampler, args.sample_batches, args.sample_batch)
+            steady = tokens * (len(st) - 1) / sum(st[1:]) if len(st) > 1 else tokens / st[0]
+            base_rate = base_rate or steady
+            rows.append((f"sample {sampler}, batch {args.sample_batch}",
+                         f"first batch {st[0]:.1f} s; then {steady:,.0f} tokens/s ({steady / base_rate:.2f}x first sampler)"))
             print(*rows[-1], flush=True)
-        st = sample_speed(config, True, args.sample_batches, args.sample_batch)
-        steady = tokens * (len(st) - 1) / sum(st[1:]) if len(st) > 1 else 0
-        versus = f" ({steady / (tokens / dyn[0]):.2f}x dynamic)" if dyn else ""
-        rows.append((f"sample static cache, batch {args.sample_batch}",
-                     f"first batch {st[0]:.1f} s (compiles); then {steady:,.0f} tokens/s{versus}"))
-        print(*rows[-1], flush=True)
     if args.tinyllama:
         tl = tinyllama_config()
         mode = max((r for r in rows if r[0].startswith("train") and "failed" not in r[1]),

@@ -74,8 +74,17 @@ _LOSSLESS = {
 def _quality(report: ConvertReport) -> list[str]:
     """The paragraph on what the conversion did to quality, from the input kind."""
     if report.heal:
-        return ["**Quality.** Healing recovers much of what ternarization destroys, not all of it: compare the "
-                "perplexities below (source, plain ternary before healing, healed) before use.", ""]
+        ppl = report.perplexity
+        if ppl:
+            text = (f"**Quality.** Measured on {Path(ppl['text']).name}: perplexity {_fmt(ppl['quantized'])} against "
+                    f"{_fmt(ppl['baseline'])} for the source ({_fmt(ppl['ratio'])}x), and "
+                    f"{_fmt(ppl['before_heal']['perplexity'])} for plain ternarization before healing.")
+        else:
+            text = f"**Quality.** Perplexity {report.unmeasured_perplexity()}."
+        findings = report.heal_findings()
+        if findings:
+            text += " " + " ".join(f[0].upper() + f[1:] + "." for f in findings)
+        return [text, ""]
     kind = (report.input or {}).get("kind", "fp")
     if kind in _LOSSLESS:
         return [_LOSSLESS[kind], ""]
@@ -142,12 +151,17 @@ def _heal(h: dict) -> list[str]:
         pick = sorted({round(i * (len(curve) - 1) / 9) for i in range(10)})
         lines += ["", "Loss curve (KL per token, nats):", "", "| step | tokens | loss |", "|---|---|---|"]
         lines += [f"| {curve[i]['step']} | {curve[i]['tokens']:,} | {curve[i]['loss']:.4g} |" for i in pick]
-    if h.get("completions"):
-        lines += ["", "Greedy completions (FP source vs this model):", "", "| prompt | source | healed |", "|---|---|---|"]
-        by = {(c["model"], c["prompt"]): c["completion"] for c in h["completions"]}
-        for prompt in dict.fromkeys(c["prompt"] for c in h["completions"]):
-            cells = [_cell(by.get((m, prompt), "")) for m in ("source", "healed")]
-            lines.append(f"| {_cell(prompt)} | {cells[0]} | {cells[1]} |")
+    return lines
+
+
+def _generation(g: dict) -> list[str]:
+    """Both models' greedy completions side by side, and their share of distinct 4-grams."""
+    src, healed = g["models"]["source"], g["models"]["healed"]
+    lines = ["", f"Greedy completions ({g['max_new_tokens']} new tokens at most), FP source vs this model:", "",
+             "| prompt | source | healed |", "|---|---|---|"]
+    for prompt, a, b in zip(g["prompts"], src["completions"], healed["completions"]):
+        lines.append(f"| {_cell(prompt)} | {_cell(a)} | {_cell(b)} |")
+    lines.append(f"| distinct 4-grams (1 = no repetition) | {_fmt(src['distinct_4grams'])} | {_fmt(healed['distinct_4grams'])} |")
     return lines
 
 
@@ -207,9 +221,11 @@ def render(report: ConvertReport, source: ModelSource) -> str:
             f"| evaluated on | {ppl['text']} ({ppl['tokens']:,} tokens, context {ppl['context']}) |",
         ]
     else:
-        lines.append("| perplexity | not measured (convert with --eval-text FILE to measure it) |")
+        lines.append(f"| perplexity | {report.unmeasured_perplexity()} |")
     if report.heal:
         lines += _heal(report.heal)
+    if report.generation:
+        lines += _generation(report.generation)
     lines += [
         "",
         f"Versions: {', '.join(f'{k} {v}' for k, v in report.versions.items())}. "

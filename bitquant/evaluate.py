@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from bitquant import runtime, streaming
+from bitquant import activity, runtime, streaming
 from bitquant.errors import UsageError
 from bitquant.source import open_checkpoint, resolve_source
 from bitquant.text import Tokens, tokenize_file
@@ -149,8 +149,10 @@ def evaluate(
     In memory when the model fits comfortably (or ``settings.stream`` is False), else one
     decoder block at a time (:mod:`bitquant.streaming`); ``progress`` then counts blocks
     and windows."""
+    activity.step(f"opening {model}")
     folder = resolve_source(model, revision=revision, token=token).path
     runtime.check_evaluable(folder)
+    activity.step(f"reading {text}")
     tokens = tokenize_for(folder, text, settings)
     device = settings.resolved_device()
     dtype = settings.resolved_dtype(device)
@@ -165,6 +167,7 @@ def evaluate(
         nll = _nlls(streaming.window_logits(hidden, spans), t, spans, lambda i, n: tick())
         forwarded = sum(e - b for b, e, _ in spans)
     else:
+        activity.step(f"loading {model}")
         lm, mode = runtime.load_model(folder, dtype, device, act_quant=act_quant)
         started = time.perf_counter()
         nll, forwarded = token_nlls(lm, tokens.ids, settings.context, settings.stride, device, progress)
@@ -204,19 +207,6 @@ def perplexity_of(model, tokens: Tokens, settings: EvalSettings, device: str) ->
     nll, _ = token_nlls(model, tokens.ids, settings.context, settings.stride, device)
     ppl, se, _ = _summary(nll)
     return {"perplexity": ppl, "stderr": se, "tokens": nll.numel()}
-
-
-@torch.inference_mode()
-def complete(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
-    """Greedy completions of ``prompts`` (for model cards: what the numbers mean)."""
-    device = next(model.parameters()).device
-    out = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)
-        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens,
-                             pad_token_id=tokenizer.eos_token_id or 0)
-        out.append(tokenizer.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
-    return out
 
 
 def tokenize_for(folder: Path, text: str | Path, settings: EvalSettings) -> Tokens:

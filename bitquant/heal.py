@@ -23,12 +23,13 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from bitquant import __version__, embedded, evaluate, export, inputs, runtime
+from bitquant import __version__, activity, embedded, evaluate, export, generate, inputs, runtime
 from bitquant.errors import BitquantError, SourceError, UsageError
 from bitquant.evaluate import WindowProgress
 from bitquant.export import REPORT, ProgressFn
@@ -40,15 +41,11 @@ from bitquant.report import ConvertReport
 from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_source
 from bitquant.staging import check_target, staged_output, staging_path
 from bitquant.training import checkpoint, data, distributed, loop
-from bitquant.training.recipe import HealRecipe, load_heal_recipe
+from bitquant.training.recipe import MIN_RESERVE, RESERVE_SHARE, HealRecipe, load_heal_recipe
 from bitquant.training.student import compile_blocks, make_student, uncompile
 
 #: Training state inside the staging folder (checkpoints, the master before export).
 STATE = "heal-state"
-
-#: Prompts completed by the FP model and the healed one for the model card.
-PROMPTS = ("The capital of France is", "Once upon a time, there was a", "The three primary colors are",
-           "To make a cup of tea, you")
 
 
 class OutOfMemory(BitquantError):
@@ -65,6 +62,7 @@ class HealHooks:
     train: loop.TrainProgress | None = None
     tensors: ProgressFn | None = None
     windows: WindowProgress | None = None
+    completions: Callable[[int, int], None] | None = None  # (completions done, completions in all)
     note: loop.Note | None = None
 
 
@@ -119,6 +117,7 @@ def heal(
         check_target(master_out, overwrite or force)
     export.check_eval_options(conv, eval_text)
     device = distributed.setup(world, runtime.resolve_device(device))
+    activity.step(f"opening {model}")
     source = resolve_source(model, revision=revision, token=token)
     ckpt = open_checkpoint(source.path)
     if ckpt.layout.ternary_trained:
@@ -142,7 +141,12 @@ def heal(
             return existing
     check_target(out.absolute(), overwrite or force)
 
-    work = (ckpt, plan, recipe, conv, text_ids, text_info, source_fp, low_memory)
+    deadline = None
+    if recipe.time_budget is not None:  # keep back time for export, the checks and evaluation
+        deadline = started + recipe.time_budget - max(MIN_RESERVE, RESERVE_SHARE * recipe.time_budget)
+        if deadline <= time.monotonic():
+            raise UsageError(loop.no_time(recipe, time.monotonic() - deadline))
+    work = (ckpt, plan, recipe, conv, text_ids, text_info, source_fp, low_memory, deadline)
     if not world.main:
         world.barrier()  # the main process has made the staging folder
         _train(*work, staging_path(out, fingerprint) / STATE, device, None, hooks, world, parallel)
@@ -176,6 +180,7 @@ def _heal_main(work, source, out: Path, fingerprint: str, tokens, tokenizer, mas
                 f"--batch-tokens (now {recipe.batch_tokens}), or --sample-batch (now {recipe.sample_batch}) while sampling"
             ) from None
         uncompile(student)  # the checks below compare the plain forward pass with OUT's
+        activity.step("writing the trained weights")
         master_ckpt = open_checkpoint(_write_master(student, ckpt, state / "master", max_shard_size))
         _load_master(student, master_ckpt)
         mplan = plan_conversion(master_ckpt, conv)
@@ -187,15 +192,21 @@ def _heal_main(work, source, out: Path, fingerprint: str, tokens, tokenizer, mas
         info["master"] = {"dtypes": sorted({str(s.dtype).replace("torch.", "") for _, s in master_ckpt.iter_specs()}),
                           "saved_to": str(master_out) if master_out else None}
         if conv.format not in gguf.TYPES:
+            activity.step("checking the student against the output")
             info["exactness"] = _exactness(student, tmp, probe, device)
         del teacher
         perplexity = gate_results = None
         if tokens is not None:
             perplexity, gate_results = export.measure(ckpt.path, tmp, tokens, conv, hooks.windows, stream_eval)
             perplexity["before_heal"] = info.pop("before")
-        info["completions"] = _completions(ckpt.path, tmp, tokenizer, device) if conv.format not in gguf.TYPES else []
+        generation = None
+        if conv.format not in gguf.TYPES:
+            generation = generate.generation_report([("source", ckpt.path), ("healed", tmp)], tokenizer, device,
+                                                    hooks.completions)
         report = export.new_report(source, ckpt, recipe.to_dict(), recipe.sha256(), fingerprint, conv.format, mplan,
-                                   written, reused, len(shards), perplexity=perplexity, gates=gate_results, heal=info)
+                                   written, reused, shards, max_shard_size, perplexity=perplexity, gates=gate_results,
+                                   heal=info,
+                                   generation=generation)
         del student
         if master_out is not None:
             _save_master(master_ckpt.path, master_out, fingerprint, overwrite)
@@ -205,13 +216,14 @@ def _heal_main(work, source, out: Path, fingerprint: str, tokens, tokenizer, mas
 
 
 def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info, source_fp: str, low_memory,
-           state: Path, device: str, tokens, hooks: HealHooks, world=None, parallel: str = "auto"):
+           deadline: float | None, state: Path, device: str, tokens, hooks: HealHooks, world=None, parallel: str = "auto"):
     """Build teacher and student, gather the data, measure the start, train. Returns the
     report's ``heal`` section (so far), the trained student, the teacher and a probe batch."""
     world = world or distributed.World()
     cuda = device.startswith("cuda")
     params = sum(s.numel for _, s in ckpt.iter_specs())
     low_memory = distributed.choose_low_memory(low_memory, params, device, world)
+    activity.step("loading the teacher and the student")
     teacher = runtime.load_fp(ckpt.path, torch.bfloat16 if cuda else torch.float32, device)
     teacher.requires_grad_(False)
     student = runtime.load_fp(ckpt.path, torch.bfloat16 if low_memory else torch.float32, device)
@@ -226,8 +238,13 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
         per.append(text_n)
         sources.append({"kind": "text", "share": text_n / recipe.batch_sequences, "files": text_info})
     if sample_n:
-        settings = data.SampleSettings(recipe.sample_tokens, recipe.seq_len, recipe.sample_temperature, recipe.seed,
-                                       recipe.sample_batch)
+        wanted = data.samples_needed(recipe, sample_n, timed=deadline is not None)
+        if hooks.note and wanted < recipe.sample_tokens:
+            hooks.note(f"sampling {wanted:,} tokens from the teacher, what {recipe.steps:,} steps read "
+                       f"(recipe: up to {recipe.sample_tokens:,})")
+        settings = data.SampleSettings(wanted, recipe.seq_len, recipe.sample_temperature, recipe.seed,
+                                       recipe.sample_batch,
+                                       None if deadline is None else data.SAMPLE_SHARE * recipe.time_budget)
         config = ckpt.config
         bos = config.get("bos_token_id")
         if bos is None:
@@ -250,6 +267,7 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
         if cached.is_file():
             before = json.loads(cached.read_text(encoding="utf-8"))
         else:
+            activity.step("measuring the plain ternary model")
             with torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False):
                 before = evaluate.perplexity_of(student, tokens, export.eval_settings(conv), device)
             cached.write_text(json.dumps(before), encoding="utf-8")
@@ -258,8 +276,9 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
         compile_blocks(student)  # (bench/heal_speed.py): 2.3x eager training, 1.8x compiling the projections alone
         compile_blocks(teacher)
     wrapping = distributed.choose_parallel(parallel, params, device, world)
+    activity.step("starting to train" + (" (compiling the decoder blocks)" if cuda else ""))
     result = loop.train(student, teacher, batches, recipe, state, compiled=cuda, progress=hooks.train, note=hooks.note,
-                        world=world, parallel=wrapping, low_memory=low_memory)
+                        world=world, parallel=wrapping, low_memory=low_memory, deadline=deadline)
     if result.full_state is not None and world.main:  # FSDP2: rebuild an unsharded student from the gathered weights
         del student
         student = runtime.load_fp(ckpt.path, torch.bfloat16 if low_memory else torch.float32, device)
@@ -278,7 +297,8 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
                  else "fp32 latent weights, AdamW"),
         "compute_dtype": "bfloat16 autocast" if cuda else ("bfloat16" if low_memory else "float32"),
         "compiled": result.compiled, "resumed_from_step": result.resumed_from_step, "final_loss": result.final_loss,
-        "curve": result.curve, "before": before,
+        "block_stage": {"share": recipe.block_stage, "steps": round(result.steps * recipe.block_stage)},
+        "time_budget": result.budget, "curve": result.curve, "before": before,
     }
     return info, student, teacher, probe
 
@@ -328,17 +348,6 @@ def _exactness(student, folder: Path, probe: torch.Tensor, device: str) -> dict:
     return {"tokens": ids.numel(), "relative_error": float((a - b).norm() / b.norm()),
             "max_abs_error": float((a - b).abs().max()),
             "top1_agreement": float((a.argmax(-1) == b.argmax(-1)).float().mean())}
-
-
-def _completions(source: Path, folder: Path, tokenizer, device: str) -> list[dict]:
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    rows = []
-    for label, path in (("source", source), ("healed", folder)):
-        model, _ = runtime.load_model(path, dtype, device)
-        for prompt, text in zip(PROMPTS, evaluate.complete(model, tokenizer, list(PROMPTS))):
-            rows.append({"model": label, "prompt": prompt, "completion": text})
-        del model
-    return rows
 
 
 def _save_master(folder: Path, target: Path, fingerprint: str, overwrite: bool) -> None:

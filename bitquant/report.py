@@ -11,6 +11,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+#: A healed model whose greedy completions have fewer distinct 4-grams than this share of the
+#: source's is said to loop.
+LOOPING = 0.8
+
+
 @dataclass(frozen=True)
 class LayerStats:
     """One ternarized weight matrix."""
@@ -113,6 +118,7 @@ class ConvertReport:
     calibration: dict[str, Any] | None = None  # calibrated recipes: text, tokens, methods, transforms, mixed precision
     input: dict[str, Any] | None = None  # what the source held (FP, master, packed, ternary-valued) and what was copied
     heal: dict[str, Any] | None = None  # bitquant heal: training data, schedule, speed, loss curve, exactness
+    generation: dict[str, Any] | None = None  # heal: greedy completions of fixed prompts, source and result, distinct 4-grams
     up_to_date: bool = False  # set when convert found OUT already up to date (not saved)
 
     def to_dict(self) -> dict[str, Any]:
@@ -136,6 +142,35 @@ class ConvertReport:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=True) + "\n"
+
+    def unmeasured_perplexity(self) -> str | None:
+        """What to do when no perplexity was measured (None when one was): one piece of
+        advice per situation, shown alike in the card and the summary."""
+        if self.perplexity:
+            return None
+        if self.gguf:
+            return "not measured here: measure the GGUF with llama.cpp (see bitquant's README)"
+        if self.heal:
+            return "not measured: run `bitquant eval OUT TEXT` on text it was not trained on, or heal with --eval-text FILE"
+        return "not measured: convert with --eval-text FILE, or run `bitquant eval OUT TEXT`"
+
+    def heal_findings(self) -> list[str]:
+        """Plain statements about a healed model from what was measured: completions that
+        loop, a loss that did not fall. The same sentences go into the card and the summary."""
+        if not self.heal:
+            return []
+        found = []
+        g = self.generation
+        if g:
+            src, healed = g["models"]["source"]["distinct_4grams"], g["models"]["healed"]["distinct_4grams"]
+            if healed < LOOPING * src:
+                found.append(f"its greedy completions repeat themselves (distinct 4-grams {healed:.2f}, the source "
+                             f"{src:.2f}): it is not usable for generation as it is")
+        last_stage = [c for c in self.heal.get("curve") or [] if c.get("stage", "kl") == "kl"]
+        if len(last_stage) >= 2 and last_stage[-1]["loss"] >= last_stage[0]["loss"]:
+            found.append(f"the training loss did not fall ({last_stage[0]['loss']:.4g} at step {last_stage[0]['step']}, "
+                         f"{last_stage[-1]['loss']:.4g} at step {last_stage[-1]['step']}): train longer, or lower --lr")
+        return found
 
     def summary(self) -> dict[str, float]:
         """Aggregates over the ternarized matrices, for tables and cards."""

@@ -71,6 +71,23 @@ debug_option = click.option(
     help="Show full tracebacks on errors.",
 )
 
+
+def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.ensure_object(dict)["quiet"] = True
+    return value
+
+
+quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+                            help="Show no progress on stderr (errors and the result still show).")
+
+
+def _progress(as_json: bool = False) -> bool:
+    """Whether to show progress: not with --quiet, and not with --json (stdout stays JSON)."""
+    ctx = click.get_current_context()
+    quiet = bool((ctx.obj or {}).get("quiet")) or bool(ctx.find_root().params.get("quiet"))
+    return not quiet and not as_json
+
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
           "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
@@ -105,15 +122,16 @@ def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
 
         os.environ["NUMBA_NUM_THREADS"] = str(threads)  # read when the kernels load numba
         torch.set_num_threads(threads)
-    _quiet_transformers()
+    _quiet_transformers(show_warnings=debug or bool((ctx.obj or {}).get("debug")))
     ctx.ensure_object(dict)
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
 
 
-def _quiet_transformers() -> None:
+def _quiet_transformers(show_warnings: bool = False) -> None:
     """transformers' own progress bars ("Loading weights", "Converting and de-quantizing
     GGUF tensors") would appear beside bitquant's; Hub download bars stay. Import-time
-    log noise of optional libraries is silenced too."""
+    log noise of optional libraries, and warnings a user cannot act on, are silenced too
+    (``--debug`` shows the warnings)."""
     from huggingface_hub.utils import enable_progress_bars
     from transformers.utils import logging as hf_logging
 
@@ -125,6 +143,14 @@ def _quiet_transformers() -> None:
     # every kernel library built for other GPUs, and torch logs torchao's deprecated calls.
     for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    if not show_warnings:
+        import warnings
+
+        # inductor's advice to use TF32 for float32 matrix products: heal keeps float32
+        # exact on purpose (the student must compute what the output computes)
+        warnings.filterwarnings("ignore", message=".*TensorFloat32 tensor cores.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def output_options(command):
@@ -183,6 +209,7 @@ _OUTPUT_OPTIONS = [
                    "autobitlinear (the 2B-4T release layout), others bitlinear.")
 @click.option("--force", is_flag=True, help="Convert even when OUT is already up to date (implies --overwrite).")
 @output_options
+@quiet_option
 @debug_option
 def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight, device, exclude, linear_class, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
             eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json, stream):
@@ -216,7 +243,7 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
         max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, format=fmt, calib_tokens=calib_tokens,
         target_bits_per_weight=target_bits_per_weight, linear_class=linear_class,
     )
-    with render.tensor_progress(enabled=not as_json) as progress, render.window_progress(enabled=not as_json) as eval_progress:
+    with render.tensor_progress(enabled=_progress(as_json)) as progress, render.window_progress(enabled=_progress(as_json)) as eval_progress:
         report = run_convert(
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
             max_shard_size=max_shard_size, strict=strict, progress=progress, eval_text=eval_text, eval_progress=eval_progress,
@@ -240,6 +267,7 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
 @click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
+@quiet_option
 @debug_option
 def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weights_only, stream, revision, token, as_json):
     """Perplexity of MODEL (FP16/BF16 checkpoint, bitquant output, Hub id or embedded:NAME) on TEXT_FILE.
@@ -255,7 +283,7 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
     from bitquant.evaluate import EvalSettings, evaluate
 
     settings = EvalSettings(context=context, stride=stride, max_tokens=max_tokens, device=device, dtype=dtype, stream=stream)
-    with render.window_progress(enabled=not as_json) as progress:
+    with render.window_progress(enabled=_progress(as_json)) as progress:
         result = evaluate(model, text_file, settings=settings, act_quant=not weights_only, revision=revision,
                           token=token, progress=progress)
     if as_json:
@@ -264,11 +292,35 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
         render.eval_summary(result)
 
 
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$", re.IGNORECASE)
+_SECONDS = {"": 1, "s": 1, "sec": 1, "m": 60, "min": 60, "h": 3600}
+
+
+class Duration(click.ParamType):
+    """``90``, ``90s``, ``15m``, ``1.5h``: seconds as a float."""
+
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        m = _DURATION_RE.match(str(value))
+        if not m or float(m.group(1)) <= 0:
+            self.fail(f"{value!r} is not a duration; use e.g. 15m, 900s or 1.5h", param, ctx)
+        return float(m.group(1)) * _SECONDS[(m.group(2) or "").lower()]
+
+
 @cli.command()
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
 @click.option("--config", "config", default=None, metavar="NAME|FILE", help="Heal recipe: a bundled name (heal) or a YAML file. Default: heal.")
+@click.option("--time", "time_budget", type=Duration(), default=None, metavar="DURATION",
+              help="Wall-time budget for the whole run (e.g. 15m): the training tokens are chosen from the speed "
+                   "measured in a short probe, instead of --tokens; the report says how many.")
 @click.option("--tokens", type=click.IntRange(min=1), default=None, help="Training tokens in all (recipe default).")
+@click.option("--block-stage", type=click.FloatRange(0, 1, max_open=True), default=None,
+              help="Share of the steps spent training each decoder block on its own against the teacher's block, "
+                   "before the end-to-end stage (recipe default).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=None, help="Tokens per optimizer step (a multiple of the sequence length).")
 @click.option("--micro-batch-tokens", type=click.IntRange(min=1), default=None, help="Tokens per forward pass; lower it to save GPU memory.")
@@ -290,12 +342,13 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
               help="Also write the trained latent weights as an ordinary checkpoint (bitquant convert DIR reproduces OUT).")
 @click.option("--force", is_flag=True, help="Heal even when OUT is already up to date (implies --overwrite).")
 @output_options
+@quiet_option
 @debug_option
-def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_files, data_share, sample_tokens, sample_batch,
+def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens, micro_batch_tokens, data_files, data_share, sample_tokens, sample_batch,
          seed, checkpoint_every, device, parallel, low_memory, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
          max_ppl_ratio, max_kl, revision, token, overwrite, force, max_shard_size, push_to_hub, private, push_revision,
          create_pr, as_json, stream):
-    """Heal MODEL into a usable ternary model: distil the FP model into its own ternary version.
+    """Distil the FP MODEL into its own ternary version, to recover part of the quality that ternarization destroys.
 
     The student is exactly what is exported (same quantizer, W1.58A8); by default it learns
     from text sampled from the FP model itself, so no data set is needed. OUT has the layout
@@ -307,6 +360,7 @@ def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_
     \b
     Examples:
       bitquant heal embedded:smollm2-135m -o smollm2-healed --eval-text tests/data/alice29.txt
+      bitquant heal embedded:smollm2-135m -o smollm2-healed --time 15m
       bitquant heal embedded:smollm2-135m -o smollm2-healed --device cpu --tokens 32768 --data book.txt
       bitquant heal ./my-llama -o ./my-llama-healed --tokens 100000000 --save-master ./my-llama-master
       torchrun --nproc-per-node 8 -m bitquant heal ./my-llama -o ./my-llama-healed
@@ -315,19 +369,21 @@ def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_
     from bitquant.training.distributed import world_from_env
     from bitquant.training.recipe import load_heal_recipe
 
+    if tokens is not None and time_budget is not None:
+        raise UsageError("--time and --tokens both set the length of training; give one of them")
     if tokens is not None and batch_tokens is not None and tokens < batch_tokens:
         raise UsageError(f"a token budget of {tokens:,} (--tokens) is smaller than one batch of {batch_tokens:,} "
                          "(--batch-tokens); raise --tokens or lower --batch-tokens")
     if data_share is not None and not data_files:
         raise UsageError("--data-share is the share of --data text in each batch; pass --data FILE too")
     recipe = load_heal_recipe(config).replace(
-        tokens=tokens, lr=lr, batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens, data_share=data_share,
+        tokens=tokens, time_budget=time_budget, block_stage=block_stage, lr=lr, batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens, data_share=data_share,
         sample_tokens=sample_tokens, sample_batch=sample_batch, seed=seed, checkpoint_every=checkpoint_every, format=fmt,
         eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
         max_ppl_ratio=max_ppl_ratio, max_kl=max_kl,
     )
     main_process = world_from_env().main  # under a launcher only the main process shows progress and the report
-    with render.heal_progress(enabled=not as_json and main_process) as hooks:
+    with render.heal_progress(enabled=_progress(as_json) and main_process) as hooks:
         report = run_heal(
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
             data_files=tuple(data_files), eval_text=eval_text, save_master=save_master, device=device,
@@ -339,6 +395,53 @@ def heal(model, out, config, tokens, lr, batch_tokens, micro_batch_tokens, data_
         _show(report, out, as_json)
     elif report is None:
         raise click.exceptions.Exit(1)  # the main process failed and said why
+
+
+@cli.command()
+@click.argument("model")
+@click.argument("prompt", required=False)
+@click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0: greedy; above 0: sample at this temperature.")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="Sampling: keep the smallest set of tokens whose probability reaches this.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of sampling.")
+@click.option("--chat", is_flag=True, help="Wrap PROMPT in the tokenizer's chat template as one user turn.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True,
+              help="Compute dtype (auto: float32 on CPU, bfloat16 on CUDA).")
+@click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
+@click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token.")
+@quiet_option
+@debug_option
+def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, device, dtype, revision, token):
+    """Complete PROMPT with MODEL (FP checkpoint, bitquant output, Hub id or embedded:NAME).
+
+    The text streams to stdout as it is generated; the speed goes to stderr. Ternary models
+    run as deployed (W1.58A8). Without PROMPT the prompt is read from stdin.
+
+    \b
+    Examples:
+      bitquant generate ./smollm2-healed "The capital of France is"
+      bitquant generate embedded:smollm2-135m "Write a haiku about tea" --chat --temperature 0.7 --seed 1
+      echo "Once upon a time" | bitquant generate ./smollm2-ternary --max-new-tokens 64
+    """
+    from bitquant.generate import Sampling, run_generate
+
+    if prompt is None:
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError("no prompt: give PROMPT or pipe text on stdin")
+        prompt = sys.stdin.read()
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+
+    with render.Reporter(enabled=_progress()) as reporter:
+        def show(text: str) -> None:
+            reporter.stop()  # the completion owns the terminal from its first piece on
+            click.echo(text, nl=False)
+            sys.stdout.flush()
+
+        result = run_generate(model, prompt, sampling, chat=chat, device=device, dtype=dtype, revision=revision,
+                              token=token, on_text=show)
+    click.echo()
+    render.generation_speed(result)
 
 
 def _show(report, out: Path, as_json: bool) -> None:

@@ -7,14 +7,14 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from bitquant.evaluate import EvalResult
 from bitquant.report import ConvertReport
 
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 def _fmt(x: float) -> str:
@@ -29,36 +29,137 @@ def _bytes(n: int) -> str:
     return str(n)
 
 
+#: Plain progress (stderr not a live terminal): at most one line a step every this many seconds,
+#: and a line naming the current step when nothing was printed for this long.
+PLAIN_EVERY = 10.0
+
+
+class Reporter:
+    """Progress on stderr for one command. On a terminal that can redraw, a live bar for
+    each counted step and a spinner for the current step; elsewhere (a log, a pipe, a dumb
+    terminal) plain lines, and none for what ends within ``PLAIN_EVERY`` seconds (so a quick
+    failure shows only its error): a counted step prints its count, rate and an ETA measured
+    from its own start every ``PLAIN_EVERY`` seconds (and a last line when it ends, once it
+    has printed), and whenever nothing was printed for ``PLAIN_EVERY`` seconds a line names
+    the step running and how long it has run."""
+
+    def __init__(self, enabled: bool = True):
+        import threading
+        import time
+
+        self._time = time.monotonic
+        self.enabled = enabled
+        self.live = enabled and err.is_terminal and not err.is_dumb_terminal
+        self.current, self.since, self.last_line = None, self._time(), self._time()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._bar = None
+        self._tasks: dict[str, int] = {}
+        self._started: dict[str, float] = {}
+        self._printed: dict[str, float] = {}
+
+    def __enter__(self) -> "Reporter":
+        import threading
+
+        from bitquant import activity
+
+        if not self.enabled:
+            return self
+        if self.live:
+            self._bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[label]}"), BarColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
+                                 console=err, transient=True)
+            self._bar.__enter__()
+        else:
+            threading.Thread(target=self._heartbeat, daemon=True).start()
+        self._listening = activity.listening(self.step)
+        self._listening.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Stop showing progress (idempotent), e.g. before a command writes to the terminal."""
+        if not self.enabled:
+            return
+        self.enabled = False
+        self._listening.__exit__(None, None, None)
+        self._stop.set()
+        if self._bar is not None:
+            self._bar.__exit__(None, None, None)
+
+    def _say(self, text: str) -> None:
+        with self._lock:
+            self.last_line = self._time()
+            (self._bar.console if self._bar is not None else err).print(text, highlight=False)
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(min(1.0, PLAIN_EVERY / 4)):
+            now = self._time()
+            if self.current and now - self.last_line >= PLAIN_EVERY:
+                self._say(f"{self.current} ({_duration(now - self.since)})")
+
+    def note(self, message: str) -> None:
+        self._say(f"note: {message}")
+
+    def step(self, label: str) -> None:
+        """A step without a count of its own begins."""
+        if not self.enabled:
+            return
+        self.current, self.since = label, self._time()
+        if self._bar is not None:
+            self._task(" ", label=label, total=None)
+
+    def _task(self, key: str, **fields) -> int:
+        if key not in self._tasks:
+            self._tasks[key] = self._bar.add_task("", total=None, label=fields.get("label", key))
+        self._bar.update(self._tasks[key], **fields)
+        return self._tasks[key]
+
+    def count(self, label: str, unit: str, done: int, total: int, detail: str = "") -> None:
+        """A counted step's progress: ``done`` of ``total`` ``unit``."""
+        if not self.enabled:
+            return
+        now = self._time()
+        started = self._started.setdefault(label, now)
+        self.current, self.since = label, started
+        if self._bar is not None:
+            self._task(label, label=label, completed=done, total=total, description=detail or unit)
+            return
+        shown = label in self._printed
+        if now - self._printed.get(label, started) < PLAIN_EVERY and not (done >= total and shown):
+            return
+        self._printed[label] = now
+        rate = done / (now - started) if now > started else 0.0
+        eta = f", ETA {_duration((total - done) / rate)}" if 0 < done < total and rate > 0 else ""
+        extra = f", {detail}" if detail else ""
+        self._say(f"{label}: {done:,}/{total:,} {unit}{extra}, {rate:,.1f} {unit}/s{eta}")
+
+    def counter(self, label: str, unit: str) -> Callable[..., None]:
+        """A callback ``(done, total, *anything)`` for :meth:`count`."""
+        return lambda done, total, *_: self.count(label, unit, done, total)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds} s"
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 @contextmanager
 def tensor_progress(enabled: bool = True, label: str = "quantizing") -> Iterator[Callable[[int, int, str], None] | None]:
-    """A progress callback drawing a bar on a terminal; nothing when stderr is not a terminal."""
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    with Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TextColumn("{task.description}"), console=err, transient=True,
-    ) as bar:
-        task = bar.add_task("", total=None)
-
-        def update(done: int, total: int, name: str) -> None:
-            bar.update(task, completed=done, total=total, description=name)
-
-        yield update
+    """Progress over tensors (and the steps around them)."""
+    with Reporter(enabled) as r:
+        yield r.counter(label, "tensors") if enabled else None
 
 
 @contextmanager
 def window_progress(enabled: bool = True) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar over evaluation windows, on a terminal only."""
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    with Progress(
-        TextColumn("[bold]evaluating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"),
-        TimeRemainingColumn(), console=err, transient=True
-    ) as bar:
-        task = bar.add_task("windows", total=None)  # streamed: decoder blocks, then windows
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    """Progress over evaluation windows (streamed: decoder blocks, then windows)."""
+    with Reporter(enabled) as r:
+        yield r.counter("evaluating", "windows") if enabled else None
 
 
 def eval_summary(r: EvalResult) -> None:
@@ -144,9 +245,15 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
         if report.gguf["not_tq"]:
             t.add_row("not TQ", f"{len(report.gguf['not_tq'])} matrices with rows not a multiple of 256, stored exactly as "
                       + "/".join(sorted({e["stored_as"] for e in report.gguf["not_tq"]})))
-        t.add_row("perplexity", "not measured here: measure the GGUF with llama.cpp (see README)")
+        t.add_row("perplexity", report.unmeasured_perplexity())
     else:
-        t.add_row("perplexity", "not measured (add --eval-text FILE)")
+        t.add_row("perplexity", report.unmeasured_perplexity())
+    for finding in report.heal_findings():
+        t.add_row("[yellow]warning", finding)
+    if report.generation:
+        g = report.generation["models"]
+        t.add_row("distinct 4-grams", f"{_fmt(g['healed']['distinct_4grams'])} healed, {_fmt(g['source']['distinct_4grams'])} "
+                  "source (greedy completions; 1 = no repetition)")
     for g in report.gates or []:
         t.add_row("gate", ("[green]" if g["passed"] else "[red]") + gate_line(g))
     if report.published:
@@ -165,73 +272,22 @@ def note(message: str) -> None:
 
 @contextmanager
 def heal_progress(enabled: bool = True):
-    """Progress callbacks for heal: sampling (tokens), training (steps, tokens/s, loss, ETA),
-    writing and evaluating. A live bar on a terminal; elsewhere a plain line now and then."""
+    """Progress callbacks for heal: every step, with counts for sampling, training, writing,
+    evaluating and the completions."""
     from bitquant.heal import HealHooks
 
-    if not enabled:
-        yield HealHooks(note=note)
-        return
-    if not err.is_terminal:
-        yield HealHooks(sample=_plain_sampling(), train=_plain_training(), note=note)
-        return
-    with Progress(TextColumn("[bold]{task.fields[label]}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TextColumn("{task.description}"), console=err, transient=True) as bar:
-        tasks: dict[str, int] = {}
-
-        def task(label: str) -> int:
-            if label not in tasks:
-                tasks[label] = bar.add_task("", total=None, label=label)
-            return tasks[label]
-
-        def sample(done: int, total: int) -> None:
-            bar.update(task("sampling from the teacher"), completed=done, total=total, description="tokens")
+    with Reporter(enabled) as r:
+        if not enabled:
+            yield HealHooks(note=note)
+            return
 
         def train(p: dict) -> None:
-            bar.update(task("healing"), completed=p["step"], total=p["steps"],
-                       description=f"loss {p['loss']:.4g}  {p['tokens_per_second']:,.0f} tokens/s  ETA {_eta(p['eta_seconds'])}")
+            r.count("training", "steps", p["step"], p["steps"],
+                    f"{p['tokens']:,} tokens, loss {p['loss']:.4g}, {p['tokens_per_second']:,.0f} tokens/s")
 
-        def tensors(done: int, total: int, name: str) -> None:
-            bar.update(task("writing"), completed=done, total=total, description=name)
-
-        def windows(done: int, total: int) -> None:
-            bar.update(task("evaluating"), completed=done, total=total, description="windows")
-
-        def say(message: str) -> None:
-            bar.console.print(f"note: {message}", highlight=False)
-
-        yield HealHooks(sample=sample, train=train, tensors=tensors, windows=windows, note=say)
-
-
-def _eta(seconds: float) -> str:
-    seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _plain_sampling():
-    shown = [0.0]
-
-    def sample(done: int, total: int) -> None:
-        if done == total or done / total >= shown[0] + 0.1:
-            shown[0] = done / total
-            err.print(f"sampling from the teacher: {done:,}/{total:,} tokens", highlight=False)
-
-    return sample
-
-
-def _plain_training():
-    import time
-
-    last = [0.0]
-
-    def train(p: dict) -> None:
-        now = time.monotonic()
-        if p["step"] == p["steps"] or now - last[0] >= 30:
-            last[0] = now
-            err.print(f"healing: step {p['step']}/{p['steps']}, {p['tokens']:,} tokens, loss {p['loss']:.4g}, "
-                      f"{p['tokens_per_second']:,.0f} tokens/s, ETA {_eta(p['eta_seconds'])}", highlight=False)
-
-    return train
+        yield HealHooks(sample=r.counter("sampling from the teacher", "tokens"), train=train,
+                        tensors=r.counter("writing", "tensors"), windows=r.counter("evaluating", "windows"),
+                        completions=r.counter("greedy completions", "prompts"), note=r.note)
 
 
 def _data_source(d: dict) -> str:
@@ -254,3 +310,9 @@ def heal_rows(report: ConvertReport, t: Table) -> None:
     if ex:
         t.add_row("exactness", f"student vs output logits: relative error {ex['relative_error']:.2e}, "
                   f"top-1 agreement {ex['top1_agreement']:.1%}")
+
+
+def generation_speed(result) -> None:
+    """``bitquant generate``'s one line on stderr: tokens, time, tokens/s."""
+    err.print(f"{len(result.ids)} tokens in {result.seconds:.2f} s ({result.tokens_per_second:,.1f} tokens/s; "
+              f"prompt {result.prompt_tokens} tokens)", highlight=False)

@@ -249,6 +249,13 @@ CASES = [
     Case("zero-master", "ternary-trained master with an all-zero matrix", s_master(_zero_mlp), 2, "of this ternary-trained model is all zeros"),
     Case("master-gptq", "calibrated recipe on a ternary-trained master", s_master(lambda m: conv(m, "--config", "gptq")), 2, "does not apply"),
     Case("heal-ternary", "heal: an already ternary model", s_master(lambda m: heal(m)), 2, "is already a ternary model"),
+    Case("heal-time", "heal --time too short for one step", lambda t, s, h: (["heal", str(s), "-o", "out", "--device", "cpu", "--time", "1s", "--data", BOOK], {}), 2, "--time 1s leaves no time to train"),
+    Case("heal-time-tokens", "heal: --time and --tokens together", lambda t, s, h: (heal(s, "--time", "15m"), {}), 2, "--time and --tokens both set the length of training"),
+    Case("heal-time-format", "heal --time: not a duration", lambda t, s, h: (heal(s, "--time", "soon"), {}), 2, "'soon' is not a duration"),
+    Case("generate-no-prompt", "generate: no PROMPT and nothing on stdin", lambda t, s, h: (["generate", str(s)], {}), 2, "the prompt is empty; give PROMPT or pipe text on stdin"),
+    Case("generate-zero", "generate --max-new-tokens 0", lambda t, s, h: (["generate", str(s), "Alice", "--max-new-tokens", "0"], {}), 2, "--max-new-tokens must be at least 1"),
+    Case("generate-chat", "generate --chat: the tokenizer has no chat template", lambda t, s, h: (["generate", str(s), "Alice", "--chat"], {}), 2, "--chat needs a chat template"),
+    Case("generate-missing", "generate: a model folder that does not exist", lambda t, s, h: (["generate", str(t / "nope"), "Alice"], {}), 2, "does not exist; pass a checkpoint folder"),
     Case("heal-oom", "heal: the GPU runs out of memory", lambda t, s, h: (heal(s, "--data", BOOK), {"BQ_TEST_OOM": "1"}), 1, "the GPU ran out of memory; lower --micro-batch-tokens"),
 ]
 
@@ -290,6 +297,7 @@ def run_case(case: Case, tmp: Path, tokenizer: Path) -> tuple[int, str]:
         if "HF_TOKEN" not in extra:
             env.pop("HF_TOKEN", None)
         proc = subprocess.run([sys.executable, "-c", RUNNER, *args], capture_output=True, text=True, cwd=tmp, env=env,
+                              stdin=subprocess.DEVNULL,
                               timeout=300, preexec_fn=_limit_file_size if case.limit_file_size else None)
     lines = [l for l in proc.stderr.splitlines() if l.strip()]
     message = lines[-1] if lines else ""

@@ -49,7 +49,7 @@ def test_user_errors_are_one_line_with_exit_code_2(runner, tmp_path):
     src = make_checkpoint(tmp_path / "src")
     (tmp_path / "exists").mkdir()
     one_line_error(runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "exists")]), 2, "--overwrite")
-    one_line_error(runner.invoke(cli, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]), 2, "is not a folder")
+    one_line_error(runner.invoke(cli, ["convert", str(tmp_path / "missing"), "-o", str(tmp_path / "o")]), 2, "does not exist")
     one_line_error(runner.invoke(cli, ["convert", "embedded:nope", "-o", str(tmp_path / "o")]), 2, "no embedded model named 'nope'")
     one_line_error(runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "o"), "--config", "fancy"]), 2, "no bundled recipe")
     one_line_error(runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "no" / "such" / "o")]), 2, "parent folder")
@@ -107,10 +107,48 @@ def test_heal_command(runner, tmp_path, tiny_tokenizer_dir, monkeypatch):
     r = runner.invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "bitquant heal" in r.output and "healed" in r.output and "before healing" in r.output
-    assert "healing: step 16/16" in r.stderr and "note: training on the CPU" in r.stderr  # plain progress off a terminal
+    # off a terminal: notes, and no progress lines for steps that end within PLAIN_EVERY seconds
+    assert "note: training on the CPU: one step of 512 tokens took" in r.stderr and "steps need about" in r.stderr
+    assert "training:" not in r.stderr
     r = runner.invoke(cli, args + ["--json"])
     assert r.exit_code == 0
     report = json.loads(r.stdout)
     assert report["heal"]["steps"] == 16 and report["recipe"]["lr"] == 0.01 and report["recipe"]["batch_tokens"] == 512
     r = runner.invoke(cli, ["heal", str(src), "-o", str(tmp_path / "x"), "--data-share", "0.5"])
     assert r.exit_code == 2 and "pass --data FILE too" in r.stderr
+
+
+def test_plain_progress_names_the_running_step_at_least_every_interval(monkeypatch):
+    """Without a live terminal, a step that prints nothing of its own is named every
+    PLAIN_EVERY seconds, and what ends sooner prints nothing."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    from bitquant import activity
+    from bitquant.cli import render
+
+    buf = io.StringIO()
+    monkeypatch.setattr(render, "err", Console(file=buf, force_terminal=False, width=200))
+    monkeypatch.setattr(render, "PLAIN_EVERY", 0.3)
+    with render.Reporter() as r:
+        activity.step("quick step")
+        activity.step("slow step")
+        time.sleep(1.1)
+        count = r.counter("counting", "items")
+        for i in range(1, 6):
+            count(i, 5)
+            time.sleep(0.1)
+    lines = buf.getvalue().splitlines()
+    assert not any("quick step" in line for line in lines)
+    assert sum("slow step (" in line for line in lines) >= 2
+    assert lines[-1].startswith("counting: 5/5 items")
+
+
+def test_quiet_and_json_show_no_progress(runner, tmp_path):
+    from conftest import make_checkpoint
+
+    src = make_checkpoint(tmp_path / "src")
+    r = runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "out"), "--quiet"])
+    assert r.exit_code == 0 and "ternary matrices" in r.output

@@ -79,21 +79,34 @@ def curve(tmp: Path, out: str) -> list[float]:
 
 
 def relative_difference(a: Path, b: Path) -> float:
-    """||A - B|| / ||A|| over all the weights of two masters.
-
-    The float tolerance to expect: after 12 AdamW steps at lr 0.02, one process run with
-    micro-batches of 1 instead of 2 sequences (the same sums in another order) ends 1.9e-4
-    away (largest single difference 2.6e-3: Adam turns tiny gradients into whole steps)."""
+    """||A - B|| / ||A|| over all the weights of two masters."""
     x, y = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert x.keys() == y.keys()
     num = sum(float((x[k].double() - y[k].double()).pow(2).sum()) for k in x)
     return (num / sum(float(x[k].double().pow(2).sum()) for k in x)) ** 0.5
 
 
+def float_tolerance(tmp: Path, one: str) -> tuple[float, float]:
+    """The float tolerance of this setup: how far one process ends from itself when only the
+    order of its sums changes (micro-batches of 1 instead of 2 sequences): (master weights,
+    relative, ||A - B|| / ||A||; largest relative loss difference). After 12 AdamW steps at
+    lr 0.02 that is far above rounding (7.0e-3 and 2.0e-3 measured with bitquant.decode's
+    samples, 1.9e-4 with the earlier sampler's): Adam turns tiny gradients into whole steps.
+    Several processes add only another order of the same sums, so they must stay within it;
+    the losses are compared with twice the reordered run's largest difference, since two
+    realizations of the same float noise differ by about that much (2.5e-3 against 2.3e-3
+    seen)."""
+    r = run(tmp, "reordered", 1, "--micro-batch-tokens", "32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    losses = max(abs(x - y) / abs(x) for x, y in zip(curve(tmp, one), curve(tmp, "reordered")))
+    return relative_difference(tmp / f"{one}-master", tmp / "reordered-master"), losses
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_follow_one_process_loss_curve(setup, parallel):
     one = run(setup, "one", 1)
     assert one.returncode == 0, one.stderr[-3000:]
+    weights_tol, loss_tol = float_tolerance(setup, "one")
     two = run(setup, "two", 2, "--parallel", parallel)
     assert two.returncode == 0, two.stderr[-3000:]
     report = json.loads((setup / "two" / "report.json").read_text())["heal"]
@@ -101,14 +114,16 @@ def test_two_processes_follow_one_process_loss_curve(setup, parallel):
     assert report["data"][0]["sha256"] == json.loads((setup / "one" / "report.json").read_text())["heal"]["data"][0]["sha256"]
     a, b = curve(setup, "one"), curve(setup, "two")
     assert len(a) == len(b) == 12
-    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
-    assert relative_difference(setup / "one-master", setup / "two-master") <= 1e-3
+    assert a[0] == b[0]  # the same first batch and weights: the same first loss to 6 digits
+    assert all(abs(x - y) <= max(1e-4, 2 * loss_tol) * abs(x) for x, y in zip(a, b)), (a, b, loss_tol)
+    assert relative_difference(setup / "one-master", setup / "two-master") <= max(1e-3, weights_tol)
     assert two.stdout.count('"bitquant_version"') == 1  # one report, from the main process
 
 
 def test_a_run_stopped_on_two_processes_resumes_on_one(setup):
     whole = run(setup, "whole", 1)
     assert whole.returncode == 0, whole.stderr[-3000:]
+    weights_tol, loss_tol = float_tolerance(setup, "whole")
     stopped = run(setup, "out", 2, stop_at=5)
     assert stopped.returncode != 0 and "interrupted" in stopped.stderr
     staged = list(setup.glob(STAGING_PREFIX + "out-*"))
@@ -118,9 +133,9 @@ def test_a_run_stopped_on_two_processes_resumes_on_one(setup):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     report = json.loads((setup / "out" / "report.json").read_text())["heal"]
     assert report["resumed_from_step"] == 5 and report["world_size"] == 1
-    assert relative_difference(setup / "whole-master", setup / "out-master") <= 1e-3
+    assert relative_difference(setup / "whole-master", setup / "out-master") <= max(1e-3, weights_tol)
     a, b = curve(setup, "whole"), curve(setup, "out")
-    assert all(abs(x - y) <= 1e-4 * abs(x) for x, y in zip(a, b)), (a, b)
+    assert all(abs(x - y) <= max(1e-4, 2 * loss_tol) * abs(x) for x, y in zip(a, b)), (a, b, loss_tol)
 
 
 def test_an_uneven_split_is_refused(setup):

@@ -71,7 +71,7 @@ def test_the_check_catches_a_missing_file():
 
 def test_readme_commands_exist_and_their_help_runs():
     subcommands = sorted({c.split()[1] for c in readme_commands() if c.startswith("bitquant ")})
-    assert subcommands == ["convert", "eval", "heal"]
+    assert subcommands == ["convert", "eval", "generate", "heal"]
     for sub in subcommands:
         proc = subprocess.run([sys.executable, "-m", "bitquant.cli.main", sub, "--help"], capture_output=True, text=True,
                               cwd=REPO)

@@ -10,7 +10,7 @@ from bitquant.packing import unpack_ternary
 from bitquant.runtime import TernaryLinear
 from bitquant.training import data
 from bitquant.training.loop import lr_at
-from bitquant.training.loss import kl_loss, kl_reference
+from bitquant.training.loss import block_loss, kl_loss, kl_reference
 from bitquant.training.recipe import HealRecipe, load_heal_recipe
 from bitquant.training.student import FakeTernaryLinear, fake_ternary_linear, make_student
 from conftest import make_checkpoint
@@ -90,20 +90,101 @@ def test_make_student_swaps_projections_and_sets_trainable(tmp_path):
     assert len(params) == len(names)
 
 
-def test_sampling_is_plain_temperature_sampling_with_eos_masked(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+def test_sampler_steps_are_the_models_forward_pass_and_draws_are_gumbel_max(tmp_path, arch):
+    """bitquant.decode's cached steps give the full forward pass's logits, and each token is
+    argmax(logits / T + Gumbel noise) of exactly those logits, EOS excluded."""
+    from transformers import AutoModelForCausalLM
+
+    from bitquant import decode
+
+    if arch == "qwen3":
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(0)
+        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m", arch=arch, bos_token_id=0,
+                                                                     eos_token_id=1)).eval()
+    steps = {}
+    ids = decode.sample_batch(model, 4, 16, 0, 0.7, [1], torch.Generator().manual_seed(3),
+                              on_step=lambda pos, logits: steps.__setitem__(pos, logits.clone()))
+    with torch.no_grad():
+        full = model(ids).logits.float()
+    g = torch.Generator().manual_seed(3)
+    for pos in range(15):
+        assert torch.allclose(steps[pos], full[:, pos], atol=1e-4, rtol=1e-4)
+        logits = full[:, pos].clone()
+        logits[:, 1] = -float("inf")
+        assert torch.equal(ids[:, pos + 1], decode.gumbel_argmax(logits, 0.7, g))
+    assert (ids[:, 0] == 0).all() and not (ids[:, 1:] == 1).any()
+
+
+def test_gumbel_max_draws_from_the_softmax():
+    from bitquant import decode
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, 0.5]]).repeat(40000, 1)
+    draws = decode.gumbel_argmax(logits, 0.8, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert torch.allclose(freq, torch.softmax(logits[0] / 0.8, -1), atol=0.01)
+
+
+def test_samples_are_drawn_per_batch_seed(tmp_path):
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m", bos_token_id=0, eos_token_id=1))
-    settings = data.SampleSettings(tokens=4 * 16, seq_len=16, temperature=0.7, seed=3, batch=4)
+    settings = data.SampleSettings(tokens=6 * 16, seq_len=16, temperature=1.0, seed=3, batch=4)
     ids = data.sample(model, settings, bos_id=0, eos_ids=[1])
-    torch.manual_seed(3)
-    ref = torch.zeros(4, 16, dtype=torch.long)
+    assert ids.shape == (6, 16)
+    # batch i is drawn from seed + i, so two processes together draw what one does
+    a = data.sample(model, settings, 0, [1], part=(0, 2))
+    b = data.sample(model, settings, 0, [1], part=(1, 2))
+    assert torch.equal(a + b, ids)
+
+
+def test_sampling_stops_at_its_time_share(tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m", bos_token_id=0, eos_token_id=1))
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(data.time, "monotonic", lambda: next(clock))
+    settings = data.SampleSettings(tokens=8 * 16, seq_len=16, temperature=1.0, seed=0, batch=2, seconds=15)
+    ids = data.sample(model, settings, 0, [1])
+    assert ids.shape == (4, 16)  # two batches of 2 sequences: the second passed 15 s
+    assert settings.key("m", "cpu") != data.SampleSettings(8 * 16, 16, 1.0, 0, 2).key("m", "cpu")
+
+
+def test_samples_needed_is_what_the_run_reads():
+    r = load_heal_recipe().replace(tokens=16384, batch_tokens=2048, micro_batch_tokens=2048)
+    assert data.samples_needed(r, r.batch_sequences) == 16384  # not the recipe's 4,194,304
+    assert data.samples_needed(r, 1) == 16384 // 4  # a quarter of each batch from samples
+    assert data.samples_needed(load_heal_recipe(), 64) == load_heal_recipe().sample_tokens  # capped
+    assert data.samples_needed(r, 4, timed=True) == r.sample_tokens
+
+
+def test_block_loss_is_relative_to_each_blocks_change():
+    x = [torch.zeros(2, 3, 4), torch.ones(2, 3, 4)]
+    t = [torch.ones(2, 3, 4), 3 * torch.ones(2, 3, 4)]  # block 0 adds 1, block 1 adds 2
+    y = [t[0] + 0.5, t[1] + 1.0]  # each off by half its change: relative squared error 0.25
+    assert float(block_loss(y, t, x)) == pytest.approx(0.25)
+    assert float(block_loss(t, t, x)) == 0.0
+
+
+def test_block_states_are_the_decoders_hidden_states(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from bitquant.training.student import block_states, run_blocks
+
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m")).eval()
+    ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
-        for t in range(1, 16):
-            logits = model(ref[:, :t]).logits[:, -1].float() / 0.7
-            logits[:, 1] = -float("inf")
-            ref[:, t] = torch.multinomial(torch.softmax(logits, -1), 1)[:, 0]
-    assert torch.equal(ids, ref)
+        states = block_states(model.get_decoder(), ids)
+        ref = model(ids, output_hidden_states=True).hidden_states
+        outs = run_blocks(model.get_decoder(), states[:-1])
+    assert len(states) == len(ref) and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(states[:-1], ref[:-1]))
+    assert torch.allclose(model.get_decoder().norm(states[-1]), ref[-1], atol=1e-5)
+    assert all(torch.allclose(o, s, atol=1e-5) for o, s in zip(outs, states[1:]))
 
 
 def test_samples_are_cached_by_settings(tmp_path):
@@ -141,6 +222,15 @@ def test_learning_rate_schedule():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
 
 
+def test_each_stage_has_its_own_schedule():
+    r = HealRecipe(tokens=100 * 512, batch_tokens=512, micro_batch_tokens=512, seq_len=512, warmup_steps=4, lr=1e-3,
+                   sample_tokens=512, block_stage=0.3)
+    lrs = [lr_at(s, r) for s in range(r.steps)]
+    assert r.block_steps == 30
+    assert lrs[0] == pytest.approx(2.5e-4) and lrs[3] == pytest.approx(1e-3) and lrs[29] == pytest.approx(0.0, abs=1e-12)
+    assert lrs[30] == pytest.approx(2.5e-4) and lrs[33] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_a_small_budget_gets_min_steps_smaller_batches():
     r = load_heal_recipe().replace(tokens=32768).fitted()
     assert (r.batch_tokens, r.steps, r.micro_batch_tokens) == (2048, 16, 2048)
@@ -154,6 +244,8 @@ def test_a_small_budget_gets_min_steps_smaller_batches():
     (dict(train=("norms",)), "must include 'projections'"),
     (dict(betas=(0.9,)), "two numbers"),
     (dict(lr=0), "'lr' must be positive"),
+    (dict(block_stage=1.0), "'block_stage' at least 0 and below 1"),
+    (dict(time_budget=0), "'time_budget' must be a positive number"),
 ])
 def test_bad_heal_recipes(changes, message):
     with pytest.raises(RecipeError, match=message):

@@ -3,9 +3,8 @@ fixed-length token sequences, served in a deterministic order.
 
 Sampling starts every sequence at BOS and draws each next token from the teacher's
 distribution at the recipe's temperature (no top-k, no top-p) with EOS masked, so every
-sequence has the full length. It goes through transformers' ``generate``: on CUDA with a
-static KV cache, which transformers compiles into CUDA graphs; elsewhere with its dynamic
-cache. Samples are cached in bitquant's cache (``$BITQUANT_CACHE/heal-data``), keyed by the
+sequence has the full length. It runs :mod:`bitquant.decode`'s loop: a static KV cache
+over the model's own blocks, many sequences at a time. Samples are cached in bitquant's cache (``$BITQUANT_CACHE/heal-data``), keyed by the
 model's fingerprint and every sampling setting, so a re-run or a resume never samples
 again. Token ids are stored as uint16 where the vocabulary fits (half the bytes).
 """
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bitquant import decode
 from bitquant.errors import UsageError
 from bitquant.text import tokenize_file
 from bitquant.training.distributed import World
@@ -29,7 +29,9 @@ from bitquant.training.distributed import World
 #: Called while sampling: (tokens sampled, tokens to sample).
 SampleProgress = Callable[[int, int], None]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: bitquant.decode's sampler (1: transformers' generate)
+#: With a time budget, sampling stops once it has used this share of the budget.
+SAMPLE_SHARE = 0.25
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,7 @@ class SampleSettings:
     temperature: float
     seed: int
     batch: int  # sequences sampled at once
+    seconds: float | None = None  # stop after the batch that passes this much sampling time (one process only)
 
     @property
     def sequences(self) -> int:
@@ -49,39 +52,34 @@ class SampleSettings:
         type (CUDA and CPU draw different random streams)."""
         payload = {"format": CACHE_FORMAT, "model": model_fingerprint, "tokens": self.sequences * self.seq_len,
                    "seq_len": self.seq_len, "temperature": self.temperature, "seed": self.seed, "batch": self.batch,
-                   "device": device_type}
+                   "device": device_type, **({"seconds": self.seconds} if self.seconds is not None else {})}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 @torch.inference_mode()
 def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], progress: SampleProgress | None = None,
-           static: bool | None = None, part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+           part: tuple[int, int] = (0, 1)) -> torch.Tensor:
     """``settings.sequences`` sequences of ``settings.seq_len`` token ids (int64, on CPU),
-    each starting with ``bos_id``; batch ``i`` is drawn from seed ``settings.seed + i``.
-    ``static``: use a static KV cache (compiled by transformers on CUDA); default on CUDA.
+    each starting with ``bos_id``; batch ``i`` is drawn from seed ``settings.seed + i``
+    by :func:`bitquant.decode.sample_batch` (a static KV cache over the model's own blocks).
     ``part`` = (k, n) draws only the batches i with i % n == k (the other rows stay 0), so
-    that n processes together draw exactly what one would."""
-    from transformers import GenerationConfig
-
+    that n processes together draw exactly what one would. ``settings.seconds`` (one
+    process): stop after the batch that passes this much time, keeping whole batches."""
     device = next(model.parameters()).device
     n, length = settings.sequences, settings.seq_len
-    config = GenerationConfig(
-        do_sample=True, temperature=float(settings.temperature), top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
-        max_new_tokens=length - 1, min_new_tokens=length - 1, eos_token_id=eos_ids or None,
-        pad_token_id=eos_ids[0] if eos_ids else bos_id, bos_token_id=bos_id, repetition_penalty=1.0,
-        cache_implementation="static" if (device.type == "cuda" if static is None else static) else None,
-    )
     out = torch.zeros(n, length, dtype=torch.int64)
+    stop_at = time.monotonic() + settings.seconds if settings.seconds is not None and part[1] == 1 else None
     for i, begin in enumerate(range(0, n, settings.batch)):
         if i % part[1] != part[0]:
             continue
         rows = min(settings.batch, n - begin)
-        torch.manual_seed(settings.seed + i)
-        start = torch.full((rows, 1), bos_id, dtype=torch.long, device=device)
-        ids = model.generate(start, attention_mask=torch.ones_like(start), generation_config=config)
-        out[begin : begin + rows] = ids[:, :length].cpu()
+        generator = torch.Generator(device=device).manual_seed(settings.seed + i)
+        ids = decode.sample_batch(model, rows, length, bos_id, settings.temperature, eos_ids, generator)
+        out[begin : begin + rows] = ids.cpu()
         if progress:
             progress((begin + rows) * length, n * length)
+        if stop_at is not None and time.monotonic() > stop_at and begin + rows < n:
+            return out[: begin + rows]
     return out
 
 
@@ -180,6 +178,16 @@ class Batches:
     def passes(self, steps: int) -> list[float]:
         """How many times each pool is read in ``steps`` steps."""
         return [steps * k / len(p) for p, k in zip(self.pools, self.per_batch)]
+
+
+def samples_needed(recipe, per_batch: int, timed: bool = False) -> int:
+    """Teacher tokens to sample: what the run reads (``per_batch`` sampled sequences a step),
+    at most the recipe's ``sample_tokens``; with a time budget the step count is not known
+    before sampling, so the recipe's count (and sampling stops at ``SAMPLE_SHARE`` of the
+    budget)."""
+    if timed:
+        return recipe.sample_tokens
+    return max(recipe.seq_len, min(recipe.sample_tokens, recipe.steps * per_batch * recipe.seq_len))
 
 
 def split_batch(sequences: int, share: float) -> tuple[int, int]:

@@ -135,16 +135,19 @@ def choose_low_memory(choice: bool | None, params: int, device: str, world: Worl
     return wanted
 
 
-def wrap(module: torch.nn.Module, blocks: list[torch.nn.Module], parallel: str | None, device: str) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, blocks: list[torch.nn.Module], parallel: str | None, device: str,
+         unused_ok: bool = False) -> torch.nn.Module:
     """``module`` wrapped for ``parallel``: DDP, or FSDP2 with every block in ``blocks``
-    sharded on its own (so one block is gathered at a time) and the rest at the root."""
+    sharded on its own (so one block is gathered at a time) and the rest at the root.
+    ``unused_ok``: some steps leave trainable parameters unused (heal's block-wise stage
+    trains no final norm or head), which DDP must be told."""
     if parallel is None:
         return module
     if parallel == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [torch.device(device).index] if device.startswith("cuda") else None
-        return DistributedDataParallel(module, device_ids=ids)
+        return DistributedDataParallel(module, device_ids=ids, find_unused_parameters=unused_ok)
     from torch.distributed.fsdp import fully_shard
 
     for block in blocks:

@@ -15,6 +15,7 @@ run raises :class:`Diverged` and keeps the last good checkpoint.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Callable
@@ -24,14 +25,16 @@ from pathlib import Path
 
 import torch
 
+from bitquant import activity
 from bitquant.errors import BitquantError
 from bitquant.training import distributed
 from bitquant.training import checkpoint
 from bitquant.training.data import Batches
 from bitquant.training.distributed import World
-from bitquant.training.loss import kl_loss
+from bitquant.errors import UsageError
+from bitquant.training.loss import block_loss, kl_loss
 from bitquant.training.recipe import HealRecipe
-from bitquant.training.student import uncompile
+from bitquant.training.student import block_states, run_blocks, uncompile
 
 
 #: Called after each optimizer step with ``step``, ``steps``, ``tokens``, ``loss``,
@@ -42,6 +45,10 @@ Note = Callable[[str], None]
 
 #: The loss curve keeps about this many points (every step for short runs).
 CURVE_POINTS = 200
+#: Forward and backward passes timed (after a first one that compiles) to fit a time budget.
+PROBE_STEPS = 3
+#: The chosen token count, in the state folder (a resumed run keeps it).
+BUDGET = "budget.json"
 
 
 class Diverged(BitquantError):
@@ -63,20 +70,30 @@ class TrainResult:
     resumed_from_step: int = 0
     compiled: bool = False
     parallel: str | None = None  # "ddp" or "fsdp" under a launcher
+    # with a time budget: the probe's speed and the token count chosen from it
+    budget: dict | None = None
     # fsdp only: the trained parameters, gathered in full on the main process (module names
     # under StudentLoss, i.e. "student.<name>"); the student module itself stays sharded
     full_state: dict | None = field(default=None, repr=False)
 
 
 def lr_at(step: int, r: HealRecipe) -> float:
-    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then cosine
-    decay to ``min_lr_ratio`` x ``lr`` at the last step (or constant)."""
-    warmup = min(r.warmup_steps, r.steps // 4)
+    """Learning rate of optimizer step ``step`` (0-based). Each stage (the block-wise one,
+    then the end-to-end one) has its own schedule: linear warm-up, then cosine decay to
+    ``min_lr_ratio`` x ``lr`` at its last step (or constant)."""
+    blocks = r.block_steps
+    if step < blocks:
+        return _schedule(step, blocks, r)
+    return _schedule(step - blocks, r.steps - blocks, r)
+
+
+def _schedule(step: int, steps: int, r: HealRecipe) -> float:
+    warmup = min(r.warmup_steps, steps // 4)
     if step < warmup:
         return r.lr * (step + 1) / warmup
     if r.schedule == "constant":
         return r.lr
-    span = max(1, r.steps - warmup - 1)
+    span = max(1, steps - warmup - 1)
     progress = min(1.0, (step - warmup) / span)
     floor = r.min_lr_ratio * r.lr
     return floor + (r.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
@@ -94,8 +111,14 @@ class StudentLoss(torch.nn.Module):
         super().__init__()
         self.student = student
 
-    def forward(self, ids: torch.Tensor, h_t: torch.Tensor, t_head: torch.Tensor, weight: float) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, h_t: torch.Tensor | list[torch.Tensor], t_head: torch.Tensor,
+                weight: float) -> torch.Tensor:
+        """KL of the final hidden states ``h_t`` (end to end), or, when ``h_t`` is the list of
+        the teacher's block inputs and last output, the block-wise reconstruction loss."""
         body, head = _decoder_and_head(self.student)
+        if isinstance(h_t, list):
+            outputs = run_blocks(body, h_t[:-1])
+            return block_loss(outputs, h_t[1:], h_t[:-1]) * weight
         h_s = body(input_ids=ids, use_cache=False).last_hidden_state
         return kl_loss(h_s.flatten(0, 1), head, h_t.flatten(0, 1), t_head) * weight
 
@@ -127,16 +150,22 @@ def make_optimizer(params: list, r: HealRecipe, cuda: bool, low_memory: bool):
 
 def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *, compiled: bool = False,
           progress: TrainProgress | None = None, note: Note | None = None, world: World = World(),
-          parallel: str | None = None, low_memory: bool = False) -> TrainResult:
+          parallel: str | None = None, low_memory: bool = False, deadline: float | None = None) -> TrainResult:
     """Distil ``teacher`` into ``student`` for ``r.steps`` steps (resuming from
     ``state_dir`` when it holds a checkpoint of this run). Under a launcher, ``world`` is
     this process's place and ``parallel`` the wrapping (``ddp`` or ``fsdp``). With DDP the
     student ends with its full trained weights; with FSDP2 it stays sharded and the result's
-    ``full_state`` holds them (on the main process)."""
+    ``full_state`` holds them (on the main process).
+
+    ``deadline`` (a ``time.monotonic()`` value) replaces ``r.tokens``: a probe of a few
+    forward and backward passes (no update) measures the step time, and the run gets as
+    many steps as fit before the deadline. The choice is kept in ``state_dir``, so a
+    resumed run keeps it."""
     device = next(student.parameters()).device
     cuda = device.type == "cuda"
     rows = distributed.rows_of(world, r.batch_sequences)
-    model = distributed.wrap(StudentLoss(student), list(student.get_decoder().layers), parallel, str(device))
+    model = distributed.wrap(StudentLoss(student), list(student.get_decoder().layers), parallel, str(device),
+                             unused_ok=r.block_stage > 0)
     params = _trainable(model)
     optimizer = make_optimizer(list(params.values()), r, cuda, low_memory)
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +176,15 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     t_body, t_head = _decoder_and_head(teacher)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     micro = max(1, r.micro_batch_tokens // r.seq_len)
+    budget = None
+    if deadline is not None:
+        activity.step("measuring the training speed for the time budget")
+        budget = _fit_to_deadline(deadline, state_dir / BUDGET, lambda k: _accumulate(
+            batches.batch(k)[rows].to(device), micro, model, t_body, t_head, autocast), optimizer, r, world)
+        r = r.replace(tokens=budget["tokens"])
+        if note:
+            note(f"time budget: {budget['steps']:,} steps of {r.batch_tokens:,} tokens fit "
+                 f"({budget['tokens']:,} tokens at {budget['probe_tokens_per_second']:,.0f} tokens/s measured)")
     every = max(1, r.steps // CURVE_POINTS)
     student.train()
     began = time.perf_counter()
@@ -163,8 +201,9 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 else:
                     group["lr"] = lr_at(step, r)
             ids = batches.batch(step)[rows].to(device, non_blocking=True)
+            blockwise = step < r.block_steps
             try:
-                loss = _accumulate(ids, micro, model, t_body, t_head, autocast)
+                loss = _accumulate(ids, micro, model, t_body, t_head, autocast, blockwise)
             except Exception as e:  # a compiled projection that fails on this device: run eagerly
                 if not compiled or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
@@ -174,7 +213,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 optimizer.zero_grad(set_to_none=True)
                 if note:
                     note(f"torch.compile failed here ({type(e).__name__}); training without it")
-                loss = _accumulate(ids, micro, model, t_body, t_head, autocast)
+                loss = _accumulate(ids, micro, model, t_body, t_head, autocast, blockwise)
             if r.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), r.grad_clip)
             loss_value = float(world.mean(loss))
@@ -184,18 +223,23 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             ema = loss_value if ema is None else 0.9 * ema + 0.1 * loss_value
-            if step > min(r.warmup_steps, r.steps // 4) + 20:
+            if step == r.block_steps:  # the end-to-end stage's loss is another quantity
+                ema = best_ema = None
+            if step > r.block_steps + min(r.warmup_steps, (r.steps - r.block_steps) // 4) + 20:
                 best_ema = ema if best_ema is None else min(best_ema, ema)
                 if ema > 3 * best_ema:
                     raise Diverged(_diverged_message(f"the loss ran away at step {step} (smoothed {ema:.3g}, "
                                                      f"best {best_ema:.3g})", path, r))
             if step % every == 0 or step == r.steps or step == start + 1:
-                curve.append({"step": step, "tokens": step * r.batch_tokens, "loss": round(loss_value, 5)})
+                curve.append({"step": step, "tokens": step * r.batch_tokens, "loss": float(f"{loss_value:.6g}"),
+                              "stage": "blocks" if blockwise else "kl"})
             now = time.perf_counter()
             if step == start + 1 and note and not cuda:
                 eta = (now - step_began) * (r.steps - step)
+                left = r.steps - step
                 note(f"training on the CPU: one step of {r.batch_tokens:,} tokens took {now - step_began:.1f} s, "
-                     f"so the remaining {r.steps - step} steps need about {_duration(eta)} (a GPU is far faster)")
+                     f"so the remaining {left} step{'s' if left != 1 else ''} need{'s' if left == 1 else ''} about "
+                     f"{_duration(eta)} (a GPU is far faster)")
             if steady_from is None and step - start >= min(3, r.steps - start):
                 steady_from, steady_tokens = now, step * r.batch_tokens
             if progress:
@@ -229,12 +273,14 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         final_loss=round(loss_value, 6) if step > start else (curve[-1]["loss"] if curve else float("nan")),
         curve=curve, resumed_from_step=start, compiled=compiled, parallel=parallel, full_state=full_state,
+        budget=budget,
     )
 
 
-def _accumulate(ids, micro: int, model, t_body, t_head, autocast) -> torch.Tensor:
+def _accumulate(ids, micro: int, model, t_body, t_head, autocast, blockwise: bool = False) -> torch.Tensor:
     """Forward and backward over this process's micro-batches of one batch; returns their
-    mean loss (gradients are averaged over the processes on the last micro-batch)."""
+    mean loss (gradients are averaged over the processes on the last micro-batch).
+    ``blockwise``: the block-wise reconstruction loss instead of the end-to-end KL."""
     total = torch.zeros((), device=ids.device)
     n = ids.shape[0]
     starts = list(range(0, n, micro))
@@ -243,11 +289,49 @@ def _accumulate(ids, micro: int, model, t_body, t_head, autocast) -> torch.Tenso
         with distributed.no_sync(model, last=b == starts[-1]):
             with autocast:
                 with torch.no_grad():
-                    h_t = t_body(input_ids=chunk, use_cache=False).last_hidden_state
+                    if blockwise:
+                        h_t = block_states(t_body, chunk)
+                    else:
+                        h_t = t_body(input_ids=chunk, use_cache=False).last_hidden_state
                 loss = model(chunk, h_t, t_head, chunk.shape[0] / n)
             loss.backward()
         total += loss.detach()
     return total
+
+
+def _fit_to_deadline(deadline: float, saved: Path, run_batch: Callable[[int], torch.Tensor], optimizer,
+                     r: HealRecipe, world: World) -> dict:
+    """The token count that fits before ``deadline``: from ``saved`` (a resumed run), or
+    from a probe of ``PROBE_STEPS`` forward and backward passes whose gradients are thrown
+    away (the first one compiles; the others are timed)."""
+    if saved.is_file():
+        return json.loads(saved.read_text(encoding="utf-8"))
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise UsageError(no_time(r, -left))
+    times = []
+    for k in range(PROBE_STEPS):
+        began = time.perf_counter()
+        float(world.mean(run_batch(k)))  # waits for the device
+        optimizer.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - began)
+    per_step = max(min(times[1:]), 1e-6)
+    steps = int((deadline - time.monotonic()) / per_step)
+    if steps < 1:
+        raise UsageError(no_time(r, per_step - (deadline - time.monotonic())))
+    budget = {"seconds": r.time_budget, "probe_seconds_per_step": round(per_step, 4),
+              "probe_tokens_per_second": round(r.batch_tokens / per_step, 1), "steps": steps,
+              "tokens": steps * r.batch_tokens}
+    if world.main:
+        saved.write_text(json.dumps(budget), encoding="utf-8")
+    return budget
+
+
+def no_time(r: HealRecipe, short: float) -> str:
+    """The message for a time budget that cannot fit one training step."""
+    return (f"--time {r.time_budget:g}s leaves no time to train: one step of {r.batch_tokens:,} tokens does not fit "
+            f"(about {short:.0f} s short, after loading, sampling and the time kept for export and evaluation); "
+            f"give a longer --time or a --tokens count")
 
 
 def _diverged_message(what: str, path: Path, r: HealRecipe) -> str:

@@ -69,3 +69,16 @@ def kl_reference(h_student, head_student, h_teacher, head_teacher) -> torch.Tens
     logp_t = torch.log_softmax((h_teacher @ head_teacher.T).float(), -1)
     logp_s = torch.log_softmax((h_student @ head_student.T).float(), -1)
     return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
+
+
+def block_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
+    """Block-wise reconstruction loss: the mean over blocks of the squared error of each
+    block's output against the teacher's, relative to the size of what the teacher's block
+    adds to its input (so every block counts alike, whatever the scale of the residual
+    stream): mean_i ‖y_i − t_i‖² / ‖t_i − x_i‖²."""
+    terms = []
+    for y, t, x in zip(outputs, targets, inputs):
+        t = t.float()
+        change = (t - x.float()).pow(2).sum().clamp_min(1e-12)
+        terms.append((y.float() - t).pow(2).sum() / change)
+    return torch.stack(terms).mean()

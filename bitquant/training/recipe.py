@@ -27,6 +27,10 @@ DEFAULT_HEAL_RECIPE = "heal"
 TRAINABLE = ("projections", "norms", "embeddings")
 INITS = ("absmean",)
 SCHEDULES = ("cosine", "constant")
+#: Seconds held back from a time budget for what follows training (export, the exactness
+#: check, evaluation, completions): this share of the budget, at least MIN_RESERVE.
+RESERVE_SHARE = 0.08
+MIN_RESERVE = 20.0
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,8 @@ class HealRecipe:
     train: tuple[str, ...] = ("projections", "norms")
     checkpoint_every: int = 250
     min_steps: int = 16
+    block_stage: float = 0.0
+    time_budget: float | None = None
     # data
     seed: int = 0
     sample_tokens: int = 4_194_304
@@ -90,6 +96,11 @@ class HealRecipe:
         return self.tokens // self.batch_tokens
 
     @property
+    def block_steps(self) -> int:
+        """Optimizer steps of the block-wise stage (the first ones)."""
+        return round(self.steps * self.block_stage)
+
+    @property
     def batch_sequences(self) -> int:
         return self.batch_tokens // self.seq_len
 
@@ -110,8 +121,11 @@ class HealRecipe:
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
     def replace(self, **changes: Any) -> "HealRecipe":
-        """A copy with the given fields overridden (``None``: not given). Validated again."""
+        """A copy with the given fields overridden (``None``: not given). Validated again.
+        A token count replaces a time budget (the two set the same thing)."""
         given = {k: v for k, v in changes.items() if v is not None}
+        if "tokens" in given and "time_budget" not in given:
+            given["time_budget"] = None
         return dataclasses.replace(self, **_coerce(given)) if given else self
 
     def fitted(self) -> "HealRecipe":
@@ -138,7 +152,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "exclude": (tuple,), "indivisible": (str,), "init": (str,), "tokens": (int,), "lr": _NUMBER, "schedule": (str,),
     "warmup_steps": (int,), "min_lr_ratio": _NUMBER, "betas": (tuple,), "weight_decay": _NUMBER, "grad_clip": _NUMBER,
     "batch_tokens": (int,), "micro_batch_tokens": (int,), "seq_len": (int,), "train": (tuple,),
-    "checkpoint_every": (int,), "min_steps": (int,), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
+    "checkpoint_every": (int,), "min_steps": (int,), "block_stage": _NUMBER,
+    "time_budget": (float, int, type(None)), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
     "sample_batch": (int,), "data_share": _NUMBER, "eval_context": (int,), "eval_stride": (int, type(None)),
     "eval_max_tokens": (int,), "max_ppl_ratio": (float, int, type(None)), "max_kl": (float, int, type(None)),
     "description": (str,),
@@ -177,8 +192,11 @@ def _validate(r: HealRecipe) -> None:
                           f"of 'seq_len' ({r.seq_len}) tokens")
     if len(r.betas) != 2 or not all(isinstance(b, (float, int)) and 0 <= b < 1 for b in r.betas):
         raise RecipeError(f"recipe field 'betas' must be two numbers in [0, 1), got {list(r.betas)}")
-    if not 0 <= r.min_lr_ratio <= 1 or not 0 <= r.data_share <= 1:
-        raise RecipeError("recipe fields 'min_lr_ratio' and 'data_share' must be between 0 and 1")
+    if not 0 <= r.min_lr_ratio <= 1 or not 0 <= r.data_share <= 1 or not 0 <= r.block_stage < 1:
+        raise RecipeError("recipe fields 'min_lr_ratio' and 'data_share' must be between 0 and 1, and "
+                          "'block_stage' at least 0 and below 1")
+    if r.time_budget is not None and r.time_budget <= 0:
+        raise RecipeError(f"recipe field 'time_budget' must be a positive number of seconds, got {r.time_budget}")
     if r.warmup_steps < 0 or r.weight_decay < 0 or r.grad_clip < 0:
         raise RecipeError("recipe fields 'warmup_steps', 'weight_decay' and 'grad_clip' must be 0 or more")
 

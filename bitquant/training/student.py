@@ -116,6 +116,30 @@ def make_student(model: torch.nn.Module, modules: set[str], eps: float, scale_dt
     return trainable
 
 
+def _position_embeddings(body: torch.nn.Module, h: torch.Tensor):
+    positions = torch.arange(h.shape[1], device=h.device)[None]
+    return body.rotary_emb(h, positions)
+
+
+def block_states(body: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
+    """The decoder's hidden states around every block: ``[embeddings, after block 0, ...,
+    after the last block]`` (before the final norm), one block at a time (causal
+    attention, positions 0..n-1, no padding), for the block-wise stage."""
+    h = body.embed_tokens(ids)
+    pe = _position_embeddings(body, h)
+    states = [h]
+    for layer in body.layers:
+        h = layer(h, position_embeddings=pe)
+        states.append(h)
+    return states
+
+
+def run_blocks(body: torch.nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each decoder block of ``body`` on its own input (block i on ``inputs[i]``)."""
+    pe = _position_embeddings(body, inputs[0])
+    return [layer(h, position_embeddings=pe) for layer, h in zip(body.layers, inputs)]
+
+
 def _allow_recompiles() -> None:
     """One compiled graph per projection shape and input dtype (fp32 after a norm, bf16
     after attention or the MLP under autocast): more than dynamo's default of 8."""

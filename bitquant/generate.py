@@ -1,0 +1,195 @@
+"""Text generation from FP and ternary models, beside the runtime that runs them.
+
+``bitquant generate`` streams one completion; heal's report measures the greedy
+completions of fixed prompts by the source and the healed model, and
+:func:`distinct_ngrams` turns a looping model ("the the the …") into one number.
+Models are loaded by :func:`bitquant.runtime.load_model` (FP checkpoints through
+transformers, ternary ones as deployed, W1.58A8), and decoded with transformers'
+``generate`` and its KV cache.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bitquant.errors import UsageError
+
+#: Prompts completed by the source and the healed model in heal's report and card.
+PROMPTS = ("The capital of France is", "Once upon a time, there was a", "The three primary colors are",
+           "To make a cup of tea, you")
+#: New tokens per completion in the report.
+REPORT_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: greedy at ``temperature`` 0, else sampled at that
+    temperature from the smallest set of tokens whose probability reaches ``top_p``."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be 0 (greedy) or more, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+
+    def config(self, tokenizer):
+        from transformers import GenerationConfig
+
+        sampled = self.temperature > 0
+        eos = tokenizer.eos_token_id
+        return GenerationConfig(
+            do_sample=sampled, temperature=self.temperature if sampled else None, top_p=self.top_p if sampled else None,
+            top_k=None, max_new_tokens=self.max_new_tokens, eos_token_id=eos,
+            pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0),
+        )
+
+
+@dataclass
+class Generation:
+    """One completion: its text and token ids, and how fast it was produced."""
+
+    text: str
+    ids: list[int]
+    prompt_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return len(self.ids) / self.seconds if self.seconds > 0 else 0.0
+
+
+def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    """The prompt's token ids; with ``chat``, wrapped in the tokenizer's chat template as one
+    user turn, ready for the assistant's answer."""
+    if not prompt.strip():
+        raise UsageError("the prompt is empty; give PROMPT or pipe text on stdin")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise UsageError("--chat needs a chat template, and this model's tokenizer has none; drop --chat")
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            return_tensors="pt", return_dict=True)["input_ids"]
+        return ids
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+class _Stream:
+    """A transformers streamer that hands each new piece of text to ``on_text`` (decoding
+    the whole completion each time, so multi-token characters come out whole)."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.shown = ""
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate hands the prompt over first
+            self.prompt_seen = True
+            return
+        self.ids.extend(int(t) for t in value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # half a character: wait for the rest
+            return
+        if text.startswith(self.shown):
+            self.on_text(text[len(self.shown):])
+        self.shown = text
+
+    def end(self) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.startswith(self.shown) and len(text) > len(self.shown):
+            self.on_text(text[len(self.shown):])
+        self.shown = text
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, ids: torch.Tensor, sampling: Sampling,
+             on_text: Callable[[str], None] | None = None) -> Generation:
+    """Complete the prompt ``ids`` ([1, n]) with ``model``; ``on_text`` gets the text as it
+    is produced. Seeded: the same seed gives the same completion on the same device."""
+    device = next(model.parameters()).device
+    ids = ids.to(device)
+    stream = _Stream(tokenizer, on_text or (lambda _text: None))
+    torch.manual_seed(sampling.seed)
+    began = time.perf_counter()
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=sampling.config(tokenizer),
+                         streamer=stream)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - began
+    stream.end()
+    new = out[0, ids.shape[1]:].tolist()
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), new, ids.shape[1], seconds)
+
+
+def run_generate(model: str, prompt: str, sampling: Sampling, *, chat: bool = False, device: str = "auto",
+                 dtype: str = "auto", revision: str | None = None, token: str | None = None,
+                 on_text: Callable[[str], None] | None = None) -> Generation:
+    """``bitquant generate``: load ``model`` (anything ``eval`` takes), complete ``prompt``."""
+    from bitquant import activity, runtime
+    from bitquant.evaluate import EvalSettings
+    from bitquant.source import resolve_source
+
+    settings = EvalSettings(device=device, dtype=dtype)
+    activity.step(f"opening {model}")
+    folder = resolve_source(model, revision=revision, token=token).path
+    runtime.check_evaluable(folder)
+    tokenizer = runtime.load_tokenizer(folder)
+    ids = prompt_ids(tokenizer, prompt, chat)
+    where = settings.resolved_device()
+    activity.step(f"loading {model}")
+    lm, _ = runtime.load_model(folder, settings.resolved_dtype(where), where)
+    return generate(lm, tokenizer, ids, sampling, on_text)
+
+
+def completions(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_tokens: int = REPORT_TOKENS,
+                progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+    """Greedy completions of ``prompts`` (no chat template), one after another."""
+    sampling = Sampling(max_new_tokens=max_new_tokens)
+    out = []
+    for i, prompt in enumerate(prompts):
+        out.append(generate(model, tokenizer, prompt_ids(tokenizer, prompt, chat=False), sampling))
+        if progress:
+            progress(i + 1, len(prompts))
+    return out
+
+
+def distinct_ngrams(sequences: list[list[int]], n: int = 4) -> float:
+    """The share of distinct n-grams among all n-grams of ``sequences`` (token ids, each
+    sequence's n-grams taken on its own, then pooled): 1.0 when nothing repeats, near 0 for
+    a model that loops. ``nan`` when no sequence has n tokens."""
+    grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else float("nan")
+
+
+def generation_report(models: list[tuple[str, Path]], tokenizer, device: str,
+                      progress: Callable[[int, int], None] | None = None) -> dict:
+    """The report's ``generation``: for each (label, folder), the greedy completions of
+    :data:`PROMPTS` (``REPORT_TOKENS`` new tokens each) and their ``distinct_4grams``."""
+    from bitquant import runtime
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    out = {"prompts": list(PROMPTS), "max_new_tokens": REPORT_TOKENS, "decoding": "greedy", "models": {}}
+    total = len(models) * len(PROMPTS)
+    for k, (label, folder) in enumerate(models):
+        model, _ = runtime.load_model(folder, dtype, device)
+        step = (lambda done, _n, k=k: progress(k * len(PROMPTS) + done, total)) if progress else None
+        gens = completions(model, tokenizer, progress=step)
+        del model
+        out["models"][label] = {
+            "completions": [g.text for g in gens],
+            "distinct_4grams": round(distinct_ngrams([g.ids for g in gens], 4), 4),
+            "new_tokens": [len(g.ids) for g in gens],
+        }
+    return out
