@@ -112,8 +112,10 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
 
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
-    quiet_bars = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"  # transformers' own bar over the GGUF tensors: bitquant shows its step
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    gguf_utils.tqdm = lambda items, *args, **kwargs: items  # its bar over the GGUF tensors: bitquant shows its step
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         lm = AutoModelForCausalLM.from_pretrained(
@@ -124,10 +126,8 @@ def _dequantize_gguf(gguf: Path, out: Path) -> None:
         )
     finally:
         hf_logging.set_verbosity(verbosity)
-        if quiet_bars is None:
-            os.environ.pop("TQDM_DISABLE", None)
-        else:
-            os.environ["TQDM_DISABLE"] = quiet_bars
+        if bar is not None:
+            gguf_utils.tqdm = bar
     lm.save_pretrained(out)  # dequantized: a plain FP16 config, no quantization_config
     tok.save_pretrained(out)
     config_path = out / "config.json"

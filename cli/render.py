@@ -50,7 +50,7 @@ class Reporter:
         self._time = time.monotonic
         self.enabled = enabled
         self.live = enabled and err.is_terminal and not err.is_dumb_terminal
-        self.current, self.since, self.last_line = None, self._time(), self._time()
+        self.current, self.since, self.last_line = "starting", self._time(), self._time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._bar = None

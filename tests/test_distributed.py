@@ -141,3 +141,10 @@ def test_a_run_stopped_on_two_processes_resumes_on_one(setup):
 def test_an_uneven_split_is_refused(setup):
     r = run(setup, "odd", 2, "--batch-tokens", "96")  # 3 sequences of 32 over 2 processes
     assert r.returncode != 0 and "cannot be split evenly over 2 processes" in r.stderr
+
+
+def test_a_time_budget_gives_every_process_the_same_step_count(setup):
+    r = run(setup, "timed", 2, "--time", "40s", "--parallel", "ddp")
+    assert r.returncode == 0, r.stderr[-3000:]  # different counts would hang at the last step's all-reduce
+    heal = json.loads((setup / "timed" / "report.json").read_text())["heal"]
+    assert heal["world_size"] == 2 and heal["steps"] == heal["time_budget"]["steps"] >= 1

@@ -312,11 +312,13 @@ def _fit_to_deadline(deadline: float, saved: Path, run_batch: Callable[[int], to
     times = []
     for k in range(PROBE_STEPS):
         began = time.perf_counter()
-        float(world.mean(run_batch(k)))  # waits for the device
+        loss = world.mean(run_batch(k))
+        float(loss)  # waits for the device
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - began)
     per_step = max(min(times[1:]), 1e-6)
-    steps = int((deadline - time.monotonic()) / per_step)
+    fits = torch.tensor((deadline - time.monotonic()) / per_step, dtype=torch.float64, device=loss.device)
+    steps = int(world.mean(fits))  # under a launcher every process takes the same count
     if steps < 1:
         raise UsageError(no_time(r, per_step - (deadline - time.monotonic())))
     budget = {"seconds": r.time_budget, "probe_seconds_per_step": round(per_step, 4),
