@@ -205,8 +205,7 @@ def _heal_main(work, source, out: Path, fingerprint: str, tokens, tokenizer, mas
                                                     hooks.completions)
         report = export.new_report(source, ckpt, recipe.to_dict(), recipe.sha256(), fingerprint, conv.format, mplan,
                                    written, reused, shards, max_shard_size, perplexity=perplexity, gates=gate_results,
-                                   heal=info,
-                                   generation=generation)
+                                   heal=info, generation=generation)
         del student
         if master_out is not None:
             _save_master(master_ckpt.path, master_out, fingerprint, overwrite)
@@ -297,7 +296,7 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
                  else "fp32 latent weights, AdamW"),
         "compute_dtype": "bfloat16 autocast" if cuda else ("bfloat16" if low_memory else "float32"),
         "compiled": result.compiled, "resumed_from_step": result.resumed_from_step, "final_loss": result.final_loss,
-        "block_stage": {"share": recipe.block_stage, "steps": round(result.steps * recipe.block_stage)},
+        "block_stage": {"share": recipe.block_stage, "steps": recipe.replace(tokens=result.tokens).block_steps},
         "time_budget": result.budget, "curve": result.curve, "before": before,
     }
     return info, student, teacher, probe

@@ -26,12 +26,11 @@ from pathlib import Path
 import torch
 
 from bitquant import activity
-from bitquant.errors import BitquantError
+from bitquant.errors import BitquantError, UsageError
 from bitquant.training import distributed
 from bitquant.training import checkpoint
 from bitquant.training.data import Batches
 from bitquant.training.distributed import World
-from bitquant.errors import UsageError
 from bitquant.training.loss import block_loss, kl_loss
 from bitquant.training.recipe import HealRecipe
 from bitquant.training.student import block_states, run_blocks, uncompile
