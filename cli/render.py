@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.table import Table
 
 from bitquant.evaluate import EvalResult
@@ -67,8 +68,8 @@ class Reporter:
             return self
         if self.live:
             self._bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[label]}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}"),
-                                 console=err, transient=True)
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 TextColumn("{task.description}"), console=err, transient=True)
             self._bar.__enter__()
         else:
             threading.Thread(target=self._heartbeat, daemon=True).start()
@@ -240,13 +241,12 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
             t.add_row("perplexity", f"{_fmt(ppl['baseline'])} -> {_fmt(ppl['quantized'])} (x{_fmt(ppl['ratio'])})")
         t.add_row("KL / top-1", f"{_fmt(ppl['kl_mean'])} nats, {ppl['top1_agreement']:.1%} agreement"
                   + (" (evaluated one decoder block at a time)" if ppl.get("streamed") else ""))
-    elif report.gguf:
-        t.add_row("gguf", f"{report.gguf['file']}: " + ", ".join(f"{k} {_bytes(v)}" for k, v in report.gguf["bytes_by_type"].items()))
-        if report.gguf["not_tq"]:
-            t.add_row("not TQ", f"{len(report.gguf['not_tq'])} matrices with rows not a multiple of 256, stored exactly as "
-                      + "/".join(sorted({e["stored_as"] for e in report.gguf["not_tq"]})))
-        t.add_row("perplexity", report.unmeasured_perplexity())
     else:
+        if report.gguf:
+            t.add_row("gguf", f"{report.gguf['file']}: " + ", ".join(f"{k} {_bytes(v)}" for k, v in report.gguf["bytes_by_type"].items()))
+            if report.gguf["not_tq"]:
+                t.add_row("not TQ", f"{len(report.gguf['not_tq'])} matrices with rows not a multiple of 256, stored exactly as "
+                          + "/".join(sorted({e["stored_as"] for e in report.gguf["not_tq"]})))
         t.add_row("perplexity", report.unmeasured_perplexity())
     for finding in report.heal_findings():
         t.add_row("[yellow]warning", finding)
