@@ -78,9 +78,8 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     if chat:
         if not getattr(tokenizer, "chat_template", None):
             raise UsageError("--chat needs a chat template, and this model's tokenizer has none; drop --chat")
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-        return ids
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                             return_tensors="pt", return_dict=True)["input_ids"]
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
@@ -99,15 +98,17 @@ class _Stream:
             self.prompt_seen = True
             return
         self.ids.extend(int(t) for t in value.reshape(-1).tolist())
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # half a character: wait for the rest
-            return
-        if text.startswith(self.shown):
-            self.on_text(text[len(self.shown):])
-        self.shown = text
+        self._show(last=False)
 
     def end(self) -> None:
+        self._show(last=True)
+
+    def _show(self, last: bool) -> None:
+        """Hand over what the decoded text adds to what was shown (a half character waits
+        for the rest, unless this is the end)."""
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd") and not last:
+            return
         if text.startswith(self.shown) and len(text) > len(self.shown):
             self.on_text(text[len(self.shown):])
         self.shown = text
@@ -178,8 +179,9 @@ def generation_report(models: list[tuple[str, Path]], tokenizer, device: str,
     """The report's ``generation``: for each (label, folder), the greedy completions of
     :data:`PROMPTS` (``REPORT_TOKENS`` new tokens each) and their ``distinct_4grams``."""
     from bitquant import runtime
+    from bitquant.evaluate import EvalSettings
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = EvalSettings().resolved_dtype(device)  # as bitquant eval and generate: float32 on CPU, bf16 on CUDA
     out = {"prompts": list(PROMPTS), "max_new_tokens": REPORT_TOKENS, "decoding": "greedy", "models": {}}
     total = len(models) * len(PROMPTS)
     for k, (label, folder) in enumerate(models):

@@ -60,33 +60,29 @@ def _fail(ctx: click.Context, message: str, code: int, exc: BaseException) -> No
     ctx.exit(code)
 
 
-def _set_debug(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-    if value:
-        ctx.ensure_object(dict)["debug"] = True
-    return value
+def _remember(key: str):
+    """A click callback that records a flag given to a subcommand in ``ctx.obj[key]``."""
+
+    def callback(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+        if value:
+            ctx.ensure_object(dict)[key] = True
+        return value
+
+    return callback
 
 
 debug_option = click.option(
-    "--debug", is_flag=True, expose_value=False, callback=_set_debug, is_eager=True,
+    "--debug", is_flag=True, expose_value=False, callback=_remember("debug"), is_eager=True,
     help="Show full tracebacks on errors.",
 )
 
-
-def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
-    if value:
-        ctx.ensure_object(dict)["quiet"] = True
-    return value
-
-
-quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_set_quiet,
+quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_remember("quiet"),
                             help="Show no progress on stderr (errors and the result still show).")
 
 
 def _progress(as_json: bool = False) -> bool:
     """Whether to show progress: not with --quiet, and not with --json (stdout stays JSON)."""
-    ctx = click.get_current_context()
-    quiet = bool((ctx.obj or {}).get("quiet")) or bool(ctx.find_root().params.get("quiet"))
-    return not quiet and not as_json
+    return not (click.get_current_context().obj or {}).get("quiet") and not as_json
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,

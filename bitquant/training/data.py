@@ -4,9 +4,9 @@ fixed-length token sequences, served in a deterministic order.
 Sampling starts every sequence at BOS and draws each next token from the teacher's
 distribution at the recipe's temperature (no top-k, no top-p) with EOS masked, so every
 sequence has the full length. It runs :mod:`bitquant.decode`'s loop: a static KV cache
-over the model's own blocks, many sequences at a time. Samples are cached in bitquant's cache (``$BITQUANT_CACHE/heal-data``), keyed by the
-model's fingerprint and every sampling setting, so a re-run or a resume never samples
-again. Token ids are stored as uint16 where the vocabulary fits (half the bytes).
+over the model's own blocks, many sequences at a time. Samples are cached in bitquant's
+cache (``$BITQUANT_CACHE/heal-data``), keyed by the model's fingerprint and every sampling
+setting, so a re-run or a resume never samples again. Token ids are stored as uint16 where the vocabulary fits (half the bytes).
 """
 
 from __future__ import annotations

@@ -234,8 +234,8 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                               "stage": "blocks" if blockwise else "kl"})
             now = time.perf_counter()
             if step == start + 1 and note and not cuda:
-                eta = (now - step_began) * (r.steps - step)
                 left = r.steps - step
+                eta = (now - step_began) * left
                 note(f"training on the CPU: one step of {r.batch_tokens:,} tokens took {now - step_began:.1f} s, "
                      f"so the remaining {left} step{'s' if left != 1 else ''} need{'s' if left == 1 else ''} about "
                      f"{_duration(eta)} (a GPU is far faster)")
