@@ -14,6 +14,8 @@ table and the ratios bitquant/floor and bitquant/onebitllms.
 
     python bench/make_checkpoint.py llama2-7b /tmp/llama2-7b
     python bench/convert_speed.py /tmp/llama2-7b
+    python bench/make_checkpoint.py qwen3-8b /tmp/qwen3-8b
+    python bench/convert_speed.py /tmp/llama2-7b /tmp/qwen3-8b   # both shapes in one run, ratios to the first
 """
 
 from __future__ import annotations
@@ -90,14 +92,8 @@ def warm(files: list[Path]) -> None:
                 pass
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("--work", type=Path, default=None, help="where outputs go (default: beside the checkpoint)")
-    ap.add_argument("--skip-onebitllms", action="store_true")
-    ap.add_argument("--repeats", type=int, default=2)
-    args = ap.parse_args()
-    src = args.checkpoint
+def measure(src: Path, args) -> tuple[list[tuple[str, float, int]], int, int]:
+    """The rows of one input: (variant, wall s, peak RSS), its input and output bytes."""
     files = sorted(src.glob("*.safetensors"))
     in_bytes = sum(f.stat().st_size for f in files)
     work = Path(tempfile.mkdtemp(prefix="bitquant-bench-", dir=args.work or src.parent))
@@ -136,6 +132,27 @@ def main() -> None:
     if "onebitllms" in by:
         o_wall, o_rss = by["onebitllms"]
         print(f"ratio onebitllms / bitquant: wall time {o_wall / b_wall:.2f}x, peak RSS {o_rss / b_rss:.2f}x")
+    return rows, in_bytes, out_bytes
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoints", type=Path, nargs="+", help="one or more inputs; the first is the baseline")
+    ap.add_argument("--work", type=Path, default=None, help="where outputs go (default: beside the checkpoint)")
+    ap.add_argument("--skip-onebitllms", action="store_true")
+    ap.add_argument("--repeats", type=int, default=2)
+    args = ap.parse_args()
+    results = []
+    for src in args.checkpoints:
+        rows, in_bytes, _ = measure(src, args)
+        by = {label.split(" ")[0]: (wall, rss) for label, wall, rss in rows}
+        results.append((src.name, in_bytes / 1e9 / by["bitquant"][0], by["bitquant"][1], by["bitquant"][0] / by["I/O"][0]))
+        print()
+    if len(results) > 1:
+        base = results[0]
+        print(f"{'input':24s} {'bitquant GB/s':>14s} {'x floor':>8s} {'peak RSS MiB':>13s} {'GB/s vs first':>14s}")
+        for name, gbs, rss, floor in results:
+            print(f"{name:24s} {gbs:14.2f} {floor:8.2f} {rss / 2**20:13.0f} {gbs / base[1]:14.2f}")
 
 
 if __name__ == "__main__":

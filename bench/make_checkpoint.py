@@ -8,6 +8,7 @@ byte-level BPE tokenizer of the right vocabulary size is written beside them.
     python bench/make_checkpoint.py llama2-7b /tmp/llama2-7b-synthetic     # 13.5 GB
     python bench/make_checkpoint.py tinyllama-1b /tmp/tinyllama-synthetic  # 2.2 GB
     python bench/make_checkpoint.py bitnet-2b-4t /tmp/bitnet-2b-master     # 4.8 GB, BF16 master
+    python bench/make_checkpoint.py qwen3-8b /tmp/qwen3-8b                 # 16.4 GB, BF16, q/k norms, 152k vocabulary
 
 ``bitnet-2b-4t`` is a ternary-trained master shaped as microsoft/bitnet-b1.58-2B-4T-bf16:
 BitNetForCausalLM with its sub-norms, tied embeddings, relu2 and the master's
@@ -38,25 +39,35 @@ PRESETS = {
     "bitnet-2b-4t": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
                          num_key_value_heads=5, vocab_size=128256, max_position_embeddings=4096, rms_norm_eps=1e-5,
                          tie_word_embeddings=True),
+    # Qwen/Qwen3-8B (head_dim 128 with per-head q/k norms, 151,936-token vocabulary)
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+                     rms_norm_eps=1e-6, tie_word_embeddings=False),
 }
 
 #: Presets that are BitNet masters rather than LLaMA FP16 checkpoints.
 BITNET = {"bitnet-2b-4t"}
+#: Presets of the Qwen3 family (bf16, q/k norms).
+QWEN3 = {"qwen3-8b"}
 
 
-def tensor_specs(cfg: dict, bitnet: bool = False) -> list[TensorSpec]:
+def tensor_specs(cfg: dict, bitnet: bool = False, qwen3: bool = False) -> list[TensorSpec]:
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    kv = h // cfg["num_attention_heads"] * cfg["num_key_value_heads"]
-    f16 = torch.bfloat16 if bitnet else torch.float16
+    hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = hd * cfg["num_attention_heads"], hd * cfg["num_key_value_heads"]
+    f16 = torch.bfloat16 if bitnet or qwen3 else torch.float16
     specs = [TensorSpec("model.embed_tokens.weight", f16, (v, h))]
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
+        if qwen3:
+            specs += [TensorSpec(p + "self_attn.q_norm.weight", f16, (hd,)),
+                      TensorSpec(p + "self_attn.k_norm.weight", f16, (hd,))]
         specs += [
             TensorSpec(p + "input_layernorm.weight", f16, (h,)),
-            TensorSpec(p + "self_attn.q_proj.weight", f16, (h, h)),
+            TensorSpec(p + "self_attn.q_proj.weight", f16, (q, h)),
             TensorSpec(p + "self_attn.k_proj.weight", f16, (kv, h)),
             TensorSpec(p + "self_attn.v_proj.weight", f16, (kv, h)),
-            TensorSpec(p + "self_attn.o_proj.weight", f16, (h, h)),
+            TensorSpec(p + "self_attn.o_proj.weight", f16, (h, q)),
             TensorSpec(p + "post_attention_layernorm.weight", f16, (h,)),
             TensorSpec(p + "mlp.gate_proj.weight", f16, (i, h)),
             TensorSpec(p + "mlp.up_proj.weight", f16, (i, h)),
@@ -82,7 +93,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=False)
     gen = torch.Generator().manual_seed(args.seed)
     bitnet = args.preset in BITNET
-    shards = plan_shards(tensor_specs(cfg, bitnet), args.max_shard_size)
+    qwen3 = args.preset in QWEN3
+    shards = plan_shards(tensor_specs(cfg, bitnet, qwen3), args.max_shard_size)
     for shard in shards:
         writer = SafetensorsStreamWriter(args.out / shard.filename, list(shard.specs))
         for spec in shard.specs:
@@ -101,6 +113,10 @@ def main() -> None:
                   "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
                   "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                           "quantization_mode": "online"}, **cfg}
+    elif qwen3:
+        config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "torch_dtype": "bfloat16",
+                  "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, **cfg}
     else:
         config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
                   "hidden_act": "silu", "bos_token_id": 1, "eos_token_id": 2, "rope_theta": 10000.0, **cfg}

@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
+from bitquant import families
 from bitquant.source import Checkpoint
 
 LAYER_PREFIX = "model.layers."
@@ -73,6 +75,7 @@ class Blocks:
             skeleton = AutoModelForCausalLM.from_config(config)
         self.config = config
         self.ckpt = ckpt
+        self.family = families.family_of(ckpt.config)
         self.device = device
         self.batch = batch
         self.layer_cls = type(skeleton.model.layers[0])
@@ -90,31 +93,36 @@ class Blocks:
         self._pe = None
 
     def head(self) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Final RMSNorm and output projection: hidden states -> next-token log-probabilities."""
-        out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        weights = self.ckpt.read(["model.norm.weight", out_name])
-        norm_w = weights["model.norm.weight"].float().to(self.device)
-        out_w = weights[out_name].float().to(self.device)
-        eps = self.config.rms_norm_eps
+        """Final norm and output projection: hidden states -> next-token log-probabilities."""
+        logits = self.output()
 
         @torch.inference_mode()
         def head(x: torch.Tensor) -> torch.Tensor:
-            x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * norm_w
-            return torch.log_softmax(x @ out_w.T, dim=-1)
+            return torch.log_softmax(logits(x).float(), dim=-1)
 
         return head
 
-    def norm_and_head(self) -> tuple[torch.nn.Module, torch.Tensor]:
-        """The model's own final norm module and its output-head weight, in ``dtype`` on the device."""
+    def output(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Final hidden states -> logits: the model's own final norm module, the output head
+        (in ``dtype`` on the device) and the family's logit soft-capping, if any."""
         out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
         weights = self.ckpt.read(["model.norm.weight", out_name])
         norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
         norm.weight.data = weights["model.norm.weight"].to(self.device, self.dtype)
-        return norm.eval(), weights[out_name].to(self.device, self.dtype)
+        norm.eval()
+        head = weights[out_name].to(self.device, self.dtype)
+
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            return families.soft_cap(F.linear(norm(x), head), self.config)
+
+        return logits
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (times the family's embedding scale), in ``dtype`` on the device."""
         table = self.ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
-        return table[ids].to(self.device, self.dtype)
+        h = table[ids].to(self.device, self.dtype)
+        scale = families.embed_multiplier(self.family, self.config)
+        return h if scale == 1.0 else h * torch.tensor(scale, dtype=self.dtype)
 
     def load(self, i: int) -> torch.nn.Module:
         from bitquant.formats.hf_bitnet import SCALE_SUFFIX
@@ -143,11 +151,15 @@ class Blocks:
             raise ValueError(f"decoder block {i} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         return layer.eval()
 
-    def _position_embeddings(self, h: torch.Tensor):
-        if self._pe is None or self._pe[0].shape[1] != h.shape[1]:
+    def block_inputs(self, layer: torch.nn.Module, h: torch.Tensor) -> tuple:
+        """What ``layer`` takes besides ``h``: its rotary (cos, sin) for positions 0..n-1 (per
+        attention type where the family has several) and its attention mask (None: causal;
+        a sliding-window layer's mask where the window is shorter than the sequences)."""
+        if self._pe is None or self._pe[0] != h.shape[1]:
             pos = torch.arange(h.shape[1], device=self.device)[None]
-            self._pe = self.rotary(h[:1], pos)
-        return self._pe
+            self._pe = (h.shape[1], families.position_embeddings(self.family, self.rotary, self.config, h[:1], pos))
+        window = families.sliding_window(self.family, self.config, layer.self_attn)
+        return self._pe[1][layer.self_attn.layer_idx], families.attention_mask(h.shape[1], window, self.device)
 
     @torch.inference_mode()
     def run(self, layer: torch.nn.Module, h: torch.Tensor, until: torch.nn.Module | None = None):
@@ -155,10 +167,10 @@ class Blocks:
         that module's input is captured and return its (H, mean |x|)."""
         capture = _Capture(until, stop=True) if until is not None else None
         outs = []
-        pe = self._position_embeddings(h)
+        pe, mask = self.block_inputs(layer, h)
         for b in range(0, h.shape[0], self.batch):
             try:
-                outs.append(layer(h[b : b + self.batch], position_embeddings=pe))
+                outs.append(layer(h[b : b + self.batch], position_embeddings=pe, attention_mask=mask))
             except _Stop:
                 pass
         if capture is not None:

@@ -272,8 +272,10 @@ def _tune(blocks: Blocks, layer, prefix: str, results: dict, h: torch.Tensor, ta
     gains = [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
     for g in gains:
         g.requires_grad_(True)
-    cos, sin = (t.clone() for t in blocks._position_embeddings(h))
-    fit = tune(lambda x: layer(x, position_embeddings=(cos, sin)), gains + [m.log_scale for m in swapped.values()],
+    pe, mask = blocks.block_inputs(layer, h)
+    cos, sin = (t.clone() for t in pe)  # made outside inference mode, so autograd can use them
+    fit = tune(lambda x: layer(x, position_embeddings=(cos, sin), attention_mask=mask),
+               gains + [m.log_scale for m in swapped.values()],
                h.clone(), target.clone(), steps=steps, batch=blocks.batch)
     for g in gains:
         g.requires_grad_(False)

@@ -7,9 +7,11 @@ module call, logits processors, stopping criteria that wait for the GPU). This l
 one preallocated key/value buffer per block, attends to the positions written so far
 (step t reads t keys, not the cache length), groups query heads per key/value head
 instead of repeating keys, and draws the next token with the Gumbel-max trick on the GPU.
-The projections, norms, rotary embedding and MLP are the model's own modules (the
-Llama-style block: Llama, Mistral, Qwen2, Qwen3), so the arithmetic is transformers'; a
-test checks each step's logits against the model's full forward pass.
+The projections, norms, rotary embedding and MLP are the model's own modules, and the
+family table (:mod:`bitquant.families`) says where a block differs from Llama's (fused
+q/k/v, norms around the MLP, layers without rotary embedding, sliding windows), so the
+arithmetic is transformers'; a test checks each step's logits against the model's full
+forward pass, for every family.
 """
 
 from __future__ import annotations
@@ -20,37 +22,53 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bitquant import families
+from bitquant.families import Family
+
 
 def _rotary(layer: torch.nn.Module) -> Callable:
     """The model family's own ``apply_rotary_pos_emb`` (from the module of its attention class)."""
     return sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
 
 
-def _block_step(layer, h: torch.Tensor, pe, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, rotary) -> torch.Tensor:
+def _block_step(layer, h: torch.Tensor, pe, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, rotary,
+                family: Family, window: int | None) -> torch.Tensor:
     """One decoder block on one new token per sequence (``h``: [B, 1, hidden]), its key and
     value written at ``pos`` of the block's cache ([B, kv_heads, length, head_dim]), attending
-    to positions 0..pos. The block's own modules do the arithmetic; only the attention's
-    plumbing is done here, without transformers' per-call argument handling, which costs
-    more than the arithmetic at one token a step."""
+    to positions 0..pos (the last ``window`` of them in a sliding-window layer). The block's
+    own modules do the arithmetic; only the attention's plumbing is done here, without
+    transformers' per-call argument handling, which costs more than the arithmetic at one
+    token a step. The family's fields say where its block differs from Llama's."""
     attn = layer.self_attn
     b = h.shape[0]
     hd = k_cache.shape[-1]
     kv = k_cache.shape[1]
     x = layer.input_layernorm(h)
-    q = attn.q_proj(x).view(b, 1, -1, hd)
-    k = attn.k_proj(x).view(b, 1, kv, hd)
-    v = attn.v_proj(x).view(b, 1, kv, hd)
-    if getattr(attn, "q_norm", None) is not None:  # Qwen3, Gemma 3: per-head norms before the rotation
+    if "qkv_proj" in family.fused:  # one matrix: q rows, then k, then v
+        q, k, v = attn.qkv_proj(x).split([attn.config.num_attention_heads * hd, kv * hd, kv * hd], dim=-1)
+        q, k, v = q.view(b, 1, -1, hd), k.view(b, 1, kv, hd), v.view(b, 1, kv, hd)
+    else:
+        q = attn.q_proj(x).view(b, 1, -1, hd)
+        k = attn.k_proj(x).view(b, 1, kv, hd)
+        v = attn.v_proj(x).view(b, 1, kv, hd)
+    if "self_attn.q_norm" in family.norms:  # Qwen3, Gemma 3: per-head norms before the rotation
         q, k = attn.q_norm(q), attn.k_norm(k)
-    q, k = rotary(q.transpose(1, 2), k.transpose(1, 2), *pe)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
+    if not family.nope_layers or attn.use_rope:
+        q, k = rotary(q, k, *pe)
     k_cache[:, :, pos] = k[:, :, 0]
     v_cache[:, :, pos] = v[:, 0]
     heads = q.shape[1]
+    first = 0 if window is None else max(0, pos + 1 - window)
     # grouped-query attention without repeating keys: each key/value head's query heads
     # become that head's "query positions" (all attend to every cached position)
-    o = F.scaled_dot_product_attention(q.reshape(b, kv, heads // kv, hd), k_cache[:, :, : pos + 1],
-                                       v_cache[:, :, : pos + 1], scale=attn.scaling)
-    h = h + attn.o_proj(o.reshape(b, 1, heads * hd))
+    o = F.scaled_dot_product_attention(q.reshape(b, kv, heads // kv, hd), k_cache[:, :, first : pos + 1],
+                                       v_cache[:, :, first : pos + 1], scale=attn.scaling)
+    o = attn.o_proj(o.reshape(b, 1, heads * hd))
+    if family.sandwich_norms:
+        h = h + layer.post_attention_layernorm(o)
+        return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+    h = h + o
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
@@ -71,15 +89,18 @@ def sample_batch(model, rows: int, length: int, bos_id: int, temperature: float,
     caches = [(torch.empty(rows, kv, length, hd, dtype=dtype, device=device),
                torch.empty(rows, kv, length, hd, dtype=dtype, device=device)) for _ in layers]
     rotary = _rotary(layers[0])
+    family = families.family_of_model(model)
+    windows = [families.sliding_window(family, config, layer.self_attn) for layer in layers]
     out = torch.empty(rows, length, dtype=torch.int64, device=device)
     out[:, 0] = bos_id
     ban = torch.tensor(banned, dtype=torch.long, device=device) if banned else None
     for pos in range(length - 1):
         h = body.embed_tokens(out[:, pos : pos + 1])
-        pe = body.rotary_emb(h, torch.full((1, 1), pos, dtype=torch.long, device=device))
-        for layer, (k_cache, v_cache) in zip(layers, caches):
-            h = _block_step(layer, h, pe, k_cache, v_cache, pos, rotary)
-        logits = head(body.norm(h[:, -1])).float()
+        pes = families.position_embeddings(family, body.rotary_emb, config, h,
+                                           torch.full((1, 1), pos, dtype=torch.long, device=device))
+        for layer, pe, window, (k_cache, v_cache) in zip(layers, pes, windows, caches):
+            h = _block_step(layer, h, pe, k_cache, v_cache, pos, rotary, family, window)
+        logits = families.soft_cap(head(body.norm(h[:, -1])), config).float()
         if on_step:
             on_step(pos, logits)
         if ban is not None:

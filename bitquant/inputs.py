@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from bitquant.errors import SourceError, TensorError, UnsupportedModelError
+from bitquant.families import expected_shape
 from bitquant.kernels import PackedTernary
 from bitquant.packing import pack_ternary
 from bitquant.formats.hf_bitnet import SCALE_SUFFIX
@@ -157,21 +158,6 @@ def check_sub_norms(config: dict, specs: dict[str, TensorSpec], where: str) -> N
             if name not in specs:
                 raise SourceError(f"{where} is a BitNetForCausalLM checkpoint without {name}; BitNet blocks need "
                                   "attn_sub_norm and ffn_sub_norm (is the architecture in config.json right?)")
-
-
-def expected_shape(config: dict, name: str) -> tuple[int, int] | None:
-    """The [out, in] shape that ``config`` gives projection ``name`` (None when unknown)."""
-    hidden = config.get("hidden_size")
-    heads = config.get("num_attention_heads")
-    if not hidden or not heads:
-        return None
-    head_dim = config.get("head_dim") or hidden // heads
-    kv = (config.get("num_key_value_heads") or heads) * head_dim
-    inter = config.get("intermediate_size")
-    shapes = {"q_proj": (heads * head_dim, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden),
-              "o_proj": (hidden, heads * head_dim), "gate_proj": (inter, hidden), "up_proj": (inter, hidden),
-              "down_proj": (hidden, inter)}
-    return shapes.get(name.removesuffix(".weight").rsplit(".", 1)[-1])
 
 
 def check_shape(config: dict, name: str, shape: tuple[int, ...], where: str) -> None:

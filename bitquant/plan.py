@@ -13,6 +13,7 @@ import torch
 
 from bitquant.blocks import layer_index
 from bitquant.errors import SourceError, TensorError, UsageError
+from bitquant.families import expected_shape, family_of
 from bitquant.formats import hf_bitnet
 from bitquant.inputs import BITNET_ARCHITECTURE, Layout, is_projection
 from bitquant.recipe import Recipe
@@ -53,7 +54,13 @@ def output_linear_class(ckpt: Checkpoint, recipe: Recipe) -> str:
 
 def check_recipe(ckpt: Checkpoint, recipe: Recipe) -> None:
     """Ternary-trained inputs take the plain recipe: their codes are given (packed) or
-    defined by absmean (masters), so calibration or keeping projections would change the model."""
+    defined by absmean (masters), so calibration or keeping projections would change the model.
+    Calibrated recipes fold scales through the norms of a Llama-style block, so families
+    with another block shape (:attr:`Family.llama_block`) take absmean."""
+    family = family_of(ckpt.config)
+    if recipe.calibrated and not family.llama_block:
+        raise UsageError(f"calibrated recipe {recipe.name!r} needs the Llama block layout, which {family.name} "
+                         f"({family.architecture}) does not have; convert it with the default recipe (absmean)")
     if not ckpt.layout.ternary_trained:
         return
     what = "is already packed ternary" if ckpt.layout.kind == "packed" else "is a ternary-trained master"
@@ -63,6 +70,14 @@ def check_recipe(ckpt: Checkpoint, recipe: Recipe) -> None:
     if recipe.exclude:
         raise UsageError(f"{ckpt.path} {what}; keeping projections in full precision (--exclude, recipe "
                          f"{recipe.name!r}) would change the model it was trained as: drop the exclusions")
+
+
+def check_projection_shape(ckpt: Checkpoint, spec: TensorSpec) -> None:
+    """Refuse a projection (fused ones included) whose shape is not what config.json gives it."""
+    want = expected_shape(ckpt.config, spec.name)
+    if want is not None and tuple(spec.shape) != want:
+        raise SourceError(f"{spec.name} of {ckpt.path} is {list(spec.shape)}, but its config.json gives "
+                          f"{list(want)}; the checkpoint and its config do not match (re-export it)")
 
 
 def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | None = None) -> Plan:
@@ -88,6 +103,7 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | Non
     kept: list[KeptTensor] = []
     logical: dict[str, TensorSpec] = {}
     total_params = 0
+    family_leaves = tuple(p.rsplit(".", 1)[-1] for p in family_of(ckpt.config).projections)
     for spec in sources.values():
         if spec.name in scales:
             outputs[spec.name] = []
@@ -97,10 +113,14 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | Non
         if projection and spec.dtype == torch.uint8:  # packed source: [out/4, in] codes
             scale_spec = sources[spec.name + hf_bitnet.SCALE_SUFFIX]
             spec = TensorSpec(spec.name, scale_spec.dtype, (4 * spec.shape[0], *spec.shape[1:]))
+        if projection or is_projection(spec.name, family_leaves):
+            check_projection_shape(ckpt, spec)
         logical[spec.name] = spec
         total_params += spec.numel
         out = [spec]
-        if projection and layout.kind == "packed" and layout.keeps(module):
+        if not projection and is_projection(spec.name, family_leaves):  # a linear layer the recipe leaves alone
+            kept.append(KeptTensor(module, "not among the recipe's projections"))
+        elif projection and layout.kind == "packed" and layout.keeps(module):
             kept.append(KeptTensor(module, "kept in full precision by the source checkpoint"))
         elif projection and not recipe.is_target(module):
             kept.append(KeptTensor(module, "excluded by the recipe"))

@@ -22,16 +22,15 @@ from typing import Any
 import yaml
 
 from bitquant.errors import RecipeError
+from bitquant.families import PROJECTIONS  # every family's projection leaf names
 
 #: Version of the recipe schema. Bump when a field's meaning changes.
 SCHEMA_VERSION = 1
 
-#: The seven projections of a LLaMA-family decoder block.
 #: transformers' BitNet linear classes the hf-bitnet format can write; ``auto`` keeps a
 #: packed input's own class and otherwise picks autobitlinear for BitNetForCausalLM (the
 #: layout of the BitNet b1.58 2B-4T release) and bitlinear for the rest.
 LINEAR_CLASS_CHOICES = ("auto", "bitlinear", "autobitlinear")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 #: ``absmean``: BitNet b1.58 rounding, no calibration (exact for ternary-trained models).
 #: ``gptq``: error feedback while rounding, on calibration text (:mod:`bitquant.methods.gptq`).

@@ -17,14 +17,14 @@ from typing import Iterator
 
 import torch
 
-from bitquant import embedded, inputs
-from bitquant.errors import SourceError, UnsupportedModelError
+from bitquant import embedded, families, inputs
+from bitquant.errors import SourceError
 from bitquant.inputs import Layout
 from bitquant.recipe import PROJECTIONS
 from bitquant.tensorfile import SafetensorsReader, TensorSpec
 
-#: Architectures whose decoder blocks have the seven LLaMA projections.
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", inputs.BITNET_ARCHITECTURE)
+#: Architectures bitquant converts (one row each in :mod:`bitquant.families`).
+SUPPORTED_ARCHITECTURES = families.SUPPORTED_ARCHITECTURES
 
 #: Files fetched from the Hub: configuration, tokenizer and safetensors weights only.
 HUB_PATTERNS = [
@@ -240,12 +240,7 @@ def open_checkpoint(folder: Path) -> Checkpoint:
     if not config_path.is_file():
         raise SourceError(f"{folder} has no config.json; point at a Hugging Face checkpoint folder")
     config = _read_json(config_path, "config")
-    archs = config.get("architectures") or []
-    if not archs or archs[0] not in SUPPORTED_ARCHITECTURES:
-        name = archs[0] if archs else f"model_type {config.get('model_type')!r}"
-        raise UnsupportedModelError(
-            f"architecture {name} is not supported; bitquant converts {', '.join(SUPPORTED_ARCHITECTURES)}"
-        )
+    families.family_of(config)  # refuses unsupported architectures in one line
     files, weight_map = checkpoint_files(folder)
     ckpt = Checkpoint(folder, config, files, weight_map)
     ckpt.layout = inputs.detect(config, {s.name: s for _, s in ckpt.iter_specs()}, PROJECTIONS, str(folder))

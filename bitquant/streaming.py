@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bitquant.blocks import Blocks
 from bitquant.source import open_checkpoint
@@ -56,10 +55,10 @@ def fits(folders: list[Path], dtype: torch.dtype, device: str, act_quant: bool =
 
 def final_hidden(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int, int]], dtype: torch.dtype, device: str,
                  act_quant: bool = True, progress: Callable[[], None] | None = None):
-    """Final hidden states of every window, block by block. Returns ``(hidden, where, norm,
-    head)``: ``hidden[length]`` holds the windows of that length, ``where[j]`` says which
-    group and row window ``j`` is, and ``norm``/``head`` are the model's final norm and
-    output-head weight."""
+    """Final hidden states of every window, block by block. Returns ``(hidden, where,
+    output)``: ``hidden[length]`` holds the windows of that length, ``where[j]`` says which
+    group and row window ``j`` is, and ``output`` turns final hidden states into logits
+    (:meth:`~bitquant.blocks.Blocks.output`)."""
     blocks = Blocks(open_checkpoint(folder), device, dtype=dtype, act_quant=act_quant)
     groups: dict[int, list[int]] = {}
     for j, (begin, end, _) in enumerate(spans):
@@ -73,15 +72,14 @@ def final_hidden(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int, in
         del layer
         if progress:
             progress()
-    norm, head = blocks.norm_and_head()
-    return hidden, where, norm, head
+    return hidden, where, blocks.output()
 
 
 @torch.inference_mode()
 def window_logits(streamed, spans: list[tuple[int, int, int]]) -> Iterator[torch.Tensor]:
     """Float32 logits of each window's scored positions, one window at a time."""
-    hidden, where, norm, head = streamed
+    hidden, where, output = streamed
     for j, (begin, end, first) in enumerate(spans):
         length, row = where[j]
         x = hidden[length][row, first - 1 - begin : end - 1 - begin]
-        yield F.linear(norm(x), head).float()
+        yield output(x).float()

@@ -28,7 +28,8 @@ MASTER_QC = {"quant_method": "bitnet", "linear_class": "autobitlinear", "quantiz
 
 
 def tiny_config(arch: str = "llama", tied: bool = False, **overrides):
-    from transformers import BitNetConfig, LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import (BitNetConfig, Gemma3TextConfig, LlamaConfig, MistralConfig, Phi3Config, Qwen2Config,
+                              Qwen3Config, SmolLM3Config)
 
     common = dict(
         vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -38,9 +39,26 @@ def tiny_config(arch: str = "llama", tied: bool = False, **overrides):
     if arch == "bitnet":  # BitNetConfig's defaults differ from the 2B-4T release: every field explicit
         common.update(hidden_act="relu2", rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None,
                       attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    common.update(FAMILY_OVERRIDES.get(arch, {}))
     common.update(overrides)
-    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "bitnet": BitNetConfig}[arch]
+    cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config, "bitnet": BitNetConfig,
+           "qwen3": Qwen3Config, "gemma3": Gemma3TextConfig, "phi3": Phi3Config, "smollm3": SmolLM3Config}[arch]
     return cls(**common)
+
+
+#: Tiny configs of the newer families, each exercising what makes it differ from Llama:
+#: Qwen3's q/k norms with head_dim != hidden/heads; Gemma 3's (1 + w) norms, embedding
+#: scale, local/global layers with a sliding window shorter than the test sequences and
+#: per-type rotary bases; Phi-3's fused projections; SmolLM3's layers without rotary embedding.
+FAMILY_OVERRIDES = {
+    "qwen3": dict(head_dim=32, num_hidden_layers=2),
+    "gemma3": dict(head_dim=16, query_pre_attn_scalar=16, num_hidden_layers=3, sliding_window=8,
+                   layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+                   pad_token_id=0, bos_token_id=2, eos_token_id=1),
+    "phi3": dict(pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    "smollm3": dict(num_hidden_layers=4, no_rope_layer_interval=4, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+}
+NEW_FAMILIES = tuple(FAMILY_OVERRIDES)
 
 
 def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype=torch.float32, seed: int = 0,
@@ -66,12 +84,13 @@ def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype
     return folder
 
 
-def make_heal_source(folder: Path, tokenizer_dir: Path) -> Path:
-    """A tiny random Llama for heal tests: projections with larger weights than the default
-    init (so that ternarizing them matters to the logits), BOS/EOS ids, a tokenizer."""
+def make_heal_source(folder: Path, tokenizer_dir: Path, arch: str = "llama") -> Path:
+    """A tiny random model (Llama unless ``arch``) for heal tests: projections with larger
+    weights than the default init (so that ternarizing them matters to the logits),
+    BOS/EOS ids, a tokenizer."""
     from safetensors.torch import load_file, save_file
 
-    src = make_checkpoint(folder, vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1)
+    src = make_checkpoint(folder, arch=arch, vocab_size=TOKENIZER_VOCAB, bos_token_id=0, eos_token_id=1)
     sd = load_file(src / "model.safetensors")
     g = torch.Generator().manual_seed(0)
     for k, v in sd.items():

@@ -67,7 +67,7 @@ def test_bad_choices_and_versions(tmp_path):
     with pytest.raises(RecipeError, match="schema 1"):
         load_recipe(write(tmp_path, "name: x\nschema: 9\n"))
     with pytest.raises(RecipeError, match="unknown projections"):
-        load_recipe(write(tmp_path, "name: x\nschema: 1\nprojections: [qkv_proj]\n"))
+        load_recipe(write(tmp_path, "name: x\nschema: 1\nprojections: [c_attn]\n"))
 
 
 def test_invalid_yaml_and_missing_files(tmp_path):

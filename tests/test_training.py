@@ -13,7 +13,7 @@ from bitquant.training.loop import lr_at
 from bitquant.training.loss import block_loss, kl_loss, kl_reference
 from bitquant.training.recipe import HealRecipe, load_heal_recipe
 from bitquant.training.student import FakeTernaryLinear, fake_ternary_linear, make_student
-from conftest import make_checkpoint
+from conftest import NEW_FAMILIES, make_checkpoint
 
 
 @pytest.mark.parametrize("train_head", [False, True])
@@ -90,7 +90,7 @@ def test_make_student_swaps_projections_and_sets_trainable(tmp_path):
     assert len(params) == len(names)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", *NEW_FAMILIES])
 def test_sampler_steps_are_the_models_forward_pass_and_draws_are_gumbel_max(tmp_path, arch):
     """bitquant.decode's cached steps give the full forward pass's logits, and each token is
     argmax(logits / T + Gumbel noise) of exactly those logits, EOS excluded."""
@@ -98,15 +98,9 @@ def test_sampler_steps_are_the_models_forward_pass_and_draws_are_gumbel_max(tmp_
 
     from bitquant import decode
 
-    if arch == "qwen3":
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        torch.manual_seed(0)
-        model = Qwen3ForCausalLM(Qwen3Config(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                             num_attention_heads=4, num_key_value_heads=2, head_dim=16)).eval()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m", arch=arch, bos_token_id=0,
-                                                                     eos_token_id=1)).eval()
+    # 16 positions: past Gemma 3's sliding window of 8 in the tiny config
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m", arch=arch, bos_token_id=0,
+                                                                 eos_token_id=1)).eval()
     steps = {}
     ids = decode.sample_batch(model, 4, 16, 0, 0.7, [1], torch.Generator().manual_seed(3),
                               on_step=lambda pos, logits: steps.__setitem__(pos, logits.clone()))
@@ -171,12 +165,13 @@ def test_block_loss_is_relative_to_each_blocks_change():
     assert float(block_loss(t, t, x)) == 0.0
 
 
-def test_block_states_are_the_decoders_hidden_states(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gemma3", "smollm3"])
+def test_block_states_are_the_decoders_hidden_states(tmp_path, arch):
     from transformers import AutoModelForCausalLM
 
     from bitquant.training.student import block_states, run_blocks
 
-    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m")).eval()
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m", arch=arch)).eval()
     ids = torch.randint(0, 96, (2, 12))
     with torch.no_grad():
         states = block_states(model.get_decoder(), ids)

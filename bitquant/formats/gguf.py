@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from bitquant.errors import TensorError, UnsupportedModelError, WriteFailure
+from bitquant.families import BY_ARCHITECTURE, FAMILIES, Family, family_of
 from bitquant.fingerprint import file_sha256
 from bitquant.formats.gguf_vocab import add_tokenizer
 from bitquant.packing import unpack_ternary
@@ -40,35 +41,38 @@ TYPES = {"gguf-tq2_0": "TQ2_0", "gguf-tq1_0": "TQ1_0"}
 QK_TQ = 256  # weights per TQ block
 QK8_0 = 32  # weights per Q8_0 block
 
-#: transformers architecture -> llama.cpp architecture.
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2",
-                 "BitNetForCausalLM": "bitnet"}
+#: transformers architecture -> llama.cpp architecture (from the family table).
+ARCHITECTURES = {f.architecture: f.gguf for f in FAMILIES if f.gguf}
 
 #: What the llama.cpp vendored by llama-cpp-python 0.3.36 computes in arch ``bitnet``
 #: (src/models/bitnet.cpp builds the MLP with LLM_FFN_SILU whatever the model says).
 LLAMA_CPP_BITNET_ACTIVATION = "silu"
 
+#: Block modules -> llama.cpp names, shared by every family (a family's own norms are in
+#: ``Family.gguf_norms``, which may also rename these). A fused gate/up matrix is llama.cpp's
+#: ``ffn_up`` of twice the width, which it splits into gate and up halves (SwiGLU).
 _LEAVES = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-    "self_attn.attn_sub_norm": "attn_sub_norm", "mlp.ffn_sub_norm": "ffn_sub_norm",
+    "self_attn.qkv_proj": "attn_qkv", "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up", "mlp.gate_up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
 }
 
 
-def gguf_name(hf: str) -> str:
+def gguf_name(hf: str, family: Family = BY_ARCHITECTURE["LlamaForCausalLM"]) -> str:
     """transformers tensor name -> llama.cpp tensor name."""
     fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
     if hf in fixed:
         return fixed[hf]
     parts = hf.split(".")
+    leaves = {**_LEAVES, **family.gguf_norms}
     if len(parts) >= 5 and parts[:2] == ["model", "layers"]:
         module, leaf = ".".join(parts[3:-1]), parts[-1]
-        if module in _LEAVES:
-            return f"blk.{parts[2]}.{_LEAVES[module]}.{leaf}"
-    raise UnsupportedModelError(f"tensor {hf!r} has no llama.cpp name; GGUF export supports "
-                                "Llama, Mistral, Qwen2 and BitNet tensors only")
+        if module in leaves:
+            return f"blk.{parts[2]}.{leaves[module]}.{leaf}"
+    raise UnsupportedModelError(f"tensor {hf!r} has no llama.cpp name in a {family.name} model; "
+                                "export it in the default format (hf-bitnet)")
 
 
 def permute_for_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -104,18 +108,20 @@ def nbytes_of(qtype: str, shape: tuple[int, ...]) -> int:
     return n // block * size
 
 
-def plan_entries(hf_name: str, shape: tuple[int, ...], ternary: bool, tq: str, strict: bool, arch: str) -> list[Entry]:
+def plan_entries(hf_name: str, shape: tuple[int, ...], ternary: bool, tq: str, strict: bool,
+                 family: Family) -> list[Entry]:
     """The GGUF tensors of one source tensor: itself, and for a ternary matrix of arch
     ``bitnet`` its F32 scale."""
-    entry = plan_entry(hf_name, shape, ternary, tq, strict)
-    if ternary and arch == "bitnet":
+    entry = plan_entry(hf_name, shape, ternary, tq, strict, family)
+    if ternary and family.gguf == "bitnet":
         name = entry.name.removesuffix(".weight") + ".scale"
         return [entry, Entry(hf_name, name, "scale", "F32", (1,), nbytes_of("F32", (1,)))]
     return [entry]
 
 
-def plan_entry(hf_name: str, shape: tuple[int, ...], ternary: bool, tq: str, strict: bool) -> Entry:
-    name = gguf_name(hf_name)
+def plan_entry(hf_name: str, shape: tuple[int, ...], ternary: bool, tq: str, strict: bool,
+               family: Family = BY_ARCHITECTURE["LlamaForCausalLM"]) -> Entry:
+    name = gguf_name(hf_name, family)
     if ternary:
         qtype = _ternary_type(shape[1], tq)
         if qtype != tq and strict:
@@ -145,14 +151,19 @@ def encode_ternary(entry: Entry, codes: torch.Tensor, scale: float) -> np.ndarra
     return (codes.numpy().astype(np.float16) * d).astype(np.float16)  # F16: exact, code * fp16(s)
 
 
-def encode_plain(entry: Entry, tensor: torch.Tensor) -> np.ndarray:
+def encode_plain(entry: Entry, tensor: torch.Tensor, norm_offset: float = 0.0) -> np.ndarray:
+    """A kept tensor as F16 or F32; norm weights stored as ``w`` for ``(offset + w)`` (Gemma)
+    are written as llama.cpp multiplies them: ``offset + w``."""
     dtype = torch.float32 if entry.qtype == "F32" else torch.float16
+    if norm_offset and entry.hf_name.endswith("norm.weight"):
+        tensor = tensor.to(torch.float32) + norm_offset
     return tensor.to(dtype).numpy()
 
 
 def rope_heads(config: dict, hf_name: str) -> int | None:
-    """Heads to permute by, for q and k projections of arch ``llama`` (None otherwise)."""
-    if ARCHITECTURES[config["architectures"][0]] != "llama":
+    """Heads to permute by, for q and k projections of families that llama.cpp runs with its
+    "normal" rope order (Llama; None otherwise)."""
+    if not family_of(config).gguf_rope_permute:
         return None
     if hf_name.endswith("self_attn.q_proj.weight"):
         return config["num_attention_heads"]
@@ -165,13 +176,21 @@ def check_config(config: dict) -> list[str]:
     """Refuse what llama.cpp cannot run; returns notes for the report (e.g. an activation
     that the vendored llama.cpp does not compute)."""
     arch = config["architectures"][0]
-    if arch not in ARCHITECTURES:
+    family = family_of(config)
+    if family.gguf is None:
         raise UnsupportedModelError(f"GGUF export supports {', '.join(ARCHITECTURES)}, not {arch}")
-    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
-    kind = rope.get("rope_type") or rope.get("type") or "default"
-    if kind != "default":
-        raise UnsupportedModelError(f"GGUF export does not handle rope scaling {kind!r} yet; use the default format")
-    if ARCHITECTURES[arch] != "bitnet":
+    for rope in _rope_parameters(config).values():
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind != "default":
+            raise UnsupportedModelError(f"GGUF export does not handle rope scaling {kind!r} yet; use the default format")
+    if family.gguf_no_rope_step:
+        step = family.gguf_no_rope_step
+        want = [int((i + 1) % step != 0) for i in range(config["num_hidden_layers"])]
+        if list(config.get("no_rope_layers") or want) != want:
+            raise UnsupportedModelError(
+                f"llama.cpp runs {family.name} with rotary embedding skipped in every {step}th layer, but this model's "
+                "no_rope_layers differ; use the default format for it")
+    if family.gguf != "bitnet":
         return []
     if not config.get("tie_word_embeddings", False):
         raise UnsupportedModelError("llama.cpp's bitnet architecture reuses the token embedding as the output layer, "
@@ -190,12 +209,23 @@ def check_config(config: dict) -> list[str]:
     return []
 
 
+def _rope_parameters(config: dict) -> dict[str, dict]:
+    """Rotary parameters per attention type (``full_attention`` alone where the config has
+    one set, as most families do; Gemma 3 has one per type)."""
+    rope = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if rope and all(isinstance(v, dict) for v in rope.values()):
+        return rope
+    return {"full_attention": rope}
+
+
 def add_metadata(writer, config: dict, name: str, tq: str) -> None:
     from gguf import LlamaFileType
 
     heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
-    rope = config.get("rope_parameters") or {}
+    head_dim = config.get("head_dim") or hidden // heads
+    ropes = _rope_parameters(config)
+    rope = ropes.get("full_attention", {})
     writer.add_name(name)
     writer.add_context_length(config.get("max_position_embeddings", 2048))
     writer.add_embedding_length(hidden)
@@ -205,10 +235,18 @@ def add_metadata(writer, config: dict, name: str, tq: str) -> None:
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-    writer.add_rope_dimension_count(config.get("head_dim") or hidden // heads)
+    writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    types = config.get("layer_types") or []
+    if "sliding_attention" in types and config.get("sliding_window"):
+        writer.add_sliding_window(int(config["sliding_window"]))
+        writer.add_sliding_window_pattern([t == "sliding_attention" for t in types])
+        if "sliding_attention" in ropes:
+            writer.add_rope_freq_base_swa(float(ropes["sliding_attention"].get("rope_theta", 10000.0)))
     writer.add_vocab_size(config["vocab_size"])
     writer.add_file_type(LlamaFileType.MOSTLY_TQ2_0 if tq == "TQ2_0" else LlamaFileType.MOSTLY_TQ1_0)
-    if ARCHITECTURES[config["architectures"][0]] == "bitnet":
+    if family_of(config).gguf == "bitnet":
         writer.add_string("bitnet.hidden_activation", config.get("hidden_act", "relu2"))
 
 
@@ -217,7 +255,7 @@ def write_file(path: Path, config: dict, tokenizer_folder: Path, name: str, tq: 
     ``tensors`` iterable yields (one array per entry, in order), one at a time."""
     from gguf import GGMLQuantizationType, GGUFWriter
 
-    writer = GGUFWriter(path, ARCHITECTURES[config["architectures"][0]])
+    writer = GGUFWriter(path, family_of(config).gguf)
     add_metadata(writer, config, name, tq)
     add_tokenizer(writer, tokenizer_folder, config["vocab_size"])
     for e in entries:
@@ -245,9 +283,10 @@ def export(ckpt, plan, items, folder: Path, fmt: str, name: str, strict: bool = 
     the output file, the size stats and the GGUF details for the report."""
     tq = TYPES[fmt]
     notes = check_config(ckpt.config)
-    arch = ARCHITECTURES[ckpt.config["architectures"][0]]
+    family = family_of(ckpt.config)
+    arch = family.gguf
     entries = [e for spec in plan.logical.values()
-               for e in plan_entries(spec.name, spec.shape, spec.name in plan.quantize, tq, strict, arch)]
+               for e in plan_entries(spec.name, spec.shape, spec.name in plan.quantize, tq, strict, family)]
     planned = {e.hf_name: e for e in entries if e.kind != "scale"}  # each source tensor's own entry
     layers: list[LayerStats] = []
     separate_scale = arch == "bitnet"
@@ -266,7 +305,7 @@ def export(ckpt, plan, items, folder: Path, fmt: str, name: str, strict: bool = 
                 if separate_scale:
                     yield np.array([t.scale], dtype=np.float32)
             else:
-                yield encode_plain(entry, permute_for_rope(tensor, heads) if heads else tensor)
+                yield encode_plain(entry, permute_for_rope(tensor, heads) if heads else tensor, family.norm_offset)
             if progress:
                 progress(i, plan.source_count, hf_name)
 

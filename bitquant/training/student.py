@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from bitquant import families
 from bitquant.ternary import absmean, inverse_scale, quantize_activations, ternarize
 
 
@@ -116,9 +117,15 @@ def make_student(model: torch.nn.Module, modules: set[str], eps: float, scale_dt
     return trainable
 
 
-def _position_embeddings(body: torch.nn.Module, h: torch.Tensor):
+def _position_embeddings(body: torch.nn.Module, h: torch.Tensor) -> list:
+    """Each block's rotary (cos, sin) for positions 0..n-1 (per attention type where the family has several)."""
     positions = torch.arange(h.shape[1], device=h.device)[None]
-    return body.rotary_emb(h, positions)
+    return families.position_embeddings(families.family_of_model(body), body.rotary_emb, body.config, h, positions)
+
+
+def _mask(body: torch.nn.Module, layer: torch.nn.Module, length: int, device) -> torch.Tensor | None:
+    family = families.family_of_model(body)
+    return families.attention_mask(length, families.sliding_window(family, body.config, layer.self_attn), device)
 
 
 def block_states(body: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -126,18 +133,19 @@ def block_states(body: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]
     after the last block]`` (before the final norm), one block at a time (causal
     attention, positions 0..n-1, no padding), for the block-wise stage."""
     h = body.embed_tokens(ids)
-    pe = _position_embeddings(body, h)
+    pes = _position_embeddings(body, h)
     states = [h]
-    for layer in body.layers:
-        h = layer(h, position_embeddings=pe)
+    for layer, pe in zip(body.layers, pes):
+        h = layer(h, position_embeddings=pe, attention_mask=_mask(body, layer, h.shape[1], h.device))
         states.append(h)
     return states
 
 
 def run_blocks(body: torch.nn.Module, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     """Each decoder block of ``body`` on its own input (block i on ``inputs[i]``)."""
-    pe = _position_embeddings(body, inputs[0])
-    return [layer(h, position_embeddings=pe) for layer, h in zip(body.layers, inputs)]
+    pes = _position_embeddings(body, inputs[0])
+    return [layer(h, position_embeddings=pe, attention_mask=_mask(body, layer, h.shape[1], h.device))
+            for layer, h, pe in zip(body.layers, inputs, pes)]
 
 
 def _allow_recompiles() -> None:
