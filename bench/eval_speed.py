@@ -26,12 +26,12 @@ from bitquant.source import resolve_source
 REPO = Path(__file__).resolve().parent.parent
 
 
-def timed(model, ids, context, repeats):
+def timed(model, ids, context, repeats, batch=None):
     token_nlls(model, ids[: context + 1], context, context, "cpu")  # warm-up window
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        nll, forwarded = token_nlls(model, ids, context, context, "cpu")
+        nll, forwarded = token_nlls(model, ids, context, context, "cpu", batch=batch)
         best = min(best, time.perf_counter() - start)
     return forwarded / best, float(torch.exp(nll.mean()))
 
@@ -43,6 +43,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--context", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--batch-context", type=int, default=128, help="also compare batching at this window length")
     args = ap.parse_args()
 
     src = resolve_source(args.model).path
@@ -63,6 +64,15 @@ def main() -> None:
             tps, ppl = timed(model, ids, args.context, args.repeats)
             rows.append((label, tps, ppl))
             del model
+        batches = []  # batched windows (the default) against one window per forward pass, same run
+        for label, load in [("FP model, float32", lambda: load_fp(src, torch.float32, "cpu")),
+                            ("bitquant ternary W1.58A8", lambda: load_ternary(out, torch.float32, "cpu"))]:
+            model = load()
+            for context in sorted({args.context, args.batch_context}):
+                one, ppl_one = timed(model, ids, context, args.repeats, batch=1)
+                auto, ppl_auto = timed(model, ids, context, args.repeats)
+                batches.append((f"{label}, windows of {context}", one, auto, ppl_one, ppl_auto))
+            del model
         base = rows[0][1]
         ours = rows[2][1]
         print(f"model {args.model}, {len(ids)} tokens, context {args.context}, torch threads {torch.get_num_threads()}")
@@ -72,6 +82,10 @@ def main() -> None:
         print(f"ratio bitquant ternary / FP float32: {ours / base:.2f}")
         print(f"ratio bitquant ternary / FP float16: {ours / rows[1][1]:.2f}")
         print(f"ratio bitquant ternary / transformers BitLinear: {ours / rows[4][1]:.2f}")
+        print(f"{'batched windows (default) vs one per pass':52s} {'one/s':>10s} {'batched/s':>10s} {'ratio':>6s} "
+              f"{'ppl one':>10s} {'ppl batched':>12s}")
+        for label, one, auto, p1, p2 in batches:
+            print(f"{label:52s} {one:10.1f} {auto:10.1f} {auto / one:6.2f} {p1:10.6g} {p2:12.6g}")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

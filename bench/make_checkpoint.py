@@ -9,6 +9,7 @@ byte-level BPE tokenizer of the right vocabulary size is written beside them.
     python bench/make_checkpoint.py tinyllama-1b /tmp/tinyllama-synthetic  # 2.2 GB
     python bench/make_checkpoint.py bitnet-2b-4t /tmp/bitnet-2b-master     # 4.8 GB, BF16 master
     python bench/make_checkpoint.py qwen3-8b /tmp/qwen3-8b                 # 16.4 GB, BF16, q/k norms, 152k vocabulary
+    python bench/make_checkpoint.py qwen2-1.5b /tmp/qwen2-1.5b             # 3.1 GB, BF16, tied 152k vocabulary
 
 ``bitnet-2b-4t`` is a ternary-trained master shaped as microsoft/bitnet-b1.58-2B-4T-bf16:
 BitNetForCausalLM with its sub-norms, tied embeddings, relu2 and the master's
@@ -39,6 +40,10 @@ PRESETS = {
     "bitnet-2b-4t": dict(hidden_size=2560, intermediate_size=6912, num_hidden_layers=30, num_attention_heads=20,
                          num_key_value_heads=5, vocab_size=128256, max_position_embeddings=4096, rms_norm_eps=1e-5,
                          tie_word_embeddings=True),
+    # Qwen/Qwen2-1.5B (q/k/v biases, tied 151,936-token embeddings)
+    "qwen2-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                       num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True),
     # Qwen/Qwen3-8B (head_dim 128 with per-head q/k norms, 151,936-token vocabulary)
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
@@ -47,21 +52,25 @@ PRESETS = {
 
 #: Presets that are BitNet masters rather than LLaMA FP16 checkpoints.
 BITNET = {"bitnet-2b-4t"}
-#: Presets of the Qwen3 family (bf16, q/k norms).
+#: Presets of the Qwen3 family (bf16, q/k norms) and of Qwen2 (bf16, q/k/v biases).
 QWEN3 = {"qwen3-8b"}
+QWEN2 = {"qwen2-1.5b"}
 
 
-def tensor_specs(cfg: dict, bitnet: bool = False, qwen3: bool = False) -> list[TensorSpec]:
+def tensor_specs(cfg: dict, bitnet: bool = False, qwen3: bool = False, qwen2: bool = False) -> list[TensorSpec]:
     h, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     hd = cfg.get("head_dim") or h // cfg["num_attention_heads"]
     q, kv = hd * cfg["num_attention_heads"], hd * cfg["num_key_value_heads"]
-    f16 = torch.bfloat16 if bitnet or qwen3 else torch.float16
+    f16 = torch.bfloat16 if bitnet or qwen3 or qwen2 else torch.float16
     specs = [TensorSpec("model.embed_tokens.weight", f16, (v, h))]
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         if qwen3:
             specs += [TensorSpec(p + "self_attn.q_norm.weight", f16, (hd,)),
                       TensorSpec(p + "self_attn.k_norm.weight", f16, (hd,))]
+        if qwen2:
+            specs += [TensorSpec(p + "self_attn.q_proj.bias", f16, (q,)), TensorSpec(p + "self_attn.k_proj.bias", f16, (kv,)),
+                      TensorSpec(p + "self_attn.v_proj.bias", f16, (kv,))]
         specs += [
             TensorSpec(p + "input_layernorm.weight", f16, (h,)),
             TensorSpec(p + "self_attn.q_proj.weight", f16, (q, h)),
@@ -93,8 +102,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=False)
     gen = torch.Generator().manual_seed(args.seed)
     bitnet = args.preset in BITNET
-    qwen3 = args.preset in QWEN3
-    shards = plan_shards(tensor_specs(cfg, bitnet, qwen3), args.max_shard_size)
+    qwen3, qwen2 = args.preset in QWEN3, args.preset in QWEN2
+    shards = plan_shards(tensor_specs(cfg, bitnet, qwen3, qwen2), args.max_shard_size)
     for shard in shards:
         writer = SafetensorsStreamWriter(args.out / shard.filename, list(shard.specs))
         for spec in shard.specs:
@@ -113,6 +122,10 @@ def main() -> None:
                   "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
                   "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
                                           "quantization_mode": "online"}, **cfg}
+    elif qwen2:
+        config = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "torch_dtype": "bfloat16",
+                  "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151643,
+                  "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}, **cfg}
     elif qwen3:
         config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "torch_dtype": "bfloat16",
                   "hidden_act": "silu", "bos_token_id": 151643, "eos_token_id": 151645, "attention_bias": False,

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from bitquant import families
+from bitquant.scoring import Head
 from bitquant.source import Checkpoint
 
 LAYER_PREFIX = "model.layers."
@@ -117,10 +118,26 @@ class Blocks:
 
         return logits
 
+    def scorer(self) -> tuple[torch.nn.Module, Head]:
+        """The model's own final norm (in ``dtype`` on the device) and its output head for
+        :mod:`bitquant.scoring`: on the CPU the stored matrix itself, memory-mapped and
+        read a block of vocabulary rows at a time (whose pages are dropped after use); on a
+        GPU a copy there, in its stored dtype."""
+        out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = self.ckpt.read(["model.norm.weight"])["model.norm.weight"].to(self.device, self.dtype)
+        weight, release = self.ckpt.mapped(out_name)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if self.device != "cpu":
+            return norm.eval(), Head(weight.to(self.device), self.dtype, cap)
+        return norm.eval(), Head(weight, self.dtype, cap, release)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """Token embeddings (times the family's embedding scale), in ``dtype`` on the device."""
-        table = self.ckpt.read(["model.embed_tokens.weight"])["model.embed_tokens.weight"]
+        """Token embeddings (times the family's embedding scale), in ``dtype`` on the device:
+        only the rows of ``ids`` are read from the mapped table, in its stored dtype."""
+        table, release = self.ckpt.mapped("model.embed_tokens.weight")
         h = table[ids].to(self.device, self.dtype)
+        release(0, table.shape[0])
         scale = families.embed_multiplier(self.family, self.config)
         return h if scale == 1.0 else h * torch.tensor(scale, dtype=self.dtype)
 

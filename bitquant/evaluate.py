@@ -18,13 +18,13 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
-import torch.nn.functional as F
 
-from bitquant import activity, runtime, streaming
+from bitquant import activity, runtime, scoring, streaming
 from bitquant.errors import UsageError
+from bitquant.scoring import Head
 from bitquant.source import open_checkpoint, resolve_source
 from bitquant.text import Tokens, tokenize_file
 
@@ -32,6 +32,14 @@ from bitquant.text import Tokens, tokenize_file
 WindowProgress = Callable[[int, int], None]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+#: Tokens per forward pass on the CPU. Measured on SmolLM2, 2 cores (bench/eval_speed.py):
+#: windows of 128 run 1.35x (ternary) and 1.07x (FP) faster four at a time, but windows of
+#: 512 already fill the cores and ran 13% slower (ternary) four at a time.
+CPU_BATCH_TOKENS = 512
+#: On a GPU: the share of free memory a batch's activations may take, and a ceiling.
+GPU_BATCH_SHARE = 0.25
+GPU_BATCH_TOKENS = 1 << 17
 
 
 @dataclass(frozen=True)
@@ -101,10 +109,46 @@ def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     return spans
 
 
-def _window_logits(model, ids: torch.Tensor, begin: int, end: int, first: int) -> torch.Tensor:
-    """Float32 logits of the positions that predict tokens first..end-1."""
-    logits = model(ids[None, begin:end]).logits[0]
-    return logits[first - 1 - begin : end - 1 - begin].float()
+def batch_windows(config, context: int, device: str, dtype: torch.dtype) -> int:
+    """Windows per forward pass: on a GPU as many as a share of its free memory holds
+    (activations of about 8 hidden and 4 MLP widths per token), on the CPU
+    :data:`CPU_BATCH_TOKENS` tokens' worth; one at least."""
+    if device == "cpu":
+        tokens = CPU_BATCH_TOKENS
+    else:
+        size = torch.empty((), dtype=dtype).element_size()
+        per_token = size * (8 * config.hidden_size + 4 * config.intermediate_size)
+        tokens = min(GPU_BATCH_TOKENS, int(GPU_BATCH_SHARE * torch.cuda.mem_get_info()[0] / per_token))
+    return max(1, tokens // context)
+
+
+def _groups(spans: list[tuple[int, int, int]], batch: int) -> Iterator[list[tuple[int, int, int]]]:
+    """Consecutive windows of one length, ``batch`` at most per group, in window order."""
+    group: list[tuple[int, int, int]] = []
+    for span in spans:
+        if group and (len(group) == batch or span[1] - span[0] != group[0][1] - group[0][0]):
+            yield group
+            group = []
+        group.append(span)
+    if group:
+        yield group
+
+
+def window_rows(model, ids: torch.Tensor, spans: list[tuple[int, int, int]], batch: int) -> Iterator[torch.Tensor]:
+    """Each window's final hidden states at the positions that predict tokens first..end-1,
+    in window order, from forward passes of ``batch`` windows through the decoder (the
+    head is applied by :mod:`bitquant.scoring`, a block of vocabulary at a time)."""
+    body = model.get_decoder()
+    for group in _groups(spans, batch):
+        h = body(input_ids=torch.stack([ids[b:e] for b, e, _ in group])).last_hidden_state
+        for row, (begin, end, first) in enumerate(group):
+            yield h[row, first - 1 - begin : end - 1 - begin]
+
+
+def model_head(model) -> Head:
+    """The output head of an in-memory model, in its dtype, with the family's soft-capping."""
+    weight = model.get_output_embeddings().weight
+    return Head(weight, weight.dtype, getattr(model.config, "final_logit_softcapping", None))
 
 
 def _summary(nll: torch.Tensor) -> tuple[float, float, float]:
@@ -115,20 +159,23 @@ def _summary(nll: torch.Tensor) -> tuple[float, float, float]:
 
 
 @torch.inference_mode()
-def token_nlls(model, ids: list[int], context: int, stride: int, device: str, progress: WindowProgress | None = None):
-    """Per-token NLLs (float64) and the number of tokens run through the model."""
+def token_nlls(model, ids: list[int], context: int, stride: int, device: str, progress: WindowProgress | None = None,
+               batch: int | None = None):
+    """Per-token NLLs (float64) and the number of tokens run through the model; ``batch``
+    windows per forward pass (default: :func:`batch_windows`)."""
     t = torch.tensor(ids, device=device)
     spans = windows(len(ids), context, stride)
-    logits = (_window_logits(model, t, begin, end, first) for begin, end, first in spans)
-    return _nlls(logits, t, spans, progress), sum(end - begin for begin, end, _ in spans)
+    batch = batch or batch_windows(model.config, context, device, model_head(model).dtype)
+    rows = window_rows(model, t, spans, batch)
+    return _nlls(rows, model_head(model), t, spans, progress), sum(end - begin for begin, end, _ in spans)
 
 
-def _nlls(logits: Iterable[torch.Tensor], t: torch.Tensor, spans: list[tuple[int, int, int]],
+def _nlls(rows: Iterable[torch.Tensor], head: Head, t: torch.Tensor, spans: list[tuple[int, int, int]],
           progress: WindowProgress | None = None) -> torch.Tensor:
-    """Per-token NLLs (float64, on the CPU) from each window's logits, in window order."""
+    """Per-token NLLs (float64, on the CPU) from each window's final hidden states, in window order."""
     out = []
-    for i, (window, (_, end, first)) in enumerate(zip(logits, spans), start=1):
-        out.append(F.cross_entropy(window, t[first:end].to(window.device), reduction="none").double().cpu())
+    for i, (x, (_, end, first)) in enumerate(zip(rows, spans), start=1):
+        out.append(scoring.nll(x, head, t[first:end].to(x.device)).cpu())
         if progress:
             progress(i, len(spans))
     return torch.cat(out)
@@ -164,7 +211,7 @@ def evaluate(
         mode = runtime.mode_label(folder, act_quant)
         tick = _ticker(progress, open_checkpoint(folder).config["num_hidden_layers"] + len(spans))
         hidden = streaming.final_hidden(folder, t, spans, dtype, device, act_quant, tick)
-        nll = _nlls(streaming.window_logits(hidden, spans), t, spans, lambda i, n: tick())
+        nll = _nlls(streaming.window_rows(hidden, spans), hidden.head, t, spans, lambda i, n: tick())
         forwarded = sum(e - b for b, e, _ in spans)
     else:
         activity.step(f"loading {model}")
@@ -244,24 +291,23 @@ def compare(
         tick = _ticker(progress, blocks + len(spans))
         hb = streaming.final_hidden(baseline, t, spans, dtype, device, True, tick)
         hq = streaming.final_hidden(quantized, t, spans, dtype, device, True, tick)
-        pairs = zip(streaming.window_logits(hb, spans), streaming.window_logits(hq, spans))
+        pairs = zip(streaming.window_rows(hb, spans), streaming.window_rows(hq, spans))
+        head_b, head_q = hb.head, hq.head
         window_progress = lambda i, n: tick()  # noqa: E731
     else:
         base, _ = runtime.load_model(baseline, dtype, device)
         quant, mode = runtime.load_model(quantized, dtype, device)
         started = time.perf_counter()
         t = t.to(device)
-        pairs = ((_window_logits(base, t, b, e, f), _window_logits(quant, t, b, e, f)) for b, e, f in spans)
+        head_b, head_q = model_head(base), model_head(quant)
+        batch = batch_windows(base.config, settings.context, device, dtype)
+        pairs = zip(window_rows(base, t, spans, batch), window_rows(quant, t, spans, batch))
         window_progress = progress
     nll_b, nll_q, kl, agree = [], [], [], []
-    for i, ((logits_b, logits_q), (begin, end, first)) in enumerate(zip(pairs, spans), start=1):
-        target = t[first:end].to(logits_b.device)
-        lb = F.log_softmax(logits_b, dim=-1)
-        lq = F.log_softmax(logits_q, dim=-1)
-        nll_b.append(F.nll_loss(lb, target, reduction="none").double().cpu())
-        nll_q.append(F.nll_loss(lq, target, reduction="none").double().cpu())
-        kl.append((lb.exp() * (lb - lq)).sum(-1).double().cpu())
-        agree.append((lb.argmax(-1) == lq.argmax(-1)).cpu())
+    for i, ((xb, xq), (begin, end, first)) in enumerate(zip(pairs, spans), start=1):
+        scores = scoring.compare(xb, head_b, xq, head_q, t[first:end].to(xb.device))
+        for out, value in zip((nll_b, nll_q, kl, agree), scores):
+            out.append(value.cpu())
         if window_progress:
             window_progress(i, len(spans))
     seconds = time.perf_counter() - started

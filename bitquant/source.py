@@ -13,7 +13,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -166,6 +166,20 @@ class Checkpoint:
         if missing:
             raise SourceError(f"{self.path} has no tensor {missing[0]!r}; the checkpoint is incomplete, download it again")
         return out
+
+    def mapped(self, name: str) -> tuple[torch.Tensor, Callable[[int, int], None]]:
+        """A zero-copy view of tensor ``name`` (pages are read as they are touched) and a
+        function ``release(first_row, end_row)`` that drops those rows' pages from this
+        process's memory again (for a vocabulary-sized matrix used a block at a time)."""
+        files = [self.weight_map[name]] if name in self.weight_map else self.files
+        for f in files:
+            reader = SafetensorsReader(f)
+            if name in reader.header:
+                view = reader.get(name)
+                row = view[0].numel() * view.element_size() if view.dim() > 1 else view.element_size()
+                return view, lambda a, b: reader.release(name, a * row, b * row)
+            reader.close()
+        raise SourceError(f"{self.path} has no tensor {name!r}; the checkpoint is incomplete, download it again")
 
     def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) pairs, one at a time; each tensor is a view of a memory map,

@@ -2,12 +2,14 @@
 a time, so only one block and the windows' hidden states are ever in memory (16k tokens
 of a 4096-wide model: 270 MB in float32), whatever the model's size.
 
-The windows are embedded once, run through block 0, then block 1, and so on (blocks are
-built by :class:`~bitquant.blocks.Blocks` from the memory-mapped checkpoint: FP blocks as
-they are, packed ternary ones with the runtime's W1.58A8 layers), and the final norm and
-the output head are applied one window at a time, so the logits of all windows never
-exist at once. On a GPU, blocks move there one at a time. :func:`fits` decides when the
-simpler in-memory path is used instead.
+The windows are embedded once (only their rows of the embedding table are read), run
+through block 0, then block 1, and so on (blocks are built by
+:class:`~bitquant.blocks.Blocks` from the memory-mapped checkpoint: FP blocks as they are,
+packed ternary ones with the runtime's W1.58A8 layers), and the final norm is applied one
+window at a time; :mod:`bitquant.scoring` then takes the output head a block of
+vocabulary rows at a time, straight from the memory map, so neither a window's logits nor
+a float32 copy of a 152k-token head ever exist. On a GPU, blocks move there one at a
+time. :func:`fits` decides when the simpler in-memory path is used instead.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from bitquant.blocks import Blocks
+from bitquant.scoring import Head
 from bitquant.source import open_checkpoint
 
 #: Called as work is done: (steps done, steps in all); a step is a block or a window.
@@ -53,12 +57,19 @@ def fits(folders: list[Path], dtype: torch.dtype, device: str, act_quant: bool =
     return sum(model_bytes(f, dtype, act_quant) for f in folders) <= MEMORY_SHARE * available_bytes(device)
 
 
+class Streamed(NamedTuple):
+    """Every window's final hidden states, grouped by length, and what scores them."""
+
+    hidden: dict[int, torch.Tensor]  # windows of one length, stacked
+    where: dict[int, tuple[int, int]]  # window -> (length, row)
+    norm: torch.nn.Module  # the model's final norm
+    head: Head  # its output head, for bitquant.scoring
+
+
 def final_hidden(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int, int]], dtype: torch.dtype, device: str,
                  act_quant: bool = True, progress: Callable[[], None] | None = None):
-    """Final hidden states of every window, block by block. Returns ``(hidden, where,
-    output)``: ``hidden[length]`` holds the windows of that length, ``where[j]`` says which
-    group and row window ``j`` is, and ``output`` turns final hidden states into logits
-    (:meth:`~bitquant.blocks.Blocks.output`)."""
+    """Final hidden states of every window, block by block (:class:`Streamed`; the head is
+    :meth:`~bitquant.blocks.Blocks.scorer`'s)."""
     blocks = Blocks(open_checkpoint(folder), device, dtype=dtype, act_quant=act_quant)
     groups: dict[int, list[int]] = {}
     for j, (begin, end, _) in enumerate(spans):
@@ -72,14 +83,14 @@ def final_hidden(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int, in
         del layer
         if progress:
             progress()
-    return hidden, where, blocks.output()
+    return Streamed(hidden, where, *blocks.scorer())
 
 
 @torch.inference_mode()
-def window_logits(streamed, spans: list[tuple[int, int, int]]) -> Iterator[torch.Tensor]:
-    """Float32 logits of each window's scored positions, one window at a time."""
-    hidden, where, output = streamed
+def window_rows(streamed: Streamed, spans: list[tuple[int, int, int]]) -> Iterator[torch.Tensor]:
+    """Each window's final hidden states (after the final norm) at its scored positions,
+    one window at a time; the head is applied by :mod:`bitquant.scoring`."""
+    hidden, where, norm, _ = streamed
     for j, (begin, end, first) in enumerate(spans):
         length, row = where[j]
-        x = hidden[length][row, first - 1 - begin : end - 1 - begin]
-        yield output(x).float()
+        yield norm(hidden[length][row, first - 1 - begin : end - 1 - begin])

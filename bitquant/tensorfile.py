@@ -140,17 +140,19 @@ class SafetensorsReader:
         flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - start, offset=self._data_start + start)
         return flat.view(spec.dtype).view(spec.shape)
 
-    def release(self, name: str) -> None:
-        """Drop ``name``'s pages from this process's memory (they stay in the page cache).
+    def release(self, name: str, begin: int = 0, end: int | None = None) -> None:
+        """Drop ``name``'s pages (bytes ``begin:end`` of it, all by default) from this
+        process's memory (they stay in the page cache).
 
         Touched pages of a file mapping count towards the process's resident memory
         until unmapped; streaming a model through one mapping would otherwise end with
         the whole shard resident. Pages are re-read from the file if touched again."""
         if self._map is None or not hasattr(mmap, "MADV_DONTNEED"):
             return
-        start, end = self.header[name]["data_offsets"]
-        first = (self._data_start + start) // mmap.PAGESIZE * mmap.PAGESIZE
-        last = self._data_start + end
+        start, stop = self.header[name]["data_offsets"]
+        end = stop - start if end is None else min(end, stop - start)
+        first = (self._data_start + start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+        last = self._data_start + start + end
         if last > first:
             self._map.madvise(mmap.MADV_DONTNEED, first, last - first)
 

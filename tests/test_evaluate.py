@@ -9,7 +9,7 @@ from bitquant.cli.main import cli
 from bitquant.convert import convert
 from bitquant.evaluate import EvalSettings, compare, evaluate, token_nlls, tokenize_for, windows
 from bitquant.errors import UsageError
-from conftest import DATA
+from conftest import DATA, make_checkpoint
 from reference import reference_model
 
 TEXT = DATA / "alice29.txt"
@@ -139,3 +139,21 @@ def test_settings_validation():
         EvalSettings(context=64, stride=65)
     with pytest.raises(UsageError):
         EvalSettings(context=64, max_tokens=10)
+
+
+@pytest.mark.parametrize("stride", [None, 12])
+def test_batched_windows_give_the_numbers_of_one_window_at_a_time(tmp_path, stride):
+    """Windows of one length go through the model together (the last, shorter window alone);
+    the per-token NLLs equal those of one window per pass."""
+    from transformers import AutoModelForCausalLM
+
+    from bitquant.evaluate import token_nlls, windows
+
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m")).eval()
+    ids = torch.randint(0, 96, (150,), generator=torch.Generator().manual_seed(0)).tolist()
+    stride = stride or 32
+    assert len({e - b for b, e, _ in windows(150, 32, stride)}) == 2  # a shorter last window
+    one, n1 = token_nlls(model, ids, 32, stride, "cpu", batch=1)
+    many, n4 = token_nlls(model, ids, 32, stride, "cpu", batch=4)
+    assert n1 == n4 and one.shape == many.shape
+    assert torch.allclose(one, many, atol=1e-5)

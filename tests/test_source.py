@@ -129,3 +129,19 @@ def test_hub_id_not_in_cache_offline_is_one_line(tmp_path):
     assert "acme/absent is not in the local Hub cache" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_mapped_tensor_reads_the_same_values_after_its_rows_are_released(tmp_path):
+    """Checkpoint.mapped: a zero-copy view whose rows can be dropped from memory and read again."""
+    import torch
+
+    from bitquant.source import open_checkpoint
+    from conftest import make_checkpoint
+
+    ckpt = open_checkpoint(make_checkpoint(tmp_path / "m"))
+    name = "model.embed_tokens.weight"
+    view, release = ckpt.mapped(name)
+    want = ckpt.read([name])[name]
+    assert torch.equal(view, want)
+    release(10, 50)
+    assert torch.equal(view[10:50], want[10:50]) and torch.equal(view, want)
