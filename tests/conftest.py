@@ -15,6 +15,7 @@ from pathlib import Path
 
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on the CPU, interpreted (tests/test_w2a8.py)
 
 import pytest
 import torch
