@@ -96,7 +96,6 @@ def _agreement(gguf_path: Path, hf_folder: Path, ids: list[int]) -> tuple[float,
 @pytest.mark.parametrize("arch", ["qwen2", "bitnet"])
 def test_llama_cpp_runs_qwen2_and_bitnet(tmp_path, tiny_tokenizer_dir, arch):
     from gguf import GGUFReader
-    from transformers import AutoTokenizer
 
     if arch == "qwen2":
         src = add_tokenizer(make_checkpoint(tmp_path / "src", arch="qwen2", **GGUF_DIMS), tiny_tokenizer_dir)
@@ -109,11 +108,8 @@ def test_llama_cpp_runs_qwen2_and_bitnet(tmp_path, tiny_tokenizer_dir, arch):
     if arch == "qwen2":
         assert {"blk.0.attn_q.bias", "blk.0.attn_k.bias", "blk.0.attn_v.bias"} <= names
     path = tmp_path / "gguf" / "model.gguf"
-    prompt = TEXT.read_text()[600:2600]
-    theirs = AutoTokenizer.from_pretrained(src)(prompt, add_special_tokens=False)["input_ids"]
-    ours = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False).tokenize(prompt.encode(), add_bos=False, special=False)
-    assert ours == theirs
-    rel, top1 = _agreement(path, tmp_path / "hf", theirs[:128])
+    ids = _tokenizes_alike(path, src)
+    rel, top1 = _agreement(path, tmp_path / "hf", ids)
     if arch == "qwen2":
         assert rel <= 0.03 and top1 >= 0.95, (rel, top1)
         return
@@ -122,12 +118,37 @@ def test_llama_cpp_runs_qwen2_and_bitnet(tmp_path, tiny_tokenizer_dir, arch):
     # 1.0%), so llama.cpp's different rounding (Q8_K blocks of 256) lands at the same
     # distance. Measured: 2.9% and 93% top-1 here (the issue's target, 95%, is missed by
     # 2 points); the yardstick is that it stays within the model's own rounding noise.
-    with torch.no_grad():
-        ids = torch.tensor([theirs[:128]])
-        a8 = load_ternary(tmp_path / "hf", torch.float32, "cpu")(ids).logits[0].double()
-        wo = load_ternary(tmp_path / "hf", torch.float32, "cpu", act_quant=False)(ids).logits[0].double()
-    noise = float((wo - a8).norm() / a8.norm())
+    noise = _rounding_noise(tmp_path / "hf", ids)
     assert rel <= 0.03 and top1 >= 0.92 and rel <= 1.25 * noise, (rel, top1, noise)
+
+
+def test_a_window_llama_cpp_does_not_apply_is_a_note(tmp_path, tiny_tokenizer_dir):
+    """Phi-3 (and Mistral) slide one window over every layer; the vendored llama.cpp runs
+    them with full attention (measured: a tiny Phi-3 with a window of 16 tokens disagrees
+    by 65% over 128 tokens, with or without the GGUF's sliding_window key), so the report says so."""
+    src = add_tokenizer(make_checkpoint(tmp_path / "src", arch="phi3", sliding_window=16, **GGUF_DIMS), tiny_tokenizer_dir)
+    report = convert(str(src), tmp_path / "gguf", recipe=Recipe(format="gguf-tq2_0"))
+    assert any("attends to the last 16 tokens" in n and "beyond 16 tokens" in n for n in report.notes)
+
+
+def _tokenizes_alike(path: Path, src: Path) -> list[int]:
+    """llama.cpp tokenizes a stretch of the text as transformers does; its first 128 ids."""
+    from transformers import AutoTokenizer
+
+    prompt = TEXT.read_text()[600:2600]
+    theirs = AutoTokenizer.from_pretrained(src)(prompt, add_special_tokens=False)["input_ids"]
+    ours = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False).tokenize(prompt.encode(), add_bos=False, special=False)
+    assert ours == theirs
+    return theirs[:128]
+
+
+def _rounding_noise(hf_folder: Path, ids: list[int]) -> float:
+    """A ternary model's own rounding noise: its W1.58A8 against its weights-only logits."""
+    with torch.no_grad():
+        t = torch.tensor([ids])
+        a8 = load_ternary(hf_folder, torch.float32, "cpu")(t).logits[0].double()
+        wo = load_ternary(hf_folder, torch.float32, "cpu", act_quant=False)(t).logits[0].double()
+    return float((wo - a8).norm() / a8.norm())
 
 
 def test_llama_cpp_bitnet_computes_silu_whatever_the_model_says(tmp_path, tiny_tokenizer_dir):
@@ -287,28 +308,19 @@ def test_llama_cpp_runs_each_new_family(tmp_path, tiny_tokenizer_dir, arch):
     """Qwen3, Gemma 3 ((1 + w) norms written as llama.cpp multiplies them, local/global
     layers), Phi-3 (fused qkv and gate/up) and SmolLM3 (layers without rope): llama.cpp
     tokenizes as transformers does, and its logits agree with bitquant's W1.58A8 forward."""
-    from transformers import AutoTokenizer
-
     src = add_tokenizer(make_checkpoint(tmp_path / "src", arch=arch, **GGUF_DIMS), tiny_tokenizer_dir)
     report = convert(str(src), tmp_path / "gguf", recipe=Recipe(format="gguf-tq2_0"))
     convert(str(src), tmp_path / "hf")
     assert report.gguf["architecture"] == {"gemma3": "gemma3", "qwen3": "qwen3", "phi3": "phi3",
                                            "smollm3": "smollm3"}[arch]
     path = tmp_path / "gguf" / "model.gguf"
-    prompt = TEXT.read_text()[600:2600]
-    theirs = AutoTokenizer.from_pretrained(src)(prompt, add_special_tokens=False)["input_ids"]
-    ours = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False).tokenize(prompt.encode(), add_bos=False, special=False)
-    assert ours == theirs
-    rel, top1 = _agreement(path, tmp_path / "hf", theirs[:128])
+    ids = _tokenizes_alike(path, src)
+    rel, top1 = _agreement(path, tmp_path / "hf", ids)
     if rel <= 0.03 and top1 >= 0.95:
         return
-    # The yardstick of the BitNet test above: within the model's own rounding noise (its
-    # W1.58A8 against its weights-only logits). The tiny random Gemma 3, whose norms
-    # multiply by 1.5-2.5 twice per block, needs it: measured 6.6% and 91% top-1 against a
-    # noise of 8.6%, the same with a window longer than the text and one rope base.
-    with torch.no_grad():
-        ids = torch.tensor([theirs[:128]])
-        a8 = load_ternary(tmp_path / "hf", torch.float32, "cpu")(ids).logits[0].double()
-        wo = load_ternary(tmp_path / "hf", torch.float32, "cpu", act_quant=False)(ids).logits[0].double()
-    noise = float((wo - a8).norm() / a8.norm())
+    # The yardstick of the BitNet test above: within the model's own rounding noise. The
+    # tiny random Gemma 3, whose norms multiply by 1.5-2.5 twice per block, needs it:
+    # measured 6.6% and 91% top-1 against a noise of 8.6%, the same with a window longer
+    # than the text and one rope base.
+    noise = _rounding_noise(tmp_path / "hf", ids)
     assert rel <= noise and top1 >= 0.88, (rel, top1, noise)

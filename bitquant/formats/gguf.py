@@ -190,8 +190,14 @@ def check_config(config: dict) -> list[str]:
             raise UnsupportedModelError(
                 f"llama.cpp runs {family.name} with rotary embedding skipped in every {step}th layer, but this model's "
                 "no_rope_layers differ; use the default format for it")
+    notes = []
+    window = config.get("sliding_window")
+    if family.window == "config" and window and window < config.get("max_position_embeddings", 0):
+        notes.append(f"this {family.name} model attends to the last {window} tokens in every layer, but the vendored "
+                     f"llama.cpp runs its arch {family.gguf} with full attention, so its outputs differ from "
+                     f"transformers' beyond {window} tokens of context")
     if family.gguf != "bitnet":
-        return []
+        return notes
     if not config.get("tie_word_embeddings", False):
         raise UnsupportedModelError("llama.cpp's bitnet architecture reuses the token embedding as the output layer, "
                                     "but this model has an untied lm_head; use the default format for it")
@@ -203,10 +209,10 @@ def check_config(config: dict) -> list[str]:
     if act not in ("relu2", "silu"):
         raise UnsupportedModelError(f"GGUF export of a BitNet model knows the activations relu2 and silu, not {act!r}")
     if act != LLAMA_CPP_BITNET_ACTIVATION:
-        return [f"this model's MLP uses {act}, but llama.cpp's bitnet architecture (as vendored by llama-cpp-python "
+        return notes + [f"this model's MLP uses {act}, but llama.cpp's bitnet architecture (as vendored by llama-cpp-python "
                 f"0.3.36) computes {LLAMA_CPP_BITNET_ACTIVATION} whatever the file says, so that llama.cpp gives wrong "
                 "outputs for it; the file records bitnet.hidden_activation for runtimes that read it"]
-    return []
+    return notes
 
 
 def _rope_parameters(config: dict) -> dict[str, dict]:
