@@ -70,11 +70,14 @@ def make_checkpoint(folder: Path, arch: str = "llama", tied: bool = False, dtype
 
     torch.manual_seed(seed)
     config = tiny_config(arch, tied, **overrides)
+    from bitquant.families import family_of_model
+
     model = AutoModelForCausalLM.from_config(config).to(dtype)
-    with torch.no_grad():  # random init uses std 0.02; make norms non-trivial too
+    offset = family_of_model(model).norm_offset  # Gemma stores w for a norm that multiplies by (1 + w)
+    with torch.no_grad():  # random init uses std 0.02; make norms non-trivial too: multipliers in [0.5, 1.5]
         for name, p in model.named_parameters():
             if "norm" in name:
-                p.uniform_(0.5, 1.5)
+                p.uniform_(0.5 - offset, 1.5 - offset)
             elif name.endswith("bias"):
                 p.normal_(0, 0.1)
     model.save_pretrained(folder)

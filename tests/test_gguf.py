@@ -319,8 +319,8 @@ def test_llama_cpp_runs_each_new_family(tmp_path, tiny_tokenizer_dir, arch):
     if rel <= 0.03 and top1 >= 0.95:
         return
     # The yardstick of the BitNet test above: within the model's own rounding noise. The
-    # tiny random Gemma 3, whose norms multiply by 1.5-2.5 twice per block, needs it:
-    # measured 6.6% and 91% top-1 against a noise of 8.6%, the same with a window longer
-    # than the text and one rope base.
+    # tiny random Gemma 3 (two norms more per block) needs it: measured 3.3% and 95.3% top-1
+    # against a noise of 3.2%. (With norms multiplying by 1.5-2.5 instead of 0.5-1.5: 6.6%
+    # and 91% against 8.6%, the same with a window longer than the text and one rope base.)
     noise = _rounding_noise(tmp_path / "hf", ids)
-    assert rel <= noise and top1 >= 0.88, (rel, top1, noise)
+    assert rel <= 0.03 * 1.25 and top1 >= 0.92 and rel <= 1.25 * noise, (rel, top1, noise)
