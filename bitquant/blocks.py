@@ -103,15 +103,21 @@ class Blocks:
 
         return head
 
+    @property
+    def _head_name(self) -> str:
+        return "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
+
+    def _final_norm(self) -> torch.nn.Module:
+        """The model's own final norm module, in ``dtype`` on the device."""
+        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
+        norm.weight.data = self.ckpt.read(["model.norm.weight"])["model.norm.weight"].to(self.device, self.dtype)
+        return norm.eval()
+
     def output(self) -> Callable[[torch.Tensor], torch.Tensor]:
         """Final hidden states -> logits: the model's own final norm module, the output head
         (in ``dtype`` on the device) and the family's logit soft-capping, if any."""
-        out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        weights = self.ckpt.read(["model.norm.weight", out_name])
-        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
-        norm.weight.data = weights["model.norm.weight"].to(self.device, self.dtype)
-        norm.eval()
-        head = weights[out_name].to(self.device, self.dtype)
+        norm = self._final_norm()
+        head = self.ckpt.read([self._head_name])[self._head_name].to(self.device, self.dtype)
 
         def logits(x: torch.Tensor) -> torch.Tensor:
             return families.soft_cap(F.linear(norm(x), head), self.config)
@@ -123,14 +129,11 @@ class Blocks:
         :mod:`bitquant.scoring`: on the CPU the stored matrix itself, memory-mapped and
         read a block of vocabulary rows at a time (whose pages are dropped after use); on a
         GPU a copy there, in its stored dtype."""
-        out_name = "model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"
-        norm = self.norm_cls(self.config.hidden_size, eps=self.config.rms_norm_eps)
-        norm.weight.data = self.ckpt.read(["model.norm.weight"])["model.norm.weight"].to(self.device, self.dtype)
-        weight, release = self.ckpt.mapped(out_name)
+        weight, release = self.ckpt.mapped(self._head_name)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if self.device != "cpu":
-            return norm.eval(), Head(weight.to(self.device), self.dtype, cap)
-        return norm.eval(), Head(weight, self.dtype, cap, release)
+            return self._final_norm(), Head(weight.to(self.device), self.dtype, cap)
+        return self._final_norm(), Head(weight, self.dtype, cap, release)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (times the family's embedding scale), in ``dtype`` on the device:
@@ -175,8 +178,8 @@ class Blocks:
         if self._pe is None or self._pe[0] != h.shape[1]:
             pos = torch.arange(h.shape[1], device=self.device)[None]
             self._pe = (h.shape[1], families.position_embeddings(self.family, self.rotary, self.config, h[:1], pos))
-        window = families.sliding_window(self.family, self.config, layer.self_attn)
-        return self._pe[1][layer.self_attn.layer_idx], families.attention_mask(h.shape[1], window, self.device)
+        mask = families.layer_mask(self.family, self.config, layer.self_attn, h.shape[1], self.device)
+        return self._pe[1][layer.self_attn.layer_idx], mask
 
     @torch.inference_mode()
     def run(self, layer: torch.nn.Module, h: torch.Tensor, until: torch.nn.Module | None = None):

@@ -165,9 +165,10 @@ def token_nlls(model, ids: list[int], context: int, stride: int, device: str, pr
     windows per forward pass (default: :func:`batch_windows`)."""
     t = torch.tensor(ids, device=device)
     spans = windows(len(ids), context, stride)
-    batch = batch or batch_windows(model.config, context, device, model_head(model).dtype)
+    head = model_head(model)
+    batch = batch or batch_windows(model.config, context, device, head.dtype)
     rows = window_rows(model, t, spans, batch)
-    return _nlls(rows, model_head(model), t, spans, progress), sum(end - begin for begin, end, _ in spans)
+    return _nlls(rows, head, t, spans, progress), sum(end - begin for begin, end, _ in spans)
 
 
 def _nlls(rows: Iterable[torch.Tensor], head: Head, t: torch.Tensor, spans: list[tuple[int, int, int]],

@@ -119,7 +119,8 @@ def family_of_model(model: torch.nn.Module) -> Family:
     return family or family_of({"architectures": [type(model).__name__], "model_type": model.config.model_type})
 
 
-def _head_dim(config: dict) -> int:
+def head_dim(config: dict) -> int:
+    """Per-head width of a config.json (``head_dim``, else hidden / heads)."""
     return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
 
 
@@ -129,7 +130,7 @@ def expected_shape(config: dict, name: str) -> tuple[int, int] | None:
     hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
     if not hidden or not heads:
         return None
-    hd = _head_dim(config)
+    hd = head_dim(config)
     sizes = {"q": heads * hd, "kv": (config.get("num_key_value_heads") or heads) * hd,
              "intermediate": config.get("intermediate_size"), "hidden": hidden}
     leaf = name.removesuffix(".weight").rsplit(".", 1)[-1]
@@ -176,6 +177,11 @@ def sliding_window(family: Family, config, attention: torch.nn.Module) -> int | 
     if family.window == "config":
         return getattr(config, "sliding_window", None)
     return None
+
+
+def layer_mask(family: Family, config, attention: torch.nn.Module, length: int, device) -> torch.Tensor | None:
+    """The attention mask of one layer for sequences of ``length`` (None: plain causal)."""
+    return attention_mask(length, sliding_window(family, config, attention), device)
 
 
 def attention_mask(length: int, window: int | None, device) -> torch.Tensor | None:

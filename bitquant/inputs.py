@@ -160,11 +160,17 @@ def check_sub_norms(config: dict, specs: dict[str, TensorSpec], where: str) -> N
                                   "attn_sub_norm and ffn_sub_norm (is the architecture in config.json right?)")
 
 
-def check_shape(config: dict, name: str, shape: tuple[int, ...], where: str) -> None:
+def check_shape(config: dict, name: str, shape: tuple[int, ...], where: str, packed: bool = True) -> None:
+    """Refuse a projection (fused ones included) whose [out, in] shape (a packed one's, unpacked)
+    is not what ``config`` gives it."""
     want = expected_shape(config, name)
-    if want is not None and tuple(shape) != want:
+    if want is None or tuple(shape) == want:
+        return
+    if packed:
         raise SourceError(f"packed weight {name} of {where} unpacks to {list(shape)}, but its config.json says "
                           f"{list(want)}; the checkpoint and its config do not match")
+    raise SourceError(f"{name} of {where} is {list(shape)}, but its config.json gives {list(want)}; "
+                      "the checkpoint and its config do not match (re-export it)")
 
 
 def stored_scale(weight_scale: torch.Tensor, linear_class: str, name: str) -> float:

@@ -13,9 +13,9 @@ import torch
 
 from bitquant.blocks import layer_index
 from bitquant.errors import SourceError, TensorError, UsageError
-from bitquant.families import expected_shape, family_of
+from bitquant.families import family_of
 from bitquant.formats import hf_bitnet
-from bitquant.inputs import BITNET_ARCHITECTURE, Layout, is_projection
+from bitquant.inputs import BITNET_ARCHITECTURE, Layout, check_shape, is_projection
 from bitquant.recipe import Recipe
 from bitquant.report import KeptTensor
 from bitquant.source import Checkpoint
@@ -72,14 +72,6 @@ def check_recipe(ckpt: Checkpoint, recipe: Recipe) -> None:
                          f"{recipe.name!r}) would change the model it was trained as: drop the exclusions")
 
 
-def check_projection_shape(ckpt: Checkpoint, spec: TensorSpec) -> None:
-    """Refuse a projection (fused ones included) whose shape is not what config.json gives it."""
-    want = expected_shape(ckpt.config, spec.name)
-    if want is not None and tuple(spec.shape) != want:
-        raise SourceError(f"{spec.name} of {ckpt.path} is {list(spec.shape)}, but its config.json gives "
-                          f"{list(want)}; the checkpoint and its config do not match (re-export it)")
-
-
 def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | None = None) -> Plan:
     """Decide every source tensor's fate and every output tensor's spec.
 
@@ -113,12 +105,13 @@ def plan_conversion(ckpt: Checkpoint, recipe: Recipe, keep: dict[str, str] | Non
         if projection and spec.dtype == torch.uint8:  # packed source: [out/4, in] codes
             scale_spec = sources[spec.name + hf_bitnet.SCALE_SUFFIX]
             spec = TensorSpec(spec.name, scale_spec.dtype, (4 * spec.shape[0], *spec.shape[1:]))
-        if projection or is_projection(spec.name, family_leaves):
-            check_projection_shape(ckpt, spec)
+        linear = is_projection(spec.name, family_leaves)  # a linear layer of the family's blocks
+        if projection or linear:
+            check_shape(ckpt.config, spec.name, spec.shape, str(ckpt.path), packed=False)
         logical[spec.name] = spec
         total_params += spec.numel
         out = [spec]
-        if not projection and is_projection(spec.name, family_leaves):  # a linear layer the recipe leaves alone
+        if linear and not projection:  # one the recipe leaves alone
             kept.append(KeptTensor(module, "not among the recipe's projections"))
         elif projection and layout.kind == "packed" and layout.keeps(module):
             kept.append(KeptTensor(module, "kept in full precision by the source checkpoint"))

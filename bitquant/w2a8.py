@@ -37,6 +37,15 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _scaled(acc, xs, ws, MULTIPLY: tl.constexpr):
+        """The runtime's conventions: acc / act_scale * s (multiply) or acc / (act_scale * weight_scale)."""
+        if MULTIPLY:
+            y = acc.to(tl.float32) / xs * ws
+        else:
+            y = acc.to(tl.float32) / (xs * ws)
+        return y
+
+    @triton.jit
     def _w2a8_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws, M, R, K: tl.constexpr,
                      stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_on,
                      SCALED: tl.constexpr, MULTIPLY: tl.constexpr,
@@ -67,16 +76,10 @@ if triton is not None:
         base = out_ptr + rm[:, None] * stride_om + rr[None, :] * stride_on
         if SCALED:
             xs = tl.load(xs_ptr + rm, mask=rm < M, other=1.0)[:, None]
-            if MULTIPLY:
-                tl.store(base, acc0.to(tl.float32) / xs * ws, mask=mask)
-                tl.store(base + R * stride_on, acc1.to(tl.float32) / xs * ws, mask=mask)
-                tl.store(base + 2 * R * stride_on, acc2.to(tl.float32) / xs * ws, mask=mask)
-                tl.store(base + 3 * R * stride_on, acc3.to(tl.float32) / xs * ws, mask=mask)
-            else:
-                tl.store(base, acc0.to(tl.float32) / (xs * ws), mask=mask)
-                tl.store(base + R * stride_on, acc1.to(tl.float32) / (xs * ws), mask=mask)
-                tl.store(base + 2 * R * stride_on, acc2.to(tl.float32) / (xs * ws), mask=mask)
-                tl.store(base + 3 * R * stride_on, acc3.to(tl.float32) / (xs * ws), mask=mask)
+            tl.store(base, _scaled(acc0, xs, ws, MULTIPLY), mask=mask)
+            tl.store(base + R * stride_on, _scaled(acc1, xs, ws, MULTIPLY), mask=mask)
+            tl.store(base + 2 * R * stride_on, _scaled(acc2, xs, ws, MULTIPLY), mask=mask)
+            tl.store(base + 3 * R * stride_on, _scaled(acc3, xs, ws, MULTIPLY), mask=mask)
         else:
             tl.store(base, acc0, mask=mask)
             tl.store(base + R * stride_on, acc1, mask=mask)

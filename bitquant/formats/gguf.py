@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from bitquant.errors import TensorError, UnsupportedModelError, WriteFailure
-from bitquant.families import BY_ARCHITECTURE, FAMILIES, Family, family_of
+from bitquant.families import BY_ARCHITECTURE, FAMILIES, Family, family_of, head_dim
 from bitquant.fingerprint import file_sha256
 from bitquant.formats.gguf_vocab import add_tokenizer
 from bitquant.packing import unpack_ternary
@@ -202,7 +202,7 @@ def check_config(config: dict) -> list[str]:
         raise UnsupportedModelError("llama.cpp's bitnet architecture reuses the token embedding as the output layer, "
                                     "but this model has an untied lm_head; use the default format for it")
     hidden, heads = config["hidden_size"], config["num_attention_heads"]
-    if (config.get("head_dim") or hidden // heads) * heads != hidden:
+    if head_dim(config) * heads != hidden:
         raise UnsupportedModelError("llama.cpp's bitnet architecture needs heads x head_dim = hidden_size; "
                                     "use the default format for this model")
     act = config.get("hidden_act", "relu2")
@@ -229,7 +229,7 @@ def add_metadata(writer, config: dict, name: str, tq: str) -> None:
 
     heads = config["num_attention_heads"]
     hidden = config["hidden_size"]
-    head_dim = config.get("head_dim") or hidden // heads
+    hd = head_dim(config)
     ropes = _rope_parameters(config)
     rope = ropes.get("full_attention", {})
     writer.add_name(name)
@@ -241,9 +241,9 @@ def add_metadata(writer, config: dict, name: str, tq: str) -> None:
     writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
     writer.add_layer_norm_rms_eps(config.get("rms_norm_eps", 1e-6))
     writer.add_rope_freq_base(float(rope.get("rope_theta", config.get("rope_theta", 10000.0))))
-    writer.add_rope_dimension_count(int(head_dim * config.get("partial_rotary_factor", 1.0)))
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(int(hd * config.get("partial_rotary_factor", 1.0)))
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
     types = config.get("layer_types") or []
     if "sliding_attention" in types and config.get("sliding_window"):
         writer.add_sliding_window(int(config["sliding_window"]))

@@ -124,8 +124,7 @@ def _position_embeddings(body: torch.nn.Module, h: torch.Tensor) -> list:
 
 
 def _mask(body: torch.nn.Module, layer: torch.nn.Module, length: int, device) -> torch.Tensor | None:
-    family = families.family_of_model(body)
-    return families.attention_mask(length, families.sliding_window(family, body.config, layer.self_attn), device)
+    return families.layer_mask(families.family_of_model(body), body.config, layer.self_attn, length, device)
 
 
 def block_states(body: torch.nn.Module, ids: torch.Tensor) -> list[torch.Tensor]:
