@@ -1,80 +1,168 @@
-"""The packed W2A8 Triton kernel (bitquant/w2a8.py) against bf16 cuBLAS and the runtime's
-int8 path (torch._int_mm on unpacked codes), on one GPU, in one run.
+"""The packed W2A8 kernels (bitquant/w2a8.py) against bf16 cuBLAS, the int8 path
+(torch._int_mm on unpacked codes) and the libraries (gemlite's A8W158, torchao's int8
+dynamic-activation path), on one GPU, in one run.
 
     python bench/w2a8_gpu.py                 # Llama-2-7B and BitNet 2B-4T projection shapes
     python bench/w2a8_gpu.py --m 1 16 8192
+    python bench/w2a8_gpu.py --sweep         # time every tile configuration, print the best
 
-For each shape [N, K] and token count M it prints the median time of each variant (CUDA
-events, after warm-up), the ratio of bf16's time to each (above 1: faster than bf16), and
-the kernel's time as a multiple of the memory-bandwidth floor (packed weights + int8
-activations + float32 outputs, at the card's nominal bandwidth). "w2a8 + act quant" adds
-the per-token int8 quantization of bf16 activations (bitquant.ternary.quantize_activations)
-that a layer needs in front of the kernel. Every kernel output is checked first: exactly the
-int32 reference before scaling.
+Every variant is timed the same way: captured in a CUDA graph and replayed (Triton's
+do_bench_cudagraph), so Python's launch overhead counts for none of them, as in a decode
+step run from a graph. Columns: microseconds of each variant ("w2a8": the kernel on int8
+activations, the one-token gemv at M = 1; "fused": the whole layer from bf16 activations,
+quantization included); "kern x" and "fused x" are bf16's time over theirs (above 1:
+faster than bf16); "x floor" is the fused layer's time over the memory-bandwidth floor
+(packed weights, bf16 activations in and out, int8 activations written and read, at the
+card's nominal bandwidth). Every output is checked first: the int32 product exactly
+equals the reference, and the fused layer is within 1e-6 (relative) of the same
+arithmetic done by torch in float32.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import torch
 
-from bitquant import w2a8
-from bitquant.packing import pack_ternary
-from bitquant.ternary import quantize_activations
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_tree import use_source_tree  # noqa: E402
+
+use_source_tree()
+
+from triton.testing import do_bench_cudagraph  # noqa: E402
+
+from bitquant import w2a8  # noqa: E402
+from bitquant.packing import pack_ternary  # noqa: E402
+from bitquant.ternary import quantize_activations  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (2560, 6912), (6912, 2560)]  # [out, in]
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, nominal HBM
+DECODE_SWEEP = [w2a8.Tiles(16, r, k, s, w, 3) for r in (16, 32, 64) for k in (128, 256, 512)
+                for s in (1, 2, 4, 8, 16) for w in (4,)]
+GEMV_SWEEP = [(r, k, w) for r in (2, 4, 8) for k in (256, 512, 1024) for w in (2, 4, 8)]
+PREFILL_SWEEP = [w2a8.Tiles(*t) for t in [(128, 32, 128, 1, 8, 3), (128, 64, 64, 1, 8, 3), (128, 32, 64, 1, 4, 4),
+                                          (64, 64, 64, 1, 4, 3), (128, 64, 128, 1, 8, 3), (256, 32, 64, 1, 8, 3),
+                                          (128, 16, 128, 1, 4, 3), (64, 32, 128, 1, 4, 4), (128, 32, 128, 1, 4, 4),
+                                          (128, 64, 64, 1, 8, 4)]]
 
 
-def timed(fn, repeats: int = 50) -> float:
-    """Median seconds of ``fn`` over ``repeats`` runs (CUDA events), after 5 warm-ups."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return sorted(times)[len(times) // 2]
+def us(fn) -> float:
+    """Microseconds per call, from CUDA-graph replays."""
+    return do_bench_cudagraph(fn, rep=20) * 1e3
+
+
+def gemlite_layer(codes: torch.Tensor, scale: float):
+    try:
+        from gemlite.helper import A8W158_INT_dynamic
+
+        return A8W158_INT_dynamic(device="cuda:0", dtype=torch.bfloat16).from_weights(
+            codes.to(torch.bfloat16), torch.tensor(scale))
+    except Exception as e:  # noqa: BLE001 - a library that is absent or fails is reported, not fatal
+        print(f"  gemlite unavailable: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return None
+
+
+def torchao_layer(w: torch.Tensor):
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
+        lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=torch.bfloat16, device="cuda")
+        lin.weight.data.copy_(w)
+        quantize_(lin, Int8DynamicActivationInt8WeightConfig())
+        return lin
+    except Exception as e:  # noqa: BLE001
+        print(f"  torchao unavailable: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        return None
+
+
+def check(xq, packed, codes, x, ws) -> None:
+    want = torch._int_mm(xq, codes.t().contiguous()) if xq.shape[0] > 16 else xq.to(torch.int32) @ codes.to(torch.int32).T
+    assert torch.equal(w2a8.matmul_int32(xq, packed), want), "int32 product differs from the reference"
+    q, s = quantize_activations(x.float())
+    assert torch.equal(w2a8.quantize(x)[0], q.to(torch.int8)), "activation codes differ from quantize_activations"
+    ref = (q @ codes.float().T) / s * ws  # the runtime's float32 arithmetic
+    got = w2a8.linear(xq, w2a8.quantize(x)[1], packed, ws, True)
+    err = float((got - ref).abs().max() / ref.abs().max())
+    assert err < 1e-6, f"scaled float32 output differs by {err:.2e}"
+    one = w2a8.gemv(xq[:1], packed, ws, True, act_scale=w2a8.quantize(x[:1])[1])
+    assert torch.equal(one, got[:1]), "gemv differs from the tiled kernel"
+    err_bf16 = float((w2a8.forward(x, packed, ws, True).float() - ref).abs().max() / ref.abs().max())
+    assert err_bf16 < 8e-3, f"bf16 output differs by {err_bf16:.2e}"  # bf16's rounding: 2^-8
+
+
+def sweep(n, k, m, packed, xq, s, ws, x) -> None:
+    if m == 1:
+        rows = sorted((us(lambda t=t: w2a8.gemv(x, packed, ws, True, tiles=t)), t) for t in GEMV_SWEEP)
+        default = us(lambda: w2a8.gemv(x, packed, ws, True))
+        print(f"  sweep gemv {n}x{k}: default {w2a8.GEMV_TILES} {default:.1f} us; best: "
+              + "; ".join(f"{t_us:.1f} us {t}" for t_us, t in rows[:4]), flush=True)
+    configs = DECODE_SWEEP if m <= 16 else PREFILL_SWEEP
+    r = n // 4
+    rows = []
+    for t in configs:
+        if t.split > 1 and k // t.split < t.k:
+            continue
+        try:
+            rows.append((us(lambda t=t: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16, t)), t))
+        except Exception as e:  # noqa: BLE001 - out of shared memory etc.
+            rows.append((float("inf"), t))
+            print(f"    {t}: {type(e).__name__}", flush=True)
+    rows.sort(key=lambda row: row[0])
+    default = us(lambda: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16))
+    print(f"  sweep {n}x{k} M={m}: default {w2a8.tiles_for(m, r, k)} {default:.1f} us; best: "
+          + "; ".join(f"{t_us:.1f} us {tuple(t)}" for t_us, t in rows[:4]), flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 8192])
+    ap.add_argument("--sweep", action="store_true", help="time every tile configuration of the kernel")
+    ap.add_argument("--no-libraries", action="store_true", help="skip gemlite and torchao")
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
     bandwidth = next((v for k, v in BANDWIDTH.items() if k in name), 3.35e12)
-    print(f"{name}, torch {torch.__version__}, nominal bandwidth {bandwidth / 1e12:.2f} TB/s")
-    print(f"{'N x K':>12s} {'M':>6s} {'bf16 us':>9s} {'int8 us':>9s} {'w2a8 us':>9s} {'+quant us':>10s} "
-          f"{'x bf16':>7s} {'x bf16 +q':>9s} {'x floor':>8s}")
+    print(f"{name}, torch {torch.__version__}, nominal bandwidth {bandwidth / 1e12:.2f} TB/s; "
+          f"times in us from CUDA-graph replays")
+    print(f"{'N x K':>12s} {'M':>5s} {'bf16':>8s} {'int8mm':>8s} {'rt int8':>8s} {'w2a8':>8s} {'quant':>7s} "
+          f"{'fused':>8s} {'gemlite':>8s} {'torchao':>8s} {'kern x':>7s} {'fused x':>7s} {'x floor':>7s}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     for n, k in SHAPES:
         codes = torch.randint(-1, 2, (n, k), device="cuda", dtype=torch.int8, generator=g)
         packed = pack_ternary(codes)
         w_bf16 = codes.to(torch.bfloat16) * 0.02
         codes_t = codes.t().contiguous()
+        ws = torch.tensor([0.02], device="cuda")
+        gem = None if args.no_libraries else gemlite_layer(codes, 0.02)
+        tao = None if args.no_libraries else torchao_layer(w_bf16)
         for m in args.m:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
-            q, scale = quantize_activations(x.float())
-            xq = q.to(torch.int8)
-            want = xq.to(torch.int32) @ codes.to(torch.int32).T if m <= 64 else torch._int_mm(xq, codes_t)
-            assert torch.equal(w2a8.matmul_int32(xq, packed), want), (n, k, m)
-            t_bf16 = timed(lambda: x @ w_bf16.T)
-            t_int8 = timed(lambda: torch._int_mm(xq, codes_t)) if m > 16 else float("nan")
-            t_w2a8 = timed(lambda: w2a8.linear(xq, scale, packed, 0.02, True))
+            xq, s = w2a8.quantize(x)
+            check(xq, packed, codes, x, ws)
+            t_bf16 = us(lambda: x @ w_bf16.T)
+            nan = float("nan")
+            t_int8 = us(lambda: torch._int_mm(xq, codes_t)) if m > 16 else nan
 
-            def with_quant():
-                qq, ss = quantize_activations(x)
-                return w2a8.linear(qq.to(torch.int8), ss, packed, 0.02, True)
+            def runtime_int8():  # the runtime's path before this kernel: torch quantization, _int_mm, scale
+                q, sc = quantize_activations(x)
+                return (torch._int_mm(q.to(torch.int8), codes_t).to(x.dtype) / sc * 0.02)
 
-            t_q = timed(with_quant)
-            floor = (n * k / 4 + m * k + 4 * m * n) / bandwidth
-            print(f"{n:>5d}x{k:<6d} {m:6d} {t_bf16 * 1e6:9.1f} {t_int8 * 1e6:9.1f} {t_w2a8 * 1e6:9.1f} "
-                  f"{t_q * 1e6:10.1f} {t_bf16 / t_w2a8:7.2f} {t_bf16 / t_q:9.2f} {t_w2a8 / floor:8.1f}", flush=True)
+            t_rt = us(runtime_int8) if m > 16 else nan
+            if m == 1:  # the one-token kernel, on int8 input
+                t_w2a8 = us(lambda: w2a8.gemv(xq, packed, ws, True, act_scale=s))
+            else:
+                t_w2a8 = us(lambda: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16))
+            t_quant = us(lambda: w2a8.quantize(x))
+            t_fused = us(lambda: w2a8.forward(x, packed, ws, True))
+            t_gem = us(lambda: gem(x)) if gem is not None else nan
+            t_tao = us(lambda: tao(x)) if tao is not None else nan
+            floor = (n * k / 4 + 2 * m * k + 2 * m * k + 2 * m * n) / bandwidth * 1e6
+            print(f"{n:>5d}x{k:<6d} {m:5d} {t_bf16:8.1f} {t_int8:8.1f} {t_rt:8.1f} {t_w2a8:8.1f} {t_quant:7.1f} "
+                  f"{t_fused:8.1f} {t_gem:8.1f} {t_tao:8.1f} {t_bf16 / t_w2a8:7.2f} {t_bf16 / t_fused:7.2f} "
+                  f"{t_fused / floor:7.1f}", flush=True)
+            if args.sweep:
+                sweep(n, k, m, packed, xq, s, ws, x)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,32 @@
-"""A packed W2A8 matrix product in Triton: 2-bit ternary codes, read as stored, times
-per-token int8 activations, accumulated in int32.
+"""Packed W2A8 in Triton: per-token int8 activations times 2-bit ternary codes, read as
+stored, accumulated in int32; and the per-token activation quantization in front of it.
 
 The weights stay in bitquant's packed layout (:mod:`bitquant.packing`: uint8
 ``[out/4, in]``, byte ``r`` holding the codes + 1 of rows ``r``, ``r + out/4``,
 ``r + out/2`` and ``r + 3 out/4`` in bit pairs 0-1, 2-3, 4-5 and 6-7). Each program reads
 a tile of packed bytes once and unpacks it in registers into the four row tiles it holds,
-so nothing is unpacked in memory and every weight byte crosses the memory bus once per
-tile of tokens. The four int8 products go to the tensor cores (``tl.dot``, int32
-accumulation) and the epilogue applies the per-token activation scale and the matrix's
-``weight_scale`` in the runtime's convention (:class:`bitquant.runtime.TernaryLinear`):
-``acc / act_scale * s`` (multiply) or ``acc / (act_scale * weight_scale)`` (bitlinear).
+so nothing is unpacked in memory. The four int8 products go to the tensor cores
+(``tl.dot``, int32 accumulation). Decode (a few tokens) splits the inner dimension over
+several programs, whose int32 partial sums meet by atomic addition: integer addition is
+exact in any order, so the result does not depend on the split. The epilogue applies the
+per-token activation scale, the matrix's ``weight_scale`` in the runtime's convention
+(:class:`bitquant.runtime.TernaryLinear`: ``acc / act_scale * s`` (multiply) or
+``acc / (act_scale * weight_scale)``) and the bias, and writes the caller's dtype.
 
-The integer part is exact, so the int32 result equals the CPU runtime's ``torch._int_mm``
-bit for bit; the tests run it on the CPU under Triton's interpreter
-(``TRITON_INTERPRET=1``) against an int32 reference. Speed is measured on a GPU by
-``bench/w2a8_gpu.py``; until it measures better than the int8 path there, the runtime
-does not use it.
+:func:`quantize` is the runtime's activation quantization (:func:`bitquant.ternary.quantize_activations`:
+``scale = 127 / max(max|x|, 1e-5)``, ``q = clamp(round_half_even(x * scale), -128, 127)``),
+one program per token and done in float32 whatever ``x``'s dtype, with correctly rounded
+division and no fused multiply-add, so that it gives the CPU runtime's float32 integers
+exactly. The weight scale is read from device memory, never from the host: a forward pass
+makes no host synchronisation, so it can be captured in a CUDA graph.
+
+The tests run both kernels on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``)
+against the int32 reference; ``bench/w2a8_gpu.py`` measures them on a GPU.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +35,22 @@ try:  # triton is optional: GPU machines have it; the tests install it for the i
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
+
+#: 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude below 2**22 to the
+#: nearest integer, ties to even (as torch.round), in plain IEEE arithmetic
+_ROUNDER = 12582912.0
+
+
+class Tiles(NamedTuple):
+    """A launch configuration: tokens, packed rows (each gives four output rows) and inner
+    dimension per program, programs along the inner dimension, warps, pipeline stages."""
+
+    m: int
+    r: int
+    k: int
+    split: int = 1
+    warps: int = 4
+    stages: int = 3
 
 
 def available() -> bool:
@@ -37,23 +61,57 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _scaled(acc, xs, ws, MULTIPLY: tl.constexpr):
-        """The runtime's conventions: acc / act_scale * s (multiply) or acc / (act_scale * weight_scale)."""
+    def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+        """One token (row) per program: its absmax scale and int8 codes."""
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            kk = k0 + offs
+            x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        # torch evaluates 127 / t as reciprocal(t) * 127: so does this, each step rounded
+        scale = tl.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-5)) * 127.0
+        tl.store(s_ptr + row, scale)
+        for k0 in range(0, K, BLOCK):
+            kk = k0 + offs
+            x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+            v = (x * scale + _ROUNDER) - _ROUNDER  # launched without fp fusion: x * scale is rounded first
+            v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+            tl.store(q_ptr + row * stride_qm + kk, v.to(tl.int8), mask=kk < K)
+
+    @triton.jit
+    def _epilogue(acc, rm, rn, M, N, xs_ptr, ws_ptr, b_ptr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The runtime's conventions: acc / act_scale * s (multiply) or acc / (act_scale * weight_scale), + bias."""
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=1.0)[:, None]
+        ws = tl.load(ws_ptr)
         if MULTIPLY:
             y = acc.to(tl.float32) / xs * ws
         else:
             y = acc.to(tl.float32) / (xs * ws)
+        if HAS_BIAS:
+            y = y + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         return y
 
     @triton.jit
-    def _w2a8_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws, M, R, K: tl.constexpr,
+    def _w2a8_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, R, K,
                      stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_on,
-                     SCALED: tl.constexpr, MULTIPLY: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out[m, q*R + r] = sum_k x[m, k] * (((w[r, k] >> 2q) & 3) - 1), q = 0..3, for the
-        tile of tokens m and packed rows r this program owns; scaled when SCALED."""
-        pid_m = tl.program_id(0)
-        pid_r = tl.program_id(1)
+                     SCALED: tl.constexpr, ATOMIC: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """out[m, q*R + r] = sum_k x[m, k] * (((w[r, k] >> 2q) & 3) - 1), q = 0..3, over the tile
+        of tokens m and packed rows r this program owns and its share of k; scaled when
+        SCALED, added atomically (int32) when the inner dimension is split."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_r = tl.cdiv(R, BLOCK_R)
+        width = GROUP_M * num_r  # grouped order: neighbouring programs share weight tiles in L2
+        first_m = (pid // width) * GROUP_M
+        group = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % group
+        pid_r = (pid % width) // group
+        span = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+        k_first = tl.program_id(1) * span
+        k_end = tl.minimum(k_first + span, K)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
         rk = tl.arange(0, BLOCK_K)
@@ -61,64 +119,227 @@ if triton is not None:
         acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
         acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
         acc3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
-        for kb in range(0, tl.cdiv(K, BLOCK_K)):
-            kk = kb * BLOCK_K + rk
+        for k0 in range(k_first, k_end, BLOCK_K):
+            kk = k0 + rk
             x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                        mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+                        mask=(rm[:, None] < M) & (kk[None, :] < k_end), other=0)
             # a padding byte of 0x55 holds code 0 in every field
             p = tl.load(w_ptr + rr[None, :] * stride_wr + kk[:, None] * stride_wk,
-                        mask=(rr[None, :] < R) & (kk[:, None] < K), other=0x55).to(tl.int32)
+                        mask=(rr[None, :] < R) & (kk[:, None] < k_end), other=0x55).to(tl.int32)
             acc0 += tl.dot(x, ((p & 3) - 1).to(tl.int8), out_dtype=tl.int32)
             acc1 += tl.dot(x, (((p >> 2) & 3) - 1).to(tl.int8), out_dtype=tl.int32)
             acc2 += tl.dot(x, (((p >> 4) & 3) - 1).to(tl.int8), out_dtype=tl.int32)
             acc3 += tl.dot(x, (((p >> 6) & 3) - 1).to(tl.int8), out_dtype=tl.int32)
         mask = (rm[:, None] < M) & (rr[None, :] < R)
         base = out_ptr + rm[:, None] * stride_om + rr[None, :] * stride_on
-        if SCALED:
-            xs = tl.load(xs_ptr + rm, mask=rm < M, other=1.0)[:, None]
-            tl.store(base, _scaled(acc0, xs, ws, MULTIPLY), mask=mask)
-            tl.store(base + R * stride_on, _scaled(acc1, xs, ws, MULTIPLY), mask=mask)
-            tl.store(base + 2 * R * stride_on, _scaled(acc2, xs, ws, MULTIPLY), mask=mask)
-            tl.store(base + 3 * R * stride_on, _scaled(acc3, xs, ws, MULTIPLY), mask=mask)
+        step = R * stride_on
+        if ATOMIC:
+            tl.atomic_add(base, acc0, mask=mask)
+            tl.atomic_add(base + step, acc1, mask=mask)
+            tl.atomic_add(base + 2 * step, acc2, mask=mask)
+            tl.atomic_add(base + 3 * step, acc3, mask=mask)
+        elif SCALED:
+            n = 4 * R
+            tl.store(base, _epilogue(acc0, rm, rr, M, n, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS), mask=mask)
+            tl.store(base + step, _epilogue(acc1, rm, rr + R, M, n, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS), mask=mask)
+            tl.store(base + 2 * step, _epilogue(acc2, rm, rr + 2 * R, M, n, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS),
+                     mask=mask)
+            tl.store(base + 3 * step, _epilogue(acc3, rm, rr + 3 * R, M, n, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS),
+                     mask=mask)
         else:
             tl.store(base, acc0, mask=mask)
-            tl.store(base + R * stride_on, acc1, mask=mask)
-            tl.store(base + 2 * R * stride_on, acc2, mask=mask)
-            tl.store(base + 3 * R * stride_on, acc3, mask=mask)
+            tl.store(base + step, acc1, mask=mask)
+            tl.store(base + 2 * step, acc2, mask=mask)
+            tl.store(base + 3 * step, acc3, mask=mask)
+
+    @triton.jit
+    def _scale_kernel(acc_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, N, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The epilogue of a split product: the int32 sums [M, N] scaled into ``out``."""
+        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask = (rm[:, None] < M) & (rn[None, :] < N)
+        acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0)
+        tl.store(out_ptr + rm[:, None] * N + rn[None, :],
+                 _epilogue(acc, rm, rn, M, N, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS), mask=mask)
 
 
-def _blocks(m: int) -> tuple[int, int, int]:
-    """Tile sizes: 16 tokens for decode (M <= 16; tl.dot needs 16), larger tiles for prefill."""
-    return (16, 64, 128) if m <= 16 else (64, 64, 64)
+    @triton.jit
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, K, stride_wr,
+                     QUANT: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        """One token (decode at batch 1): BLOCK_R packed rows (4 BLOCK_R outputs) per program,
+        the whole inner dimension, no tensor cores. With QUANT the token's float activations
+        are quantized here (every program finds the same absmax and codes as _quant_kernel,
+        reading the row from L2), so a layer is one launch. code = field - 1, so the sum of
+        code * x is the sum of field * x less the sum of x."""
+        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rk = tl.arange(0, BLOCK_K)
+        if QUANT:
+            amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                kk = k0 + rk
+                amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)))
+            xs = tl.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-5)) * 127.0
+        else:
+            xs = tl.load(xs_ptr)
+        acc0 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
+        acc1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
+        acc3 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
+        xsum = tl.zeros((BLOCK_K,), dtype=tl.int32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + rk
+            if QUANT:
+                v = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
+                v = (v * xs + _ROUNDER) - _ROUNDER
+                x = tl.minimum(tl.maximum(v, -128.0), 127.0).to(tl.int32)
+            else:
+                x = tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.int32)
+            xsum += x
+            p = tl.load(w_ptr + rr[:, None] * stride_wr + kk[None, :], mask=(rr[:, None] < R) & (kk[None, :] < K),
+                        other=0).to(tl.int32)
+            acc0 += (p & 3) * x[None, :]
+            acc1 += ((p >> 2) & 3) * x[None, :]
+            acc2 += ((p >> 4) & 3) * x[None, :]
+            acc3 += ((p >> 6) & 3) * x[None, :]
+        total = tl.sum(xsum, axis=0)
+        ws = tl.load(ws_ptr)
+        n = 4 * R
+        for q in tl.static_range(4):
+            if q == 0:
+                acc = acc0
+            elif q == 1:
+                acc = acc1
+            elif q == 2:
+                acc = acc2
+            else:
+                acc = acc3
+            rn = rr + q * R
+            y = (tl.sum(acc, axis=1) - total).to(tl.float32)
+            y = y / xs * ws if MULTIPLY else y / (xs * ws)
+            if HAS_BIAS:
+                y = y + tl.load(b_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rn, y, mask=rr < R)
+
+
+def _need_triton() -> None:
+    if triton is None:
+        raise RuntimeError("the W2A8 kernels need triton (pip install triton)")
+
+
+def tiles_for(m: int, r: int, k: int, programs: int = 132) -> Tiles:
+    """The default launch for ``m`` tokens and ``r`` packed rows of inner dimension ``k``:
+    decode tiles of 16 tokens (``tl.dot``'s least), with the inner dimension split until
+    there are about two programs per multiprocessor; prefill tiles of 128 x 4·32."""
+    if m <= 16:
+        tiles = Tiles(16, 16, 256, 1, 4, 3)
+        blocks = triton.cdiv(r, tiles.r) if triton is not None else max(1, r // 16)
+        split = 1
+        while blocks * split < 2 * programs and k // (2 * split) >= 2 * tiles.k:
+            split *= 2
+        return tiles._replace(split=split)
+    return Tiles(128, 32, 128, 1, 8, 3)
 
 
 def _launch(xq: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, act_scale: torch.Tensor | None,
-            weight_scale: float, multiply: bool) -> torch.Tensor:
-    if triton is None:
-        raise RuntimeError("the W2A8 kernel needs triton (pip install triton)")
-    if xq.dtype != torch.int8 or packed.dtype != torch.uint8 or xq.shape[1] != packed.shape[1]:
+            weight_scale: torch.Tensor | None, multiply: bool, bias: torch.Tensor | None,
+            tiles: Tiles | None) -> torch.Tensor:
+    _need_triton()
+    if xq.dtype != torch.int8 or packed.dtype != torch.uint8 or xq.dim() != 2 or xq.shape[1] != packed.shape[1]:
         raise ValueError(f"need int8 [M, K] activations and uint8 [N/4, K] codes, got {xq.dtype} {tuple(xq.shape)} "
                          f"and {packed.dtype} {tuple(packed.shape)}")
     m, k = xq.shape
     r = packed.shape[0]
-    bm, br, bk = _blocks(m)
-    grid = (triton.cdiv(m, bm), triton.cdiv(r, br))
-    scales = act_scale if act_scale is not None else out  # unused when not scaled
-    _w2a8_kernel[grid](xq, packed, out, scales, float(weight_scale), m, r, k,
-                       xq.stride(0), xq.stride(1), packed.stride(0), packed.stride(1), out.stride(0), out.stride(1),
-                       SCALED=act_scale is not None, MULTIPLY=multiply, BLOCK_M=bm, BLOCK_R=br, BLOCK_K=bk)
+    t = tiles or tiles_for(m, r, k)
+    scaled = act_scale is not None
+    split = t.split > 1
+    target = torch.zeros(m, 4 * r, dtype=torch.int32, device=xq.device) if split else out
+    grid = (triton.cdiv(m, t.m) * triton.cdiv(r, t.r), t.split)
+    _w2a8_kernel[grid](xq, packed, target, act_scale if scaled else target, weight_scale if scaled else target,
+                       bias if bias is not None else target, m, r, k,
+                       xq.stride(0), xq.stride(1), packed.stride(0), packed.stride(1), target.stride(0), target.stride(1),
+                       SCALED=scaled, ATOMIC=split, MULTIPLY=multiply, HAS_BIAS=bias is not None,
+                       BLOCK_M=t.m, BLOCK_R=t.r, BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps, num_stages=t.stages)
+    if split and scaled:
+        n = 4 * r
+        _scale_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 256))](target, out, act_scale, weight_scale,
+                                                                   bias if bias is not None else target, m, n,
+                                                                   MULTIPLY=multiply, HAS_BIAS=bias is not None,
+                                                                   BLOCK_M=16, BLOCK_N=256)
+    elif split:
+        out.copy_(target)
     return out
 
 
-def matmul_int32(xq: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token int8 activations of ``x`` [M, K] (any float dtype) and their float32
+    scales [M]: :func:`bitquant.ternary.quantize_activations` in float32, in one kernel."""
+    _need_triton()
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    scale = torch.empty(m, dtype=torch.float32, device=x.device)
+    block = min(2048, triton.next_power_of_2(k))
+    if m:
+        _quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=4 if block <= 1024 else 8,
+                            enable_fp_fusion=False)
+    return q, scale
+
+
+def matmul_int32(xq: torch.Tensor, packed: torch.Tensor, tiles: Tiles | None = None) -> torch.Tensor:
     """int32 ``xq @ codes.T`` for int8 ``xq`` [M, K] and packed ternary codes [N/4, K]."""
     out = torch.empty(xq.shape[0], 4 * packed.shape[0], dtype=torch.int32, device=xq.device)
-    return _launch(xq, packed, out, None, 1.0, False)
+    return _launch(xq, packed, out, None, None, False, None, tiles)
 
 
-def linear(xq: torch.Tensor, act_scale: torch.Tensor, packed: torch.Tensor, weight_scale: float,
-           multiply: bool) -> torch.Tensor:
-    """float32 ``(xq @ codes.T) / act_scale * s`` (multiply) or ``/ (act_scale * weight_scale)``,
-    with ``act_scale`` per token ([M] or [M, 1]), as :class:`bitquant.runtime.TernaryLinear`."""
-    out = torch.empty(xq.shape[0], 4 * packed.shape[0], dtype=torch.float32, device=xq.device)
-    return _launch(xq, packed, out, act_scale.reshape(-1).float().contiguous(), weight_scale, multiply)
+def linear(xq: torch.Tensor, act_scale: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor,
+           multiply: bool, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+           tiles: Tiles | None = None) -> torch.Tensor:
+    """``(xq @ codes.T) / act_scale * s`` (multiply) or ``/ (act_scale * weight_scale)``, plus
+    ``bias``, in ``dtype``; ``act_scale`` per token ([M] or [M, 1]), ``weight_scale`` a
+    one-element tensor on the device, as :class:`bitquant.runtime.TernaryLinear` holds it."""
+    out = torch.empty(xq.shape[0], 4 * packed.shape[0], dtype=dtype, device=xq.device)
+    scales = act_scale.reshape(-1).to(torch.float32).contiguous()
+    ws = weight_scale.reshape(-1)[:1].to(torch.float32)
+    return _launch(xq, packed, out, scales, ws, multiply, bias, tiles)
+
+
+GEMV_TILES = (4, 512, 4)  # packed rows and inner dimension per program, warps
+
+
+def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, multiply: bool,
+         bias: torch.Tensor | None = None, act_scale: torch.Tensor | None = None,
+         tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """One token through a ternary layer in one launch: ``x`` [1, K] float (quantized in
+    the kernel) or int8 with its ``act_scale``; output [1, N] in ``x``'s float dtype (float32
+    for int8 input)."""
+    _need_triton()
+    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != packed.shape[1] or packed.dtype != torch.uint8:
+        raise ValueError(f"need one token [1, K] and uint8 [N/4, K] codes, got {tuple(x.shape)} and "
+                         f"{packed.dtype} {tuple(packed.shape)}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    quant = x.dtype != torch.int8
+    r, k = packed.shape
+    out = torch.empty(1, 4 * r, dtype=x.dtype if quant else torch.float32, device=x.device)
+    xs = out if quant else act_scale.reshape(-1)[:1].to(torch.float32)  # quantized in the kernel: unused
+    br, bk, warps = tiles or GEMV_TILES
+    ws = weight_scale.reshape(-1)[:1].to(torch.float32)
+    _gemv_kernel[(triton.cdiv(r, br),)](x, packed, out, xs, ws, bias if bias is not None else out, r, k, packed.stride(0),
+                                        QUANT=quant, MULTIPLY=multiply, HAS_BIAS=bias is not None,
+                                        BLOCK_R=br, BLOCK_K=bk, num_warps=warps, enable_fp_fusion=False)
+    return out
+
+
+def forward(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, multiply: bool,
+            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A ternary layer W1.58A8 on ``x`` [..., K]: quantize, multiply, scale; output in
+    ``x``'s dtype. One token (decode at batch 1) takes :func:`gemv`, one launch."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.shape[0] == 1:
+        y = gemv(x2, packed, weight_scale, multiply, bias)
+    else:
+        q, scale = quantize(x2)
+        y = linear(q, scale, packed, weight_scale, multiply, bias, x.dtype)
+    return y.reshape(*shape[:-1], y.shape[-1])

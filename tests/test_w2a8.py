@@ -36,11 +36,84 @@ def test_scaled_output_equals_the_cpu_runtime(multiply):
     scale = torch.tensor([0.037 if multiply else 1 / 0.037])
     ref = TernaryLinear(codes, scale, None, act_quant=True, multiply=multiply)(x)
     q, act_scale = quantize_activations(x)
-    got = w2a8.linear(q.to(torch.int8), act_scale, pack_ternary(codes), float(scale), multiply)
+    got = w2a8.linear(q.to(torch.int8), act_scale, pack_ternary(codes), scale, multiply)
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("split", [2, 4, 3])
+def test_a_split_inner_dimension_gives_the_same_integers(split):
+    """Decode splits k over programs that add int32 partial sums atomically: exact in any
+    order, including a last share shorter than the others."""
+    codes, xq = random_case(3, 64, 1000, seed=3)
+    want = xq.to(torch.int32) @ codes.to(torch.int32).T
+    tiles = w2a8.Tiles(16, 16, 128, split)
+    assert torch.equal(w2a8.matmul_int32(xq, pack_ternary(codes), tiles), want)
+
+
+@pytest.mark.parametrize("multiply", [False, True])
+@pytest.mark.parametrize("split", [1, 4])
+def test_forward_equals_the_cpu_runtime_with_bias(multiply, split, monkeypatch):
+    """Quantize + multiply + scale + bias, through the split and the unsplit epilogue."""
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(-1, 2, (96, 1024), generator=g, dtype=torch.int8)
+    x = torch.randn(2, 3, 1024, generator=g)
+    bias = torch.randn(96, generator=g)
+    scale = torch.tensor([0.021 if multiply else 1 / 0.021])
+    ref = TernaryLinear(codes, scale, bias, act_quant=True, multiply=multiply)(x)
+    monkeypatch.setattr(w2a8, "tiles_for", lambda m, r, k: w2a8.Tiles(16, 16, 128, split))
+    got = w2a8.forward(x, pack_ternary(codes), scale, multiply, bias)
+    assert got.shape == ref.shape and got.dtype == x.dtype
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+
+
+def test_quantize_gives_the_runtimes_integers_exactly():
+    """One kernel per token equals quantize_activations in float32: scales bit for bit, codes
+    exactly, including ties (x * scale = k + 0.5 rounds to even), zero rows and the clamp."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 3000, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0, 1.0])[:, None]
+    x[3] = 0.0
+    x[4, :4] = torch.tensor([127.0, 0.5, 1.5, -2.5])  # scale 1: ties at .5
+    x[4, 4:] = torch.linspace(-127, 127, 2996).round() + 0.5 * (torch.arange(2996) % 2)
+    x[4].clamp_(-127, 127)
+    q, scale = w2a8.quantize(x)
+    want_q, want_scale = quantize_activations(x)
+    assert q.dtype == torch.int8 and torch.equal(scale, want_scale.reshape(-1))
+    assert torch.equal(q.to(torch.float32), want_q)
+    xb = x.to(torch.bfloat16)  # a bf16 model's activations, quantized in float32
+    qb, sb = w2a8.quantize(xb)
+    want_qb, want_sb = quantize_activations(xb.float())
+    assert torch.equal(qb.to(torch.float32), want_qb) and torch.equal(sb, want_sb.reshape(-1))
 
 
 def test_wrong_inputs_are_refused():
     codes, xq = random_case(2, 8, 16)
     with pytest.raises(ValueError, match="need int8"):
+        w2a8.matmul_int32(xq[0], pack_ternary(codes))
+    with pytest.raises(ValueError, match="need int8"):
         w2a8.matmul_int32(xq.float(), pack_ternary(codes))
+
+
+@pytest.mark.parametrize("k", [96, 1000, 1536])
+def test_one_token_gemv_is_exact(k):
+    """Decode at batch 1: one launch, no tensor cores; with unit scales its float32 output is
+    the int32 product itself (every value far below 2**24)."""
+    codes, xq = random_case(1, 72, k, seed=6)
+    want = (xq.to(torch.int32) @ codes.to(torch.int32).T).float()
+    one = torch.ones(1)
+    got = w2a8.gemv(xq, pack_ternary(codes), one, True, act_scale=one, tiles=(4, 256, 4))
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("multiply", [False, True])
+def test_one_token_forward_quantizes_in_the_kernel(multiply):
+    """forward() of one token goes through the fused gemv: the CPU runtime's numbers."""
+    g = torch.Generator().manual_seed(7)
+    codes = torch.randint(-1, 2, (40, 700), generator=g, dtype=torch.int8)
+    x = torch.randn(1, 1, 700, generator=g) * 3
+    bias = torch.randn(40, generator=g)
+    scale = torch.tensor([0.03 if multiply else 1 / 0.03])
+    ref = TernaryLinear(codes, scale, bias, act_quant=True, multiply=multiply)(x)
+    got = w2a8.forward(x, pack_ternary(codes), scale, multiply, bias)
+    assert got.shape == (1, 1, 40) and float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="one token"):
+        w2a8.gemv(x[0].repeat(2, 1), pack_ternary(codes), scale, multiply)
