@@ -148,7 +148,7 @@ class Blocks:
         from bitquant.formats.hf_bitnet import SCALE_SUFFIX
         from bitquant.inputs import is_ternary_weight
         from bitquant.recipe import PROJECTIONS
-        from bitquant.runtime import TernaryLinear, ternary_weight
+        from bitquant.runtime import TernaryLinear, packed_kernel, ternary_weight
 
         prefix = f"{LAYER_PREFIX}{i}."
         layout = self.ckpt.layout
@@ -162,9 +162,11 @@ class Blocks:
             module = name[len(prefix):].removesuffix(".weight")
             parent, _, leaf = module.rpartition(".")
             bias = state.pop(module + ".bias", None)
-            codes, scale, multiply = ternary_weight(name, raw[name], raw.get(name + SCALE_SUFFIX), layout)
+            packed = packed_kernel(self.device, self.act_quant)
+            codes, scale, multiply = ternary_weight(name, raw[name], raw.get(name + SCALE_SUFFIX), layout, packed)
             setattr(layer.get_submodule(parent), leaf,
-                    TernaryLinear(codes.to(self.device), scale.to(self.device, self.dtype), bias, self.act_quant, multiply))
+                    TernaryLinear(codes.to(self.device), scale.to(self.device, self.dtype), bias, self.act_quant, multiply,
+                                  packed))
         missing, unexpected = layer.load_state_dict(state, assign=True, strict=False)
         missing = [m for m in missing if not isinstance(layer.get_submodule(m.rpartition(".")[0]), TernaryLinear)]
         if missing or unexpected:

@@ -14,11 +14,18 @@ scaling (``127 / max|x|``, clamped at 1e-5), multiplied by the {-1, 0, 1} codes,
 the activation scale, and divided by ``weight_scale`` (bitlinear: 1/s) or multiplied by it
 (autobitlinear and masters: s). ``act_quant=False`` skips the activation step
 (weights-only ternary).
+
+On a CUDA GPU with Triton, W1.58A8 layers keep their codes packed (2 bits each, the
+checkpoint's own bytes) and run the W2A8 kernels of :mod:`bitquant.w2a8`: the integers are
+the same, the weights take an eighth of bf16's memory. ``BITQUANT_W2A8=0`` turns that off
+(int8 codes and ``torch._int_mm``, as on the CPU).
 """
 
 from __future__ import annotations
 
 import json
+import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -27,7 +34,8 @@ import torch.nn.functional as F
 from bitquant.errors import SourceError, UnsupportedModelError, UsageError
 from bitquant.formats.hf_bitnet import SCALE_SUFFIX
 from bitquant.inputs import Layout, is_ternary_weight, runs_ternary
-from bitquant.packing import unpack_ternary
+from bitquant import w2a8
+from bitquant.packing import pack_ternary, unpack_ternary
 from bitquant.recipe import PROJECTIONS
 from bitquant.source import Checkpoint, open_checkpoint
 from bitquant.tensorfile import SafetensorsReader
@@ -47,13 +55,19 @@ class TernaryLinear(torch.nn.Module):
     """
 
     def __init__(self, codes: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, act_quant: bool = True,
-                 multiply: bool = False):
+                 multiply: bool = False, packed: bool = False):
+        """``codes``: int8 [out, in]; with ``packed`` (W1.58A8 only: the W2A8 kernel on CUDA)
+        they are kept packed, and may be given packed already (uint8 [out/4, in])."""
         super().__init__()
-        self.out_features, self.in_features = codes.shape
+        if packed and not act_quant:
+            raise ValueError("packed codes run W1.58A8 only")
+        already = packed and codes.dtype == torch.uint8
+        self.out_features, self.in_features = (4 * codes.shape[0], codes.shape[1]) if already else tuple(codes.shape)
         self.act_quant = act_quant
         self.multiply = multiply
         dtype = weight_scale.dtype
-        self.register_buffer("codes_t", codes.to(torch.int8).t().contiguous() if act_quant else None)
+        self.register_buffer("packed", (codes if already else pack_ternary(codes)).contiguous() if packed else None)
+        self.register_buffer("codes_t", codes.to(torch.int8).t().contiguous() if act_quant and not packed else None)
         self.register_buffer("codes_f", None if act_quant else codes.to(dtype))
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
@@ -68,6 +82,8 @@ class TernaryLinear(torch.nn.Module):
             y = F.linear(x, self.codes_f)
             y = y * self.weight_scale if self.multiply else y / self.weight_scale
             return y if self.bias is None else y + self.bias
+        if self.packed is not None:
+            return w2a8.forward(x, self.packed, self.weight_scale, self.multiply, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         q, scale = quantize_activations(x2)
@@ -83,17 +99,27 @@ class TernaryLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         scale = "multiplied" if self.multiply else "divided"
         return (f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}, "
-                f"weight_scale={scale}")
+                f"weight_scale={scale}, packed={self.packed is not None}")
+
+
+def packed_kernel(device: str | torch.device, act_quant: bool) -> bool:
+    """True where W1.58A8 layers run the packed W2A8 kernel: CUDA with Triton, unless
+    ``BITQUANT_W2A8=0``."""
+    return (torch.device(device).type == "cuda" and act_quant and w2a8.available()
+            and os.environ.get("BITQUANT_W2A8", "1") != "0")
 
 
 def ternary_weight(name: str, tensor: torch.Tensor, weight_scale: torch.Tensor | None,
-                   layout: Layout) -> tuple[torch.Tensor, torch.Tensor, bool]:
+                   layout: Layout, packed: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """``(codes, weight_scale, multiply)`` of one ternary weight of a ternary checkpoint:
     a master's latent weight ternarized with absmean (fp32 s, multiplied), or the stored
-    codes (packed, or unpacked floats) with the stored scale in the source's convention."""
+    codes (packed, or unpacked floats) with the stored scale in the source's convention.
+    With ``packed``, stored packed codes are returned as they are (uint8)."""
     if layout.kind == "master":
         s = absmean_scale(tensor, name=name)
         return ternarize(tensor, s), s.reshape(1), True
+    if packed and tensor.dtype == torch.uint8:
+        return tensor, weight_scale.reshape(1), layout.linear_class == "autobitlinear"
     codes = unpack_ternary(tensor) if tensor.dtype == torch.uint8 else tensor.to(torch.int8)
     return codes, weight_scale.reshape(1), layout.linear_class == "autobitlinear"
 
@@ -135,7 +161,9 @@ def load_ternary(folder: Path | Checkpoint, dtype: torch.dtype, device: str, act
     config = AutoConfig.from_pretrained(ckpt.path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain Linear layers; ternary ones are swapped in
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)  # random init, replaced below
+    with _no_init():  # every weight is replaced or loaded below
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    packed = packed_kernel(device, act_quant)
     state: dict[str, torch.Tensor] = {}
     names = {spec.name for _, spec in ckpt.iter_specs()}
     for f in ckpt.files:
@@ -148,7 +176,8 @@ def load_ternary(folder: Path | Checkpoint, dtype: torch.dtype, device: str, act
                 tensor = reader.get(name)
                 if is_ternary_weight(name, ckpt.layout, names, PROJECTIONS):
                     scale = ckpt.read([name + SCALE_SUFFIX])[name + SCALE_SUFFIX] if ckpt.layout.kind == "packed" else None
-                    _install(model, name, *ternary_weight(name, tensor, scale, ckpt.layout), dtype, act_quant)
+                    _install(model, name, *ternary_weight(name, tensor, scale, ckpt.layout, packed), dtype, act_quant,
+                             packed)
                 else:
                     state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor.clone()
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -162,22 +191,33 @@ def load_ternary(folder: Path | Checkpoint, dtype: torch.dtype, device: str, act
     return model.to(device).eval()
 
 
+def _no_init():
+    """transformers' context that skips weight initialization (nothing when it has none)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # pragma: no cover - older transformers
+        return nullcontext()
+    return no_init_weights()
+
+
 def _install(model, name: str, codes: torch.Tensor, weight_scale: torch.Tensor, multiply: bool, dtype,
-             act_quant: bool) -> None:
+             act_quant: bool, packed: bool = False) -> None:
     module_name = name.removesuffix(".weight")
     parent_name, _, leaf = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, leaf)
-    if tuple(codes.shape) != (old.out_features, old.in_features):
-        raise SourceError(f"ternary weight {name} has shape {tuple(codes.shape)}, expected {(old.out_features, old.in_features)}")
+    shape = (4 * codes.shape[0], codes.shape[1]) if codes.dtype == torch.uint8 else tuple(codes.shape)
+    if shape != (old.out_features, old.in_features):
+        raise SourceError(f"ternary weight {name} has shape {shape}, expected {(old.out_features, old.in_features)}")
     bias = None if old.bias is None else old.bias.detach()  # replaced by load_state_dict below
-    setattr(parent, leaf, TernaryLinear(codes, weight_scale.to(dtype), bias, act_quant, multiply))
+    setattr(parent, leaf, TernaryLinear(codes, weight_scale.to(dtype), bias, act_quant, multiply, packed))
 
 
 def _ternary_param(model, key: str) -> bool:
     module_name, _, attr = key.rpartition(".")
     try:
-        return isinstance(model.get_submodule(module_name), TernaryLinear) and attr in ("codes_t", "codes_f", "weight_scale")
+        return isinstance(model.get_submodule(module_name), TernaryLinear) and attr in ("codes_t", "codes_f", "packed",
+                                                                                         "weight_scale")
     except AttributeError:
         return False
 

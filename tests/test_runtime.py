@@ -94,3 +94,41 @@ def test_mismatched_checkpoint_is_reported(converted):
 
     with pytest.raises(SourceError, match="does not match its config"):
         runtime.load_ternary(out, torch.float32, "cpu")
+
+
+def test_packed_layer_equals_the_int8_path():
+    """The packed W2A8 layer (the CUDA path, here under Triton's interpreter) keeps 2 bits a
+    weight and gives the int8 path's numbers: same integers, same float32 epilogue."""
+    pytest.importorskip("triton")
+    codes, ws, b = random_layer(out=64, inp=96)
+    x = torch.randn(3, 5, 96)
+    packed = TernaryLinear(codes, ws, b, packed=True)
+    assert packed.packed.dtype == torch.uint8 and packed.packed.shape == (16, 96) and packed.codes_t is None
+    assert torch.allclose(packed(x), TernaryLinear(codes, ws, b)(x), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="W1.58A8 only"):
+        TernaryLinear(codes, ws, b, act_quant=False, packed=True)
+
+
+@pytest.mark.parametrize("flag,wanted", [(None, True), ("0", False)])
+def test_packed_kernel_is_chosen_on_cuda_only(monkeypatch, flag, wanted):
+    if flag is None:
+        monkeypatch.delenv("BITQUANT_W2A8", raising=False)
+    else:
+        monkeypatch.setenv("BITQUANT_W2A8", flag)
+    monkeypatch.setattr(runtime.w2a8, "available", lambda: True)
+    assert runtime.packed_kernel("cuda", True) is wanted
+    assert not runtime.packed_kernel("cpu", True) and not runtime.packed_kernel("cuda", False)
+
+
+def test_loaded_packed_model_equals_the_int8_model(converted, monkeypatch):
+    """load_ternary as on a GPU: the checkpoint's packed bytes go to the layers as they are,
+    and the logits equal the int8 runtime's."""
+    pytest.importorskip("triton")
+    _, out = converted
+    want = load_ternary(out, torch.float32, "cpu")
+    monkeypatch.setattr(runtime, "packed_kernel", lambda device, act_quant: act_quant)
+    got = load_ternary(out, torch.float32, "cpu")
+    layer = got.model.layers[0].mlp.up_proj
+    assert layer.packed is not None and layer.codes_t is None
+    with torch.no_grad():
+        assert torch.allclose(got(IDS).logits, want(IDS).logits, rtol=1e-5, atol=1e-5)
