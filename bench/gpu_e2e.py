@@ -15,12 +15,14 @@ Rows, all on the same GPU in this process:
   CUDA graph a step) on the FP model, and on the ternary model with the packed W2A8 kernels;
   "steady" is tokens/s over the timed steps, "call" is ``generate()`` as the CLI runs it
   (decoder set-up and graph capture included);
-- evaluation: ``token_nlls`` over ``--eval-tokens`` tokens in windows of 512, batched.
+- evaluation: ``token_nlls`` over ``--eval-tokens`` tokens in windows of 512, batched, and
+  one window at a time (the path before batching), with both perplexities.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -91,15 +93,19 @@ def call_generate(model, tokenizer, ids, n) -> float:
     return len(g.ids) / g.seconds
 
 
-def eval_rate(model, ids: list[int], context: int) -> tuple[float, float]:
+def eval_rate(model, ids: list[int], context: int) -> tuple[float, float, float, float]:
+    """(tokens/s batched, perplexity batched, tokens/s one window at a time, its perplexity)."""
     from bitquant.evaluate import token_nlls
 
-    token_nlls(model, ids[: 2 * context], context, context, "cuda")  # warm-up
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    nll, n = token_nlls(model, ids, context, context, "cuda")
-    torch.cuda.synchronize()
-    return n / (time.perf_counter() - t), float(torch.exp(nll.mean()))
+    out = []
+    for batch in (None, 1):
+        token_nlls(model, ids[: 2 * context], context, context, "cuda", batch=batch)  # warm-up, tuning
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        nll, n = token_nlls(model, ids, context, context, "cuda", batch=batch)
+        torch.cuda.synchronize()
+        out += [n / (time.perf_counter() - t), float(torch.exp(nll.mean()))]
+    return tuple(out)
 
 
 def main() -> None:
@@ -127,8 +133,9 @@ def main() -> None:
         fp = args.work / "fp"
         if not fp.exists():
             t = time.perf_counter()
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
             subprocess.run([sys.executable, str(REPO / "bench" / "make_checkpoint.py"), args.model, str(fp)], check=True,
-                           stdout=subprocess.DEVNULL)
+                           stdout=subprocess.DEVNULL, env=env)
             print(f"made {fp} in {time.perf_counter() - t:.0f} s", flush=True)
     ternary = args.work / f"{args.model}-ternary"
     if not ternary.exists():
@@ -163,7 +170,7 @@ def main() -> None:
             attempt(row, ["steady", "setup"], lambda: steady_decode(model, ids, args.tokens))
             attempt(row, ["call"], lambda: call_generate(model, tokenizer, ids, args.tokens))
         if "eval" not in args.skip:
-            attempt(row, ["eval", "ppl"], lambda: eval_rate(model, eval_ids, args.context))
+            attempt(row, ["eval", "ppl", "eval1", "ppl1"], lambda: eval_rate(model, eval_ids, args.context))
         rows.append(row)
         print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         model = None  # noqa: F841 - freed before the next row loads
@@ -172,8 +179,6 @@ def main() -> None:
     measure("FP bf16", lambda: load_fp(fp, torch.bfloat16, "cuda"), decode="fp-decode" not in args.skip)
     measure("ternary W2A8 (packed)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"))
     if "int8" not in args.skip:
-        import os
-
         os.environ["BITQUANT_W2A8"] = "0"
         measure("ternary int8 (_int_mm)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False)
         del os.environ["BITQUANT_W2A8"]
@@ -186,6 +191,10 @@ def main() -> None:
               f"{r.get('hf', nan):12.1f} {r.get('steady', nan):12.1f} {r.get('steady', nan) / base.get('hf', nan):9.2f} "
               f"{r.get('call', nan):10.1f} {r.get('setup', nan):7.2f} {r.get('eval', nan):10.0f} "
               f"{r.get('eval', nan) / base.get('eval', nan):7.2f} {r.get('ppl', nan):10.4g}")
+    print(f"\n{'model':26s} {'eval tok/s, one window at a time':>34s} {'ppl':>12s} {'batched / one':>14s} {'ppl rel diff':>12s}")
+    for r in rows:
+        print(f"{r['label']:26s} {r.get('eval1', nan):34.0f} {r.get('ppl1', nan):12.6g} "
+              f"{r.get('eval', nan) / r.get('eval1', nan):14.2f} {abs(r.get('ppl', nan) / r.get('ppl1', nan) - 1):12.2e}")
 
 
 if __name__ == "__main__":
