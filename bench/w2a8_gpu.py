@@ -31,7 +31,7 @@ from source_tree import use_source_tree  # noqa: E402
 
 use_source_tree()
 
-from triton.testing import do_bench_cudagraph  # noqa: E402
+from triton.testing import do_bench, do_bench_cudagraph  # noqa: E402
 
 from bitquant import w2a8  # noqa: E402
 from bitquant.packing import pack_ternary  # noqa: E402
@@ -45,6 +45,14 @@ PREFILL_SWEEP = [w2a8.Tiles(*t) for t in [(128, 32, 128, 1, 8, 3), (128, 64, 64,
                                           (64, 64, 64, 1, 4, 3), (128, 64, 128, 1, 8, 3), (256, 32, 64, 1, 8, 3),
                                           (128, 16, 128, 1, 4, 3), (64, 32, 128, 1, 4, 4), (128, 32, 128, 1, 4, 4),
                                           (128, 64, 64, 1, 8, 4)]]
+
+
+def safe(fn) -> float:
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a library that fails is reported, not fatal
+        print(f"  {type(e).__name__}: {str(e)[:100]}", flush=True)
+        return float("nan")
 
 
 def us(fn) -> float:
@@ -126,6 +134,7 @@ def main() -> None:
     ap.add_argument("--m", type=int, nargs="+", default=[1, 16, 8192])
     ap.add_argument("--sweep", action="store_true", help="time every tile configuration of the kernel")
     ap.add_argument("--no-libraries", action="store_true", help="skip gemlite and torchao")
+    ap.add_argument("--shapes", nargs="+", help="NxK shapes (default: the Llama-2-7B and 2B-4T ones)")
     args = ap.parse_args()
     name = torch.cuda.get_device_name()
     bandwidth = next((v for k, v in BANDWIDTH.items() if k in name), 3.35e12)
@@ -134,7 +143,7 @@ def main() -> None:
     print(f"{'N x K':>12s} {'M':>5s} {'bf16':>8s} {'int8mm':>8s} {'rt int8':>8s} {'w2a8':>8s} {'quant':>7s} "
           f"{'fused':>8s} {'gemlite':>8s} {'torchao':>8s} {'kern x':>7s} {'fused x':>7s} {'x floor':>7s}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
-    for n, k in SHAPES:
+    for n, k in [tuple(map(int, t.split("x"))) for t in args.shapes] if args.shapes else SHAPES:
         codes = torch.randint(-1, 2, (n, k), device="cuda", dtype=torch.int8, generator=g)
         packed = pack_ternary(codes)
         w_bf16 = codes.to(torch.bfloat16) * 0.02
@@ -161,8 +170,8 @@ def main() -> None:
                 t_w2a8 = us(lambda: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16))
             t_quant = us(lambda: w2a8.quantize(x))
             t_fused = us(lambda: w2a8.forward(x, packed, ws, True))
-            t_gem = us(lambda: gem(x)) if gem is not None else nan
-            t_tao = us(lambda: tao(x)) if tao is not None else nan
+            t_gem = safe(lambda: us(lambda: gem(x))) if gem is not None else nan
+            t_tao = safe(lambda: do_bench(lambda: tao(x), rep=20) * 1e3) if tao is not None else nan  # not capturable
             floor = (n * k / 4 + 2 * m * k + 2 * m * k + 2 * m * n) / bandwidth * 1e6
             print(f"{n:>5d}x{k:<6d} {m:5d} {t_bf16:8.1f} {t_int8:8.1f} {t_rt:8.1f} {t_w2a8:8.1f} {t_quant:7.1f} "
                   f"{t_fused:8.1f} {t_gem:8.1f} {t_tao:8.1f} {t_bf16 / t_w2a8:7.2f} {t_bf16 / t_fused:7.2f} "

@@ -62,6 +62,7 @@ class TernaryLinear(torch.nn.Module):
         if packed and not act_quant:
             raise ValueError("packed codes run W1.58A8 only")
         already = packed and codes.dtype == torch.uint8
+        packed = packed and (already or codes.shape[0] % 4 == 0)  # rows that do not pack stay int8
         self.out_features, self.in_features = (4 * codes.shape[0], codes.shape[1]) if already else tuple(codes.shape)
         self.act_quant = act_quant
         self.multiply = multiply

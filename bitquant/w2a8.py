@@ -26,7 +26,6 @@ against the int32 reference; ``bench/w2a8_gpu.py`` measures them on a GPU.
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 import torch
@@ -153,16 +152,6 @@ if triton is not None:
             tl.store(base + 3 * step, acc3, mask=mask)
 
     _w2a8_kernel = triton.jit(_w2a8_body)
-    # prefill: the tile is chosen per shape by timing these on first use (the integers do
-    # not depend on it); under the interpreter only the first is tried
-    PREFILL_CONFIGS = [triton.Config(dict(BLOCK_M=m, BLOCK_R=r, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=st)
-                       for m, r, k, w, st in [(128, 32, 128, 8, 3), (128, 64, 64, 8, 3), (128, 32, 64, 4, 4),
-                                              (64, 64, 64, 4, 3), (128, 64, 128, 8, 3), (256, 32, 64, 8, 3),
-                                              (128, 16, 128, 4, 3), (64, 32, 128, 4, 4), (128, 64, 64, 8, 4),
-                                              (256, 64, 64, 8, 3)]]
-    _interpreted = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    _w2a8_tuned = triton.autotune(PREFILL_CONFIGS[:1] if _interpreted else PREFILL_CONFIGS,
-                                  key=["M", "R", "K", "SCALED", "MULTIPLY", "HAS_BIAS"])(triton.jit(_w2a8_body))
 
     @triton.jit
     def _scale_kernel(acc_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, N, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -240,18 +229,20 @@ def _need_triton() -> None:
         raise RuntimeError("the W2A8 kernels need triton (pip install triton)")
 
 
-def tiles_for(m: int, r: int, k: int, programs: int = 132) -> Tiles | None:
+def tiles_for(m: int, r: int, k: int, programs: int = 132) -> Tiles:
     """The launch for ``m`` tokens and ``r`` packed rows of inner dimension ``k``: decode
-    tiles of 16 tokens (``tl.dot``'s least), with the inner dimension split until there are
-    about two programs per multiprocessor; None for prefill (tuned per shape)."""
-    if m <= 16:
-        tiles = Tiles(16, 16, 256, 1, 4, 3)
-        blocks = triton.cdiv(r, tiles.r) if triton is not None else max(1, r // 16)
+    tiles of 16 tokens (``tl.dot``'s least), with the inner dimension split while the
+    programs still fit in one wave; prefill tiles of 128 x 4·32 (within 1% of the best of ten
+    tiles on every Llama-2-7B shape in the sweep; tuning per shape on first use cost seconds
+    per process and gained nothing)."""
+    if m <= 16:  # from bench/w2a8_gpu.py --sweep on an H100: 32 packed rows, split up to one wave
+        tiles = Tiles(16, 32, 256, 1, 4, 3)
+        blocks = -(-r // tiles.r)
         split = 1
-        while blocks * split < 2 * programs and k // (2 * split) >= 2 * tiles.k:
+        while blocks * split * 2 <= programs and k // (2 * split) >= 2 * tiles.k:
             split *= 2
         return tiles._replace(split=split)
-    return None
+    return Tiles(128, 32, 128, 1, 8, 3)
 
 
 def _launch(xq: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, act_scale: torch.Tensor | None,
@@ -265,17 +256,14 @@ def _launch(xq: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, act_scale
     r = packed.shape[0]
     t = tiles or tiles_for(m, r, k)
     scaled = act_scale is not None
-    split = t is not None and t.split > 1
+    split = t.split > 1
     target = torch.zeros(m, 4 * r, dtype=torch.int32, device=xq.device) if split else out
     args = (xq, packed, target, act_scale if scaled else target, weight_scale if scaled else target,
             bias if bias is not None else target, m, r, k,
             xq.stride(0), xq.stride(1), packed.stride(0), packed.stride(1), target.stride(0), target.stride(1))
     flags = dict(SCALED=scaled, ATOMIC=split, MULTIPLY=multiply, HAS_BIAS=bias is not None)
-    if t is None:  # prefill: the tuned tile
-        _w2a8_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(r, meta["BLOCK_R"]), 1)](*args, **flags)
-    else:
-        _w2a8_kernel[(triton.cdiv(m, t.m) * triton.cdiv(r, t.r), t.split)](
-            *args, **flags, BLOCK_M=t.m, BLOCK_R=t.r, BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps, num_stages=t.stages)
+    _w2a8_kernel[(triton.cdiv(m, t.m) * triton.cdiv(r, t.r), t.split)](
+        *args, **flags, BLOCK_M=t.m, BLOCK_R=t.r, BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps, num_stages=t.stages)
     if split and scaled:
         n = 4 * r
         _scale_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 256))](target, out, act_scale, weight_scale,

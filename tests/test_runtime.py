@@ -132,3 +132,9 @@ def test_loaded_packed_model_equals_the_int8_model(converted, monkeypatch):
     assert layer.packed is not None and layer.codes_t is None
     with torch.no_grad():
         assert torch.allclose(got(IDS).logits, want(IDS).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_rows_that_do_not_pack_stay_int8():
+    codes, ws, b = random_layer(out=6, inp=40)
+    layer = TernaryLinear(codes, ws, b, packed=True)
+    assert layer.packed is None and layer.codes_t is not None
