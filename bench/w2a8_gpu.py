@@ -9,7 +9,10 @@ dynamic-activation path), on one GPU, in one run.
 Every variant is timed the same way: captured in a CUDA graph and replayed (Triton's
 do_bench_cudagraph), so Python's launch overhead counts for none of them, as in a decode
 step run from a graph. Columns: microseconds of each variant ("w2a8": the kernel on int8
-activations, the one-token gemv at M = 1; "fused": the whole layer from bf16 activations,
+activations: the gemv up to 16 tokens, though the runtime sends it one token only so far;
+"tiles": the tensor-core tiles, which the runtime uses from 2 tokens; "int8mm" and
+"int8 TN": torch._int_mm on unpacked codes stored [K, N] row-major, as the runtime did,
+and column-major; "fused": the whole layer from bf16 activations,
 quantization included); "kern x" and "fused x" are bf16's time over theirs (above 1:
 faster than bf16); "x floor" is the fused layer's time over the memory-bandwidth floor
 (packed weights, bf16 activations in and out, int8 activations written and read, at the
@@ -140,7 +143,7 @@ def main() -> None:
     bandwidth = next((v for k, v in BANDWIDTH.items() if k in name), 3.35e12)
     print(f"{name}, torch {torch.__version__}, nominal bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"times in us from CUDA-graph replays")
-    print(f"{'N x K':>12s} {'M':>5s} {'bf16':>8s} {'int8mm':>8s} {'rt int8':>8s} {'w2a8':>8s} {'quant':>7s} "
+    print(f"{'N x K':>12s} {'M':>5s} {'bf16':>8s} {'int8mm':>8s} {'int8 TN':>8s} {'rt int8':>8s} {'tiles':>8s} {'w2a8':>8s} {'quant':>7s} "
           f"{'fused':>8s} {'gemlite':>8s} {'torchao':>8s} {'kern x':>7s} {'fused x':>7s} {'x floor':>7s}", flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     for n, k in [tuple(map(int, t.split("x"))) for t in args.shapes] if args.shapes else SHAPES:
@@ -158,22 +161,24 @@ def main() -> None:
             t_bf16 = us(lambda: x @ w_bf16.T)
             nan = float("nan")
             t_int8 = us(lambda: torch._int_mm(xq, codes_t)) if m > 16 else nan
+            t_tn = safe(lambda: us(lambda: torch._int_mm(xq, codes.t()))) if m > 16 else nan  # B column-major
 
             def runtime_int8():  # the runtime's path before this kernel: torch quantization, _int_mm, scale
                 q, sc = quantize_activations(x)
                 return (torch._int_mm(q.to(torch.int8), codes_t).to(x.dtype) / sc * 0.02)
 
             t_rt = us(runtime_int8) if m > 16 else nan
-            if m == 1:  # the one-token kernel, on int8 input
+            t_tiles = us(lambda: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16))
+            if m <= w2a8.GEMV_ROWS:  # decode: the gemv, on int8 input (the tiles: for comparison)
                 t_w2a8 = us(lambda: w2a8.gemv(xq, packed, ws, True, act_scale=s))
             else:
-                t_w2a8 = us(lambda: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16))
+                t_w2a8, t_tiles = t_tiles, nan
             t_quant = us(lambda: w2a8.quantize(x))
             t_fused = us(lambda: w2a8.forward(x, packed, ws, True))
             t_gem = safe(lambda: us(lambda: gem(x))) if gem is not None else nan
             t_tao = safe(lambda: do_bench(lambda: tao(x), rep=20) * 1e3) if tao is not None else nan  # not capturable
             floor = (n * k / 4 + 2 * m * k + 2 * m * k + 2 * m * n) / bandwidth * 1e6
-            print(f"{n:>5d}x{k:<6d} {m:5d} {t_bf16:8.1f} {t_int8:8.1f} {t_rt:8.1f} {t_w2a8:8.1f} {t_quant:7.1f} "
+            print(f"{n:>5d}x{k:<6d} {m:5d} {t_bf16:8.1f} {t_int8:8.1f} {t_tn:8.1f} {t_rt:8.1f} {t_tiles:8.1f} {t_w2a8:8.1f} {t_quant:7.1f} "
                   f"{t_fused:8.1f} {t_gem:8.1f} {t_tao:8.1f} {t_bf16 / t_w2a8:7.2f} {t_bf16 / t_fused:7.2f} "
                   f"{t_fused / floor:7.1f}", flush=True)
             if args.sweep:

@@ -166,16 +166,20 @@ if triton is not None:
 
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, K, stride_wr,
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, K, stride_wr, stride_xm, stride_om,
                      QUANT: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One token (decode at batch 1): BLOCK_R packed rows (4 BLOCK_R outputs) per program,
-        the whole inner dimension, no tensor cores. With QUANT the token's float activations
+        """One token per program along axis 1 (decode: a few tokens), BLOCK_R packed rows
+        (4 BLOCK_R outputs) per program along axis 0, the whole inner dimension, no tensor
+        cores; several tokens read the same weight tile, the later ones from L2. With QUANT the token's float activations
         are quantized here (every program finds the same absmax and codes as _quant_kernel,
         reading the row from L2), so a layer is one launch. code = field - 1, so the sum of
         code * x is the sum of field * x less the sum of x."""
         rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rk = tl.arange(0, BLOCK_K)
+        token = tl.program_id(1)
+        x_ptr += token * stride_xm
+        out_ptr += token * stride_om
         if QUANT:
             amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -183,7 +187,7 @@ if triton is not None:
                 amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)))
             xs = tl.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-5)) * 127.0
         else:
-            xs = tl.load(xs_ptr)
+            xs = tl.load(xs_ptr + token)
         acc0 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
         acc1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
         acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
@@ -311,36 +315,46 @@ def linear(xq: torch.Tensor, act_scale: torch.Tensor, packed: torch.Tensor, weig
 GEMV_TILES = (4, 512, 4)  # packed rows and inner dimension per program, warps
 
 
+#: the most tokens :func:`gemv` takes (one program per token and tile)
+GEMV_ROWS = 16
+#: the most tokens :func:`forward` sends through :func:`gemv`: one, as measured on an H100
+#: (docs/measurements.md); 2 to 16 tokens through the gemv are tested but not yet timed
+#: against the tensor-core tiles (``bench/w2a8_gpu.py`` prints both)
+FORWARD_GEMV_ROWS = 1
+
+
 def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, multiply: bool,
          bias: torch.Tensor | None = None, act_scale: torch.Tensor | None = None,
          tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """One token through a ternary layer in one launch: ``x`` [1, K] float (quantized in
-    the kernel) or int8 with its ``act_scale``; output [1, N] in ``x``'s float dtype (float32
-    for int8 input)."""
+    """A few tokens through a ternary layer in one launch: ``x`` [M, K] float (quantized in
+    the kernel) or int8 with its ``act_scale`` [M]; output [M, N] in ``x``'s float dtype
+    (float32 for int8 input)."""
     _need_triton()
-    if x.dim() != 2 or x.shape[0] != 1 or x.shape[1] != packed.shape[1] or packed.dtype != torch.uint8:
-        raise ValueError(f"need one token [1, K] and uint8 [N/4, K] codes, got {tuple(x.shape)} and "
+    if x.dim() != 2 or not 1 <= x.shape[0] <= GEMV_ROWS or x.shape[1] != packed.shape[1] or packed.dtype != torch.uint8:
+        raise ValueError(f"need 1 to {GEMV_ROWS} tokens [M, K] and uint8 [N/4, K] codes, got {tuple(x.shape)} and "
                          f"{packed.dtype} {tuple(packed.shape)}")
     x = x if x.stride(-1) == 1 else x.contiguous()
     quant = x.dtype != torch.int8
+    m = x.shape[0]
     r, k = packed.shape
-    out = torch.empty(1, 4 * r, dtype=x.dtype if quant else torch.float32, device=x.device)
-    xs = out if quant else act_scale.reshape(-1)[:1].to(torch.float32)  # quantized in the kernel: unused
+    out = torch.empty(m, 4 * r, dtype=x.dtype if quant else torch.float32, device=x.device)
+    xs = out if quant else act_scale.reshape(-1).to(torch.float32).contiguous()  # quantized in the kernel: unused
     br, bk, warps = tiles or GEMV_TILES
     ws = weight_scale.reshape(-1)[:1].to(torch.float32)
-    _gemv_kernel[(triton.cdiv(r, br),)](x, packed, out, xs, ws, bias if bias is not None else out, r, k, packed.stride(0),
-                                        QUANT=quant, MULTIPLY=multiply, HAS_BIAS=bias is not None,
-                                        BLOCK_R=br, BLOCK_K=bk, num_warps=warps, enable_fp_fusion=False)
+    _gemv_kernel[(triton.cdiv(r, br), m)](x, packed, out, xs, ws, bias if bias is not None else out, r, k, packed.stride(0),
+                                          x.stride(0), out.stride(0), QUANT=quant, MULTIPLY=multiply,
+                                          HAS_BIAS=bias is not None, BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
+                                          enable_fp_fusion=False)
     return out
 
 
 def forward(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, multiply: bool,
             bias: torch.Tensor | None = None) -> torch.Tensor:
     """A ternary layer W1.58A8 on ``x`` [..., K]: quantize, multiply, scale; output in
-    ``x``'s dtype. One token (decode at batch 1) takes :func:`gemv`, one launch."""
+    ``x``'s dtype. Up to :data:`FORWARD_GEMV_ROWS` tokens take :func:`gemv`, one launch."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if x2.shape[0] == 1:
+    if 1 <= x2.shape[0] <= FORWARD_GEMV_ROWS:
         y = gemv(x2, packed, weight_scale, multiply, bias)
     else:
         q, scale = quantize(x2)

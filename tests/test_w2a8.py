@@ -56,7 +56,7 @@ def test_forward_equals_the_cpu_runtime_with_bias(multiply, split, monkeypatch):
     """Quantize + multiply + scale + bias, through the split and the unsplit epilogue."""
     g = torch.Generator().manual_seed(4)
     codes = torch.randint(-1, 2, (96, 1024), generator=g, dtype=torch.int8)
-    x = torch.randn(2, 3, 1024, generator=g)
+    x = torch.randn(4, 5, 1024, generator=g)  # 20 tokens: the tiled kernel, not the gemv
     bias = torch.randn(96, generator=g)
     scale = torch.tensor([0.021 if multiply else 1 / 0.021])
     ref = TernaryLinear(codes, scale, bias, act_quant=True, multiply=multiply)(x)
@@ -93,14 +93,13 @@ def test_wrong_inputs_are_refused():
         w2a8.matmul_int32(xq.float(), pack_ternary(codes))
 
 
-@pytest.mark.parametrize("k", [96, 1000, 1536])
-def test_one_token_gemv_is_exact(k):
-    """Decode at batch 1: one launch, no tensor cores; with unit scales its float32 output is
-    the int32 product itself (every value far below 2**24)."""
-    codes, xq = random_case(1, 72, k, seed=6)
+@pytest.mark.parametrize("m,k", [(1, 96), (1, 1000), (3, 1536), (16, 200)])
+def test_gemv_is_exact(m, k):
+    """Decode: one launch, a program per token and tile, no tensor cores; with unit scales its
+    float32 output is the int32 product itself (every value far below 2**24)."""
+    codes, xq = random_case(m, 72, k, seed=6)
     want = (xq.to(torch.int32) @ codes.to(torch.int32).T).float()
-    one = torch.ones(1)
-    got = w2a8.gemv(xq, pack_ternary(codes), one, True, act_scale=one, tiles=(4, 256, 4))
+    got = w2a8.gemv(xq, pack_ternary(codes), torch.ones(1), True, act_scale=torch.ones(m), tiles=(4, 256, 4))
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
@@ -115,5 +114,5 @@ def test_one_token_forward_quantizes_in_the_kernel(multiply):
     ref = TernaryLinear(codes, scale, bias, act_quant=True, multiply=multiply)(x)
     got = w2a8.forward(x, pack_ternary(codes), scale, multiply, bias)
     assert got.shape == (1, 1, 40) and float((got - ref).abs().max() / ref.abs().max()) < 1e-6
-    with pytest.raises(ValueError, match="one token"):
-        w2a8.gemv(x[0].repeat(2, 1), pack_ternary(codes), scale, multiply)
+    with pytest.raises(ValueError, match="1 to 16 tokens"):
+        w2a8.gemv(x[0].repeat(17, 1), pack_ternary(codes), scale, multiply)
