@@ -158,11 +158,11 @@ class Blocks:
                  if n not in ternary and n.removesuffix(SCALE_SUFFIX) not in ternary}
         with torch.device("meta"):
             layer = self.layer_cls(self.config, i)
+        packed = packed_kernel(self.device, self.act_quant)
         for name in ternary:
             module = name[len(prefix):].removesuffix(".weight")
             parent, _, leaf = module.rpartition(".")
             bias = state.pop(module + ".bias", None)
-            packed = packed_kernel(self.device, self.act_quant)
             codes, scale, multiply = ternary_weight(name, raw[name], raw.get(name + SCALE_SUFFIX), layout, packed)
             setattr(layer.get_submodule(parent), leaf,
                     TernaryLinear(codes.to(self.device), scale.to(self.device, self.dtype), bias, self.act_quant, multiply,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -83,6 +84,45 @@ def _block_step(layer, h: torch.Tensor, pe, k_cache: torch.Tensor, v_cache: torc
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
+class _Parts(NamedTuple):
+    """What a decoding step needs of a model: its pieces, the family's row, and one
+    zeroed key/value cache per block ([rows, kv_heads, length, head_dim])."""
+
+    config: object
+    body: torch.nn.Module
+    head: torch.nn.Module
+    family: Family
+    rotary: Callable
+    windows: list[int | None]
+    caches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _parts(model, rows: int, length: int) -> _Parts:
+    config = model.config
+    body, head = model.get_decoder(), model.get_output_embeddings()
+    layers = body.layers
+    device, dtype = head.weight.device, body.embed_tokens.weight.dtype
+    kv, hd = config.num_key_value_heads, layers[0].self_attn.head_dim
+    caches = [(torch.zeros(rows, kv, length, hd, dtype=dtype, device=device),
+               torch.zeros(rows, kv, length, hd, dtype=dtype, device=device)) for _ in layers]
+    family = families.family_of_model(model)
+    windows = [families.sliding_window(family, config, layer.self_attn) for layer in layers]
+    return _Parts(config, body, head, family, _rotary(layers[0]), windows, caches)
+
+
+def _step(parts: _Parts, tokens: torch.Tensor, pos: int | torch.Tensor, position_ids: torch.Tensor,
+          masks: dict[int | None, torch.Tensor] | None = None) -> torch.Tensor:
+    """``tokens`` ([rows, 1]) at position ``pos`` through every block (see :func:`_block_step`
+    for ``pos`` and ``masks``, one per window length); float32 logits of the next position."""
+    body = parts.body
+    h = body.embed_tokens(tokens)
+    pes = families.position_embeddings(parts.family, body.rotary_emb, parts.config, h, position_ids)
+    for layer, pe, window, (k_cache, v_cache) in zip(body.layers, pes, parts.windows, parts.caches):
+        h = _block_step(layer, h, pe, k_cache, v_cache, pos, parts.rotary, parts.family, window,
+                        None if masks is None else masks[window])
+    return families.soft_cap(parts.head(body.norm(h[:, -1])), parts.config).float()
+
+
 @torch.inference_mode()
 def sample_batch(model, rows: int, length: int, bos_id: int, temperature: float, banned: list[int],
                  generator: torch.Generator, on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -90,28 +130,13 @@ def sample_batch(model, rows: int, length: int, bos_id: int, temperature: float,
     starting with ``bos_id``, every next token drawn from ``softmax(logits / temperature)``
     with the ``banned`` ids (EOS) excluded. ``generator`` (on the model's device) makes it
     repeatable. ``on_step(pos, logits)`` sees each step's float32 logits (before the ban)."""
-    config = model.config
-    body = model.get_decoder()
-    head = model.get_output_embeddings()
-    layers = body.layers
-    device = head.weight.device
-    dtype = body.embed_tokens.weight.dtype
-    kv, hd = config.num_key_value_heads, layers[0].self_attn.head_dim
-    caches = [(torch.empty(rows, kv, length, hd, dtype=dtype, device=device),
-               torch.empty(rows, kv, length, hd, dtype=dtype, device=device)) for _ in layers]
-    rotary = _rotary(layers[0])
-    family = families.family_of_model(model)
-    windows = [families.sliding_window(family, config, layer.self_attn) for layer in layers]
+    parts = _parts(model, rows, length)
+    device = parts.head.weight.device
     out = torch.empty(rows, length, dtype=torch.int64, device=device)
     out[:, 0] = bos_id
     ban = torch.tensor(banned, dtype=torch.long, device=device) if banned else None
     for pos in range(length - 1):
-        h = body.embed_tokens(out[:, pos : pos + 1])
-        pes = families.position_embeddings(family, body.rotary_emb, config, h,
-                                           torch.full((1, 1), pos, dtype=torch.long, device=device))
-        for layer, pe, window, (k_cache, v_cache) in zip(layers, pes, windows, caches):
-            h = _block_step(layer, h, pe, k_cache, v_cache, pos, rotary, family, window)
-        logits = families.soft_cap(head(body.norm(h[:, -1])), config).float()
+        logits = _step(parts, out[:, pos : pos + 1], pos, torch.full((1, 1), pos, dtype=torch.long, device=device))
         if on_step:
             on_step(pos, logits)
         if ban is not None:
@@ -139,18 +164,9 @@ class StaticDecoder:
     float32 logits for the next position ([rows, vocab]; the same tensor every step)."""
 
     def __init__(self, model, rows: int, length: int, graph: bool | None = None):
-        config = model.config
-        self.body, self.head = model.get_decoder(), model.get_output_embeddings()
-        self.config, self.length = config, length
-        layers = self.body.layers
-        device = self.head.weight.device
-        dtype = self.body.embed_tokens.weight.dtype
-        kv, hd = config.num_key_value_heads, layers[0].self_attn.head_dim
-        self.caches = [(torch.zeros(rows, kv, length, hd, dtype=dtype, device=device),
-                        torch.zeros(rows, kv, length, hd, dtype=dtype, device=device)) for _ in layers]
-        self.rotary = _rotary(layers[0])
-        self.family = families.family_of_model(model)
-        self.windows = [families.sliding_window(self.family, config, layer.self_attn) for layer in layers]
+        self.parts = _parts(model, rows, length)
+        self.length = length
+        device = self.parts.head.weight.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.places = torch.arange(length, device=device).view(1, 1, 1, length)
@@ -164,17 +180,12 @@ class StaticDecoder:
     def _masks(self) -> dict[int | None, torch.Tensor]:
         seen = self.places <= self.pos
         masks: dict[int | None, torch.Tensor] = {None: seen}
-        for w in set(self.windows) - {None}:
+        for w in set(self.parts.windows) - {None}:
             masks[w] = seen & (self.places > self.pos - w)
         return masks
 
     def _step(self) -> torch.Tensor:
-        h = self.body.embed_tokens(self.tokens)
-        pes = families.position_embeddings(self.family, self.body.rotary_emb, self.config, h, self.pos.view(1, 1))
-        masks = self._masks()
-        for layer, pe, window, (k_cache, v_cache) in zip(self.body.layers, pes, self.windows, self.caches):
-            h = _block_step(layer, h, pe, k_cache, v_cache, self.pos, self.rotary, self.family, window, masks[window])
-        return families.soft_cap(self.head(self.body.norm(h[:, -1])), self.config).float()
+        return _step(self.parts, self.tokens, self.pos, self.pos.view(1, 1), self._masks())
 
     @torch.inference_mode()
     def _capture(self) -> None:

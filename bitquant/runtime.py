@@ -119,9 +119,10 @@ def ternary_weight(name: str, tensor: torch.Tensor, weight_scale: torch.Tensor |
     if layout.kind == "master":
         s = absmean_scale(tensor, name=name)
         return ternarize(tensor, s), s.reshape(1), True
-    if packed and tensor.dtype == torch.uint8:
-        return tensor, weight_scale.reshape(1), layout.linear_class == "autobitlinear"
-    codes = unpack_ternary(tensor) if tensor.dtype == torch.uint8 else tensor.to(torch.int8)
+    if tensor.dtype == torch.uint8:
+        codes = tensor if packed else unpack_ternary(tensor)
+    else:
+        codes = tensor.to(torch.int8)
     return codes, weight_scale.reshape(1), layout.linear_class == "autobitlinear"
 
 
@@ -207,11 +208,12 @@ def _install(model, name: str, codes: torch.Tensor, weight_scale: torch.Tensor, 
     parent_name, _, leaf = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)
     old = getattr(parent, leaf)
-    shape = (4 * codes.shape[0], codes.shape[1]) if codes.dtype == torch.uint8 else tuple(codes.shape)
+    bias = None if old.bias is None else old.bias.detach()  # replaced by load_state_dict below
+    new = TernaryLinear(codes, weight_scale.to(dtype), bias, act_quant, multiply, packed)
+    shape = (new.out_features, new.in_features)
     if shape != (old.out_features, old.in_features):
         raise SourceError(f"ternary weight {name} has shape {shape}, expected {(old.out_features, old.in_features)}")
-    bias = None if old.bias is None else old.bias.detach()  # replaced by load_state_dict below
-    setattr(parent, leaf, TernaryLinear(codes, weight_scale.to(dtype), bias, act_quant, multiply, packed))
+    setattr(parent, leaf, new)
 
 
 def _ternary_param(model, key: str) -> bool:

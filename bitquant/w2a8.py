@@ -37,7 +37,6 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
     triton = None
 
 
-
 class Tiles(NamedTuple):
     """A launch configuration: tokens, packed rows (each gives four output rows) and inner
     dimension per program, programs along the inner dimension, warps, pipeline stages."""
@@ -61,6 +60,27 @@ if triton is not None:
     _ROUNDER = tl.constexpr(12582912.0)
 
     @triton.jit
+    def _act_scale(amax):
+        """127 / max(amax, 1e-5) as torch evaluates it: reciprocal, then times 127, each rounded."""
+        return tl.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-5)) * 127.0
+
+    @triton.jit
+    def _act_codes(x, scale):
+        """clamp(round_half_even(x * scale), -128, 127) in float32 (launched without fp fusion,
+        so x * scale is rounded before the rounding constant is added)."""
+        v = (x * scale + _ROUNDER) - _ROUNDER
+        return tl.minimum(tl.maximum(v, -128.0), 127.0)
+
+    @triton.jit
+    def _scaled(acc, xs, ws, MULTIPLY: tl.constexpr):
+        """The runtime's conventions: acc / act_scale * s (multiply) or acc / (act_scale * weight_scale)."""
+        if MULTIPLY:
+            y = acc.to(tl.float32) / xs * ws
+        else:
+            y = acc.to(tl.float32) / (xs * ws)
+        return y
+
+    @triton.jit
     def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
         """One token (row) per program: its absmax scale and int8 codes."""
         row = tl.program_id(0)
@@ -70,30 +90,24 @@ if triton is not None:
             kk = k0 + offs
             x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        # torch evaluates 127 / t as reciprocal(t) * 127: so does this, each step rounded
-        scale = tl.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-5)) * 127.0
+        scale = _act_scale(amax)
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             kk = k0 + offs
             x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            v = (x * scale + _ROUNDER) - _ROUNDER  # launched without fp fusion: x * scale is rounded first
-            v = tl.minimum(tl.maximum(v, -128.0), 127.0)
-            tl.store(q_ptr + row * stride_qm + kk, v.to(tl.int8), mask=kk < K)
+            tl.store(q_ptr + row * stride_qm + kk, _act_codes(x, scale).to(tl.int8), mask=kk < K)
 
     @triton.jit
     def _epilogue(acc, rm, rn, M, N, xs_ptr, ws_ptr, b_ptr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """The runtime's conventions: acc / act_scale * s (multiply) or acc / (act_scale * weight_scale), + bias."""
+        """A tile of int32 sums [tokens rm, outputs rn] scaled (:func:`_scaled`), + bias."""
         xs = tl.load(xs_ptr + rm, mask=rm < M, other=1.0)[:, None]
-        ws = tl.load(ws_ptr)
-        if MULTIPLY:
-            y = acc.to(tl.float32) / xs * ws
-        else:
-            y = acc.to(tl.float32) / (xs * ws)
+        y = _scaled(acc, xs, tl.load(ws_ptr), MULTIPLY)
         if HAS_BIAS:
             y = y + tl.load(b_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
         return y
 
-    def _w2a8_body(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, R, K,
+    @triton.jit
+    def _w2a8_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, R, K,
                      stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_on,
                      SCALED: tl.constexpr, ATOMIC: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
@@ -151,8 +165,6 @@ if triton is not None:
             tl.store(base + 2 * step, acc2, mask=mask)
             tl.store(base + 3 * step, acc3, mask=mask)
 
-    _w2a8_kernel = triton.jit(_w2a8_body)
-
     @triton.jit
     def _scale_kernel(acc_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, N, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -164,16 +176,15 @@ if triton is not None:
         tl.store(out_ptr + rm[:, None] * N + rn[None, :],
                  _epilogue(acc, rm, rn, M, N, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS), mask=mask)
 
-
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, K, stride_wr, stride_xm, stride_om,
                      QUANT: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
         """One token per program along axis 1 (decode: a few tokens), BLOCK_R packed rows
         (4 BLOCK_R outputs) per program along axis 0, the whole inner dimension, no tensor
-        cores; several tokens read the same weight tile, the later ones from L2. With QUANT the token's float activations
-        are quantized here (every program finds the same absmax and codes as _quant_kernel,
-        reading the row from L2), so a layer is one launch. code = field - 1, so the sum of
+        cores; several tokens read the same weight tile, the later ones from L2. With QUANT
+        the token's float activations are quantized here (every program finds the same
+        absmax and codes as _quant_kernel, reading the row from L2), so a layer is one launch. code = field - 1, so the sum of
         code * x is the sum of field * x less the sum of x."""
         rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rk = tl.arange(0, BLOCK_K)
@@ -185,7 +196,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
                 amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)))
-            xs = tl.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-5)) * 127.0
+            xs = _act_scale(amax)
         else:
             xs = tl.load(xs_ptr + token)
         acc0 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
@@ -196,9 +207,7 @@ if triton is not None:
         for k0 in range(0, K, BLOCK_K):
             kk = k0 + rk
             if QUANT:
-                v = tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)
-                v = (v * xs + _ROUNDER) - _ROUNDER
-                x = tl.minimum(tl.maximum(v, -128.0), 127.0).to(tl.int32)
+                x = _act_codes(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32), xs).to(tl.int32)
             else:
                 x = tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.int32)
             xsum += x
@@ -221,8 +230,7 @@ if triton is not None:
             else:
                 acc = acc3
             rn = rr + q * R
-            y = (tl.sum(acc, axis=1) - total).to(tl.float32)
-            y = y / xs * ws if MULTIPLY else y / (xs * ws)
+            y = _scaled(tl.sum(acc, axis=1) - total, xs, ws, MULTIPLY)
             if HAS_BIAS:
                 y = y + tl.load(b_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)
             tl.store(out_ptr + rn, y, mask=rr < R)
@@ -231,6 +239,11 @@ if triton is not None:
 def _need_triton() -> None:
     if triton is None:
         raise RuntimeError("the W2A8 kernels need triton (pip install triton)")
+
+
+def _weight_scale(weight_scale: torch.Tensor) -> torch.Tensor:
+    """The one-element float32 scale the kernels read from device memory."""
+    return weight_scale.reshape(-1)[:1].to(torch.float32)
 
 
 def tiles_for(m: int, r: int, k: int, programs: int = 132) -> Tiles:
@@ -308,13 +321,10 @@ def linear(xq: torch.Tensor, act_scale: torch.Tensor, packed: torch.Tensor, weig
     one-element tensor on the device, as :class:`bitquant.runtime.TernaryLinear` holds it."""
     out = torch.empty(xq.shape[0], 4 * packed.shape[0], dtype=dtype, device=xq.device)
     scales = act_scale.reshape(-1).to(torch.float32).contiguous()
-    ws = weight_scale.reshape(-1)[:1].to(torch.float32)
-    return _launch(xq, packed, out, scales, ws, multiply, bias, tiles)
+    return _launch(xq, packed, out, scales, _weight_scale(weight_scale), multiply, bias, tiles)
 
 
 GEMV_TILES = (4, 512, 4)  # packed rows and inner dimension per program, warps
-
-
 #: the most tokens :func:`gemv` takes (one program per token and tile)
 GEMV_ROWS = 16
 #: the most tokens :func:`forward` sends through :func:`gemv`: one, as measured on an H100
@@ -340,8 +350,7 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, mult
     out = torch.empty(m, 4 * r, dtype=x.dtype if quant else torch.float32, device=x.device)
     xs = out if quant else act_scale.reshape(-1).to(torch.float32).contiguous()  # quantized in the kernel: unused
     br, bk, warps = tiles or GEMV_TILES
-    ws = weight_scale.reshape(-1)[:1].to(torch.float32)
-    _gemv_kernel[(triton.cdiv(r, br), m)](x, packed, out, xs, ws, bias if bias is not None else out, r, k, packed.stride(0),
+    _gemv_kernel[(triton.cdiv(r, br), m)](x, packed, out, xs, _weight_scale(weight_scale), bias if bias is not None else out, r, k, packed.stride(0),
                                           x.stride(0), out.stride(0), QUANT=quant, MULTIPLY=multiply,
                                           HAS_BIAS=bias is not None, BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
                                           enable_fp_fusion=False)
