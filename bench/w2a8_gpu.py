@@ -42,12 +42,20 @@ from bitquant.ternary import quantize_activations  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (2560, 6912), (6912, 2560)]  # [out, in]
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, nominal HBM
-DECODE_SWEEP = [w2a8.Tiles(16, r, k, s, 4, 3) for r in (16, 32) for k in (128, 256, 512) for s in (1, 2, 4, 8)]
-GEMV_SWEEP = [(r, k, w) for r in (1, 2, 4, 8) for k in (128, 256, 512, 1024) for w in (1, 2, 4)]
-PREFILL_SWEEP = [w2a8.Tiles(*t) for t in [(128, 32, 128, 1, 8, 3), (128, 64, 64, 1, 8, 3), (128, 32, 64, 1, 4, 4),
-                                          (64, 64, 64, 1, 4, 3), (128, 64, 128, 1, 8, 3), (256, 32, 64, 1, 8, 3),
-                                          (128, 16, 128, 1, 4, 3), (64, 32, 128, 1, 4, 4), (128, 32, 128, 1, 4, 4),
-                                          (128, 64, 64, 1, 8, 4)]]
+DECODE_SWEEP = ([w2a8.Tiles(16, r, k, sp) for r in (16, 32, 64) for k in (128, 256, 512) for sp in (1, 2, 4, 8, 16)]
+                + [w2a8.Tiles(16, 32, 256, sp, last=False) for sp in (4, 8)]  # atomics and a second kernel
+                + [w2a8.Tiles(16, 32, 256, 4, asm=False), w2a8.Tiles(16, 32, 256, 4, swap=False, last=False)])
+GEMV_SWEEP = ([(r, w, nw, "dp4a") for r in (1, 2, 4, 8) for w in (128, 256, 512) for nw in (2, 4, 8)]
+              + [(4, 512, 4, "bytes")])
+PREFILL_SWEEP = ([w2a8.Tiles(bm, r, k, 1, nw, st) for bm in (64, 128) for r in (64, 128) for k in (64, 128)
+                  for nw, st in ((4, 3), (4, 4), (8, 3), (8, 4))]
+                 + [w2a8.Tiles(64, 64, 128, 1, 4, 3, asm=False), w2a8.Tiles(128, 32, 128, 1, 8, 3, swap=False)])
+
+
+def ablation(t) -> bool:
+    """Configurations printed whatever their rank: the alternatives the table of choices names."""
+    return (isinstance(t, w2a8.Tiles) and (not t.swap or not t.asm or (t.split > 1 and not t.last))) or (
+        isinstance(t, tuple) and t[-1] == "bytes")
 
 
 def safe(fn) -> float:
@@ -56,6 +64,9 @@ def safe(fn) -> float:
     except Exception as e:  # noqa: BLE001 - a library that fails is reported, not fatal
         print(f"  {type(e).__name__}: {str(e)[:100]}", flush=True)
         return float("nan")
+
+
+ONE = None  # a unit weight scale on the GPU, set in main()
 
 
 def us(fn) -> float:
@@ -103,33 +114,42 @@ def check(xq, packed, codes, x, ws) -> None:
     assert err_bf16 < 8e-3, f"bf16 output differs by {err_bf16:.2e}"  # bf16's rounding: 2^-8
 
 
-def sweep(n, k, m, packed, xq, s, ws, x) -> None:
-    if m == 1:
+def sweep(n, k, m, packed, xq, s, ws, x, want) -> None:
+    """Time every configuration (each checked exact first) and print the four fastest."""
+    def best(label, configs, run):
         rows = []
-        for t in GEMV_SWEEP:
+        for t in configs:
             try:
-                rows.append((us(lambda t=t: w2a8.gemv(x, packed, ws, True, tiles=t)), t))
-            except Exception as e:  # noqa: BLE001
-                print(f"    gemv {t}: {type(e).__name__}", flush=True)
-        rows.sort()
-        default = us(lambda: w2a8.gemv(x, packed, ws, True))
-        print(f"  sweep gemv {n}x{k}: default {w2a8.GEMV_TILES} {default:.1f} us; best: "
-              + "; ".join(f"{t_us:.1f} us {t}" for t_us, t in rows[:4]), flush=True)
-    configs = DECODE_SWEEP if m <= 16 else PREFILL_SWEEP  # prefill's default is tuned from the same list
-    r = n // 4
-    rows = []
-    for t in configs:
-        if t.split > 1 and k // t.split < t.k:
-            continue
-        try:
-            rows.append((us(lambda t=t: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16, t)), t))
-        except Exception as e:  # noqa: BLE001 - out of shared memory etc.
-            rows.append((float("inf"), t))
-            print(f"    {t}: {type(e).__name__}", flush=True)
-    rows.sort(key=lambda row: row[0])
-    default = us(lambda: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16))
-    print(f"  sweep {n}x{k} M={m}: default {w2a8.tiles_for(m, r, k)} {default:.1f} us; best: "
-          + "; ".join(f"{t_us:.1f} us {tuple(t)}" for t_us, t in rows[:4]), flush=True)
+                got = run(t)
+                if not torch.equal(got.to(torch.int32) if got.dtype != torch.int32 else got, want):
+                    print(f"    {t}: WRONG", flush=True)
+                    continue
+                t_us = us(lambda t=t: run(t))
+                if not torch.equal(run(t).to(torch.int32), want):  # again, after hundreds of runs
+                    print(f"    {t}: WRONG after timing", flush=True)
+                    continue
+                rows.append((t_us, t))
+            except Exception as e:  # noqa: BLE001 - out of shared memory, registers etc.
+                print(f"    {t}: {type(e).__name__}: {str(e)[:80]}", flush=True)
+        rows.sort(key=lambda row: row[0])
+        print(f"  sweep {label} {n}x{k} M={m}: " + "; ".join(f"{t_us:.1f} us {tuple(t)}" for t_us, t in rows[:5]),
+              flush=True)
+        print("    against: " + "; ".join(f"{t_us:.1f} us {tuple(t)}" for t_us, t in rows if ablation(t)), flush=True)
+        return rows
+
+    ones_m = torch.ones(m, device="cuda")
+    if m == 1:  # the runtime's one-token path; more tokens take the tiles
+        best("gemv", GEMV_SWEEP, lambda t: w2a8.gemv(xq, packed, ONE, True, act_scale=ones_m, tiles=t))
+        fused = []
+        for t in GEMV_SWEEP:  # with the quantization in the kernel, as the runtime runs one token
+            fused.append((us(lambda t=t: w2a8.gemv(x, packed, ws, True, tiles=t)), t))
+        fused.sort(key=lambda row: row[0])
+        print(f"  sweep gemv fused {n}x{k} M={m}: " + "; ".join(f"{a:.1f} us {t}" for a, t in fused[:5]), flush=True)
+        print("    against: " + "; ".join(f"{a:.1f} us {t}" for a, t in fused if ablation(t)), flush=True)
+        return
+    configs = DECODE_SWEEP if m <= 16 else PREFILL_SWEEP
+    configs = [t for t in configs if not (t.split > 1 and k // t.split < t.k)]
+    best("tiles", configs, lambda t: w2a8.matmul_int32(xq, packed, t))
 
 
 def main() -> None:
@@ -145,6 +165,10 @@ def main() -> None:
           f"times in us from CUDA-graph replays")
     print(f"{'N x K':>12s} {'M':>5s} {'bf16':>8s} {'int8mm':>8s} {'int8 TN':>8s} {'rt int8':>8s} {'tiles':>8s} {'w2a8':>8s} {'quant':>7s} "
           f"{'fused':>8s} {'gemlite':>8s} {'torchao':>8s} {'kern x':>7s} {'fused x':>7s} {'x floor':>7s}", flush=True)
+    global ONE
+    ONE = torch.ones(1, device="cuda")
+    print(f"one launch of a one-element kernel: {us(lambda: ONE.add_(0)):.1f} us (the floor of any kernel here)",
+          flush=True)
     g = torch.Generator(device="cuda").manual_seed(0)
     for n, k in [tuple(map(int, t.split("x"))) for t in args.shapes] if args.shapes else SHAPES:
         codes = torch.randint(-1, 2, (n, k), device="cuda", dtype=torch.int8, generator=g)
@@ -157,7 +181,15 @@ def main() -> None:
         for m in args.m:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             xq, s = w2a8.quantize(x)
-            check(xq, packed, codes, x, ws)
+            if args.sweep:  # first: a configuration that fails to build is reported there, not fatal
+                want = (torch._int_mm(xq, codes.t().contiguous()) if m > 16
+                        else (xq.double() @ codes.double().T).to(torch.int32))
+                sweep(n, k, m, packed, xq, s, ws, x, want)
+            try:
+                check(xq, packed, codes, x, ws)
+            except Exception as e:  # noqa: BLE001 - reported, and the other shapes still run
+                print(f"{n:>5d}x{k:<6d} {m:5d} FAILED: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
             t_bf16 = us(lambda: x @ w_bf16.T)
             nan = float("nan")
             t_int8 = us(lambda: torch._int_mm(xq, codes_t)) if m > 16 else nan
@@ -181,8 +213,6 @@ def main() -> None:
             print(f"{n:>5d}x{k:<6d} {m:5d} {t_bf16:8.1f} {t_int8:8.1f} {t_tn:8.1f} {t_rt:8.1f} {t_tiles:8.1f} {t_w2a8:8.1f} {t_quant:7.1f} "
                   f"{t_fused:8.1f} {t_gem:8.1f} {t_tao:8.1f} {t_bf16 / t_w2a8:7.2f} {t_bf16 / t_fused:7.2f} "
                   f"{t_fused / floor:7.1f}", flush=True)
-            if args.sweep:
-                sweep(n, k, m, packed, xq, s, ws, x)
 
 
 if __name__ == "__main__":

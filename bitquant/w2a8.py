@@ -47,6 +47,9 @@ class Tiles(NamedTuple):
     split: int = 1
     warps: int = 4
     stages: int = 3
+    swap: bool = True  # weights as the tensor cores' A operand (tokens as N), else tokens as A
+    asm: bool = True  # fields unpacked four bytes at a time by PTX (GPU only; the interpreter unpacks bytewise)
+    last: bool = True  # a split inner dimension: the last program of a tile adds the parts (one launch), else atomics
 
 
 def available() -> bool:
@@ -62,7 +65,39 @@ if triton is not None:
     @triton.jit
     def _act_scale(amax):
         """127 / max(amax, 1e-5) as torch evaluates it: reciprocal, then times 127, each rounded."""
-        return tl.div_rn(1.0, tl.maximum(tl.max(amax, axis=0), 1e-5)) * 127.0
+        return tl.div_rn(1.0, tl.maximum(amax, 1e-5)) * 127.0
+
+    @triton.jit
+    def _field(p, Q: tl.constexpr, ASM: tl.constexpr):
+        """Field Q (bits 2Q, 2Q+1) of packed bytes ``p`` as int8 codes + 1, in {0, 1, 2}. On the
+        GPU a shift and a mask of a 32-bit register unpack four bytes at once."""
+        if ASM:
+            if Q == 0:
+                return tl.inline_asm_elementwise("and.b32 $0, $1, 0x03030303;", "=r,r", [p], dtype=tl.int8,
+                                                 is_pure=True, pack=4)
+            elif Q == 1:
+                return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 2; and.b32 $0, t, 0x03030303; }",
+                                                 "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+            elif Q == 2:
+                return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 4; and.b32 $0, t, 0x03030303; }",
+                                                 "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+            else:
+                return tl.inline_asm_elementwise("{ .reg .b32 t; shr.b32 t, $1, 6; and.b32 $0, t, 0x03030303; }",
+                                                 "=r,r", [p], dtype=tl.int8, is_pure=True, pack=4)
+        else:
+            return ((p >> (2 * Q)) & 3).to(tl.int8)
+
+    @triton.jit
+    def _dot4(a, b, c, ASM: tl.constexpr):
+        """c plus the sum of the four products of the signed bytes of int32 words a and b
+        (PTX dp4a on the GPU; spelled out byte by byte under the interpreter)."""
+        if ASM:
+            return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=tl.int32,
+                                             is_pure=True, pack=1)
+        else:
+            for j in tl.static_range(4):
+                c += ((a << (24 - 8 * j)) >> 24) * ((b << (24 - 8 * j)) >> 24)
+            return c
 
     @triton.jit
     def _act_codes(x, scale):
@@ -90,7 +125,7 @@ if triton is not None:
             kk = k0 + offs
             x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
             amax = tl.maximum(amax, tl.abs(x))
-        scale = _act_scale(amax)
+        scale = _act_scale(tl.max(amax, axis=0))
         tl.store(s_ptr + row, scale)
         for k0 in range(0, K, BLOCK):
             kk = k0 + offs
@@ -166,6 +201,162 @@ if triton is not None:
             tl.store(base + 3 * step, acc3, mask=mask)
 
     @triton.jit
+    def _w2a8t_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, part_ptr, count_ptr, M, R, K,
+                      stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_on,
+                      SCALED: tl.constexpr, ATOMIC: tl.constexpr, LAST: tl.constexpr, MULTIPLY: tl.constexpr,
+                      HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+        """As :func:`_w2a8_kernel`, with the weights as the tensor cores' first operand: the
+        products are [rows, tokens] (codes + 1 times x, less the tokens' sums of x), so a few
+        tokens fill the narrow side of the instruction and the unpacked fields feed it from
+        registers. With LAST, the programs of a split inner dimension store their int32
+        partial sums in ``part`` ([split, 4, M, R]) and count themselves in ``count`` (one
+        int32 per tile, zero between calls); the last of a tile to finish adds the parts in
+        split order, applies the epilogue and sets its count back to zero: one launch."""
+        pid = tl.program_id(0)
+        num_m = tl.cdiv(M, BLOCK_M)
+        num_r = tl.cdiv(R, BLOCK_R)
+        width = GROUP_M * num_r
+        first_m = (pid // width) * GROUP_M
+        group = tl.minimum(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % group
+        pid_r = (pid % width) // group
+        span = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+        k_first = tl.program_id(1) * span
+        k_end = tl.minimum(k_first + span, K)
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+        rk = tl.arange(0, BLOCK_K)
+        acc0 = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.int32)
+        acc1 = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.int32)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.int32)
+        acc3 = tl.zeros((BLOCK_R, BLOCK_M), dtype=tl.int32)
+        xsum = tl.zeros((1, BLOCK_M), dtype=tl.int32)
+        for k0 in range(k_first, k_end, BLOCK_K):
+            kk = k0 + rk
+            xt = tl.load(x_ptr + rm[None, :] * stride_xm + kk[:, None] * stride_xk,
+                         mask=(rm[None, :] < M) & (kk[:, None] < k_end), other=0)
+            p = tl.load(w_ptr + rr[:, None] * stride_wr + kk[None, :] * stride_wk,
+                        mask=(rr[:, None] < R) & (kk[None, :] < k_end), other=0)
+            xsum += tl.sum(xt.to(tl.int32), axis=0, keep_dims=True)
+            acc0 += tl.dot(_field(p, 0, ASM), xt, out_dtype=tl.int32)
+            acc1 += tl.dot(_field(p, 1, ASM), xt, out_dtype=tl.int32)
+            acc2 += tl.dot(_field(p, 2, ASM), xt, out_dtype=tl.int32)
+            acc3 += tl.dot(_field(p, 3, ASM), xt, out_dtype=tl.int32)
+        mask = (rm[:, None] < M) & (rr[None, :] < R)
+        base = out_ptr + rm[:, None] * stride_om + rr[None, :] * stride_on
+        step = R * stride_on
+        if LAST:
+            part = part_ptr + rm[:, None] * R + rr[None, :]
+            field = M * R
+            share = 4 * field
+            here = part + tl.program_id(1) * share
+            tl.store(here, tl.trans(acc0 - xsum), mask=mask)
+            tl.store(here + field, tl.trans(acc1 - xsum), mask=mask)
+            tl.store(here + 2 * field, tl.trans(acc2 - xsum), mask=mask)
+            tl.store(here + 3 * field, tl.trans(acc3 - xsum), mask=mask)
+            tl.debug_barrier()  # every thread's parts are stored before the count says so
+            done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
+            if done == tl.num_programs(1) - 1:
+                for q in tl.static_range(4):
+                    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
+                    for j in range(0, tl.num_programs(1)):
+                        acc += tl.load(part + j * share + q * field, mask=mask, other=0, cache_modifier=".cg")
+                    if SCALED:
+                        tl.store(base + q * step, _epilogue(acc, rm, rr + q * R, M, 4 * R, xs_ptr, ws_ptr, b_ptr,
+                                                            MULTIPLY, HAS_BIAS), mask=mask)
+                    else:
+                        tl.store(base + q * step, acc, mask=mask)
+                tl.atomic_xchg(count_ptr + pid, 0)
+        else:
+            _w2a8t_store(acc0 - xsum, acc1 - xsum, acc2 - xsum, acc3 - xsum, base, step, mask, rm, rr, M, R, xs_ptr,
+                         ws_ptr, b_ptr, SCALED, ATOMIC, MULTIPLY, HAS_BIAS)
+
+    @triton.jit
+    def _w2a8t_store(acc0, acc1, acc2, acc3, base, step, mask, rm, rr, M, R, xs_ptr, ws_ptr, b_ptr,
+                     SCALED: tl.constexpr, ATOMIC: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The four [rows, tokens] products stored as [tokens, rows]: added (ATOMIC), scaled or as int32."""
+        for q in tl.static_range(4):
+            if q == 0:
+                acc = tl.trans(acc0)
+            elif q == 1:
+                acc = tl.trans(acc1)
+            elif q == 2:
+                acc = tl.trans(acc2)
+            else:
+                acc = tl.trans(acc3)
+            if ATOMIC:
+                tl.atomic_add(base + q * step, acc, mask=mask)
+            elif SCALED:
+                tl.store(base + q * step, _epilogue(acc, rm, rr + q * R, M, 4 * R, xs_ptr, ws_ptr, b_ptr, MULTIPLY,
+                                                    HAS_BIAS), mask=mask)
+            else:
+                tl.store(base + q * step, acc, mask=mask)
+
+    @triton.jit
+    def _gemv4_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, KW, stride_wr, stride_xm, stride_om,
+                      QUANT: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+        """The gemv on 32-bit words: ``w`` is the packed codes viewed as int32 [R, K/4], so one
+        word holds four inner positions of four row groups, and a shift and a mask give field q
+        of four positions as four bytes, which one dp4a multiplies with four int8 activations
+        and adds. ``x`` is int8 viewed as int32 [M, K/4], or with QUANT float [M, K],
+        quantized here (every program finds the same absmax and codes as _quant_kernel)."""
+        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        rw = tl.arange(0, BLOCK_W)
+        rj = tl.arange(0, 4)
+        token = tl.program_id(1)
+        x_ptr += token * stride_xm
+        out_ptr += token * stride_om
+        if QUANT:
+            amax = tl.zeros((BLOCK_W, 4), dtype=tl.float32)
+            for w0 in range(0, KW, BLOCK_W):
+                ww = w0 + rw
+                v = tl.load(x_ptr + ww[:, None] * 4 + rj[None, :], mask=ww[:, None] < KW, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(v))
+            xs = _act_scale(tl.max(tl.max(amax, axis=1), axis=0))
+        else:
+            xs = tl.load(xs_ptr + token)
+        acc0 = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.int32)
+        acc1 = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.int32)
+        acc2 = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.int32)
+        acc3 = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.int32)
+        xsum = tl.zeros((BLOCK_W,), dtype=tl.int32)
+        for w0 in range(0, KW, BLOCK_W):
+            ww = w0 + rw
+            if QUANT:
+                v = tl.load(x_ptr + ww[:, None] * 4 + rj[None, :], mask=ww[:, None] < KW, other=0.0).to(tl.float32)
+                c = _act_codes(v, xs).to(tl.int32)
+                xsum += tl.sum(c, axis=1)
+                xw = tl.sum((c & 0xFF) << (8 * rj)[None, :], axis=1)  # four int8 codes in one word
+            else:
+                xw = tl.load(x_ptr + ww, mask=ww < KW, other=0)
+                xsum = _dot4(xw, tl.full((BLOCK_W,), 0x01010101, tl.int32), xsum, ASM)
+            p = tl.load(w_ptr + rr[:, None] * stride_wr + ww[None, :], mask=(rr[:, None] < R) & (ww[None, :] < KW),
+                        other=0)
+            xb = tl.broadcast_to(xw[None, :], (BLOCK_R, BLOCK_W))
+            acc0 = _dot4(p & 0x03030303, xb, acc0, ASM)
+            acc1 = _dot4((p >> 2) & 0x03030303, xb, acc1, ASM)
+            acc2 = _dot4((p >> 4) & 0x03030303, xb, acc2, ASM)
+            acc3 = _dot4((p >> 6) & 0x03030303, xb, acc3, ASM)
+        total = tl.sum(xsum, axis=0)
+        ws = tl.load(ws_ptr)
+        for q in tl.static_range(4):
+            if q == 0:
+                acc = acc0
+            elif q == 1:
+                acc = acc1
+            elif q == 2:
+                acc = acc2
+            else:
+                acc = acc3
+            rn = rr + q * R
+            y = _scaled(tl.sum(acc, axis=1) - total, xs, ws, MULTIPLY)
+            if HAS_BIAS:
+                y = y + tl.load(b_ptr + rn, mask=rr < R, other=0.0).to(tl.float32)
+            tl.store(out_ptr + rn, y, mask=rr < R)
+
+    @triton.jit
     def _scale_kernel(acc_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, N, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """The epilogue of a split product: the int32 sums [M, N] scaled into ``out``."""
@@ -196,7 +387,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 kk = k0 + rk
                 amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)))
-            xs = _act_scale(amax)
+            xs = _act_scale(tl.max(amax, axis=0))
         else:
             xs = tl.load(xs_ptr + token)
         acc0 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
@@ -236,6 +427,20 @@ if triton is not None:
             tl.store(out_ptr + rn, y, mask=rr < R)
 
 
+#: (device, split, tokens, packed rows, tiles) -> int32 parts and zeroed per-tile counts. Kept
+#: for the process's life: a CUDA graph keeps the addresses it was captured with. One set per
+#: shape serves every layer of that shape, as the kernels of a stream run one after another.
+_WORKSPACES: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _workspace(device: torch.device, split: int, m: int, r: int, tiles: int) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (str(device), split, m, r, tiles)
+    if key not in _WORKSPACES:
+        _WORKSPACES[key] = (torch.empty(split * 4 * m * r, dtype=torch.int32, device=device),
+                            torch.zeros(tiles, dtype=torch.int32, device=device))
+    return _WORKSPACES[key]
+
+
 def _need_triton() -> None:
     if triton is None:
         raise RuntimeError("the W2A8 kernels need triton (pip install triton)")
@@ -273,14 +478,23 @@ def _launch(xq: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, act_scale
     r = packed.shape[0]
     t = tiles or tiles_for(m, r, k)
     scaled = act_scale is not None
-    split = t.split > 1
+    grid = (triton.cdiv(m, t.m) * triton.cdiv(r, t.r), t.split)
+    last = t.split > 1 and t.swap and t.last
+    split = t.split > 1 and not last
     target = torch.zeros(m, 4 * r, dtype=torch.int32, device=xq.device) if split else out
     args = (xq, packed, target, act_scale if scaled else target, weight_scale if scaled else target,
-            bias if bias is not None else target, m, r, k,
-            xq.stride(0), xq.stride(1), packed.stride(0), packed.stride(1), target.stride(0), target.stride(1))
+            bias if bias is not None else target)
+    shape = (m, r, k, xq.stride(0), xq.stride(1), packed.stride(0), packed.stride(1), target.stride(0),
+             target.stride(1))
     flags = dict(SCALED=scaled, ATOMIC=split, MULTIPLY=multiply, HAS_BIAS=bias is not None)
-    _w2a8_kernel[(triton.cdiv(m, t.m) * triton.cdiv(r, t.r), t.split)](
-        *args, **flags, BLOCK_M=t.m, BLOCK_R=t.r, BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps, num_stages=t.stages)
+    if t.swap:
+        part, count = _workspace(xq.device, t.split, triton.cdiv(m, t.m) * t.m, r, grid[0]) if last else (target, target)
+        _w2a8t_kernel[grid](*args, part, count, *shape, **flags, LAST=last, ASM=t.asm and xq.is_cuda, BLOCK_M=t.m,
+                            BLOCK_R=t.r, BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps, num_stages=t.stages)
+    else:
+        args = args + shape
+        _w2a8_kernel[grid](*args, **flags, BLOCK_M=t.m, BLOCK_R=t.r, BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps,
+                           num_stages=t.stages)
     if split and scaled:
         n = 4 * r
         _scale_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 256))](target, out, act_scale, weight_scale,
@@ -324,7 +538,7 @@ def linear(xq: torch.Tensor, act_scale: torch.Tensor, packed: torch.Tensor, weig
     return _launch(xq, packed, out, scales, _weight_scale(weight_scale), multiply, bias, tiles)
 
 
-GEMV_TILES = (4, 512, 4)  # packed rows and inner dimension per program, warps
+GEMV_TILES = (4, 128, 4, "dp4a")  # packed rows, inner dimension (words of 4 for dp4a) per program, warps, kind
 #: the most tokens :func:`gemv` takes (one program per token and tile)
 GEMV_ROWS = 16
 #: the most tokens :func:`forward` sends through :func:`gemv`: one, as measured on an H100
@@ -349,11 +563,20 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, mult
     r, k = packed.shape
     out = torch.empty(m, 4 * r, dtype=x.dtype if quant else torch.float32, device=x.device)
     xs = out if quant else act_scale.reshape(-1).to(torch.float32).contiguous()  # quantized in the kernel: unused
-    br, bk, warps = tiles or GEMV_TILES
-    _gemv_kernel[(triton.cdiv(r, br), m)](x, packed, out, xs, _weight_scale(weight_scale), bias if bias is not None else out, r, k, packed.stride(0),
-                                          x.stride(0), out.stride(0), QUANT=quant, MULTIPLY=multiply,
-                                          HAS_BIAS=bias is not None, BLOCK_R=br, BLOCK_K=bk, num_warps=warps,
-                                          enable_fp_fusion=False)
+    br, bk, warps, *kind = tiles or GEMV_TILES
+    b = bias if bias is not None else out
+    if (kind or ["dp4a"])[0] == "dp4a" and k % 4 == 0 and packed.is_contiguous() and packed.data_ptr() % 4 == 0:
+        w = packed.view(torch.int32)
+        xw = x if quant else x.view(torch.int32)
+        _gemv4_kernel[(triton.cdiv(r, br), m)](xw, w, out, xs, _weight_scale(weight_scale), b, r, k // 4, w.stride(0),
+                                               xw.stride(0), out.stride(0), QUANT=quant, MULTIPLY=multiply,
+                                               HAS_BIAS=bias is not None, ASM=x.is_cuda, BLOCK_R=br, BLOCK_W=bk,
+                                               num_warps=warps, enable_fp_fusion=False)
+    else:
+        _gemv_kernel[(triton.cdiv(r, br), m)](x, packed, out, xs, _weight_scale(weight_scale), b, r, k,
+                                              packed.stride(0), x.stride(0), out.stride(0), QUANT=quant,
+                                              MULTIPLY=multiply, HAS_BIAS=bias is not None, BLOCK_R=br, BLOCK_K=bk,
+                                              num_warps=warps, enable_fp_fusion=False)
     return out
 
 
