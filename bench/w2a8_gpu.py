@@ -8,12 +8,13 @@ dynamic-activation path), on one GPU, in one run.
 
 Every variant is timed the same way: captured in a CUDA graph and replayed (Triton's
 do_bench_cudagraph), so Python's launch overhead counts for none of them, as in a decode
-step run from a graph. Columns: microseconds of each variant ("w2a8": the kernel on int8
-activations: the gemv up to 16 tokens, though the runtime sends it one token only so far;
-"tiles": the tensor-core tiles, which the runtime uses from 2 tokens; "int8mm" and
-"int8 TN": torch._int_mm on unpacked codes stored [K, N] row-major, as the runtime did,
-and column-major; "fused": the whole layer from bf16 activations,
-quantization included); "kern x" and "fused x" are bf16's time over theirs (above 1:
+step run from a graph. Columns: microseconds of each variant, on int8 activations ("gemv":
+the dp4a kernel, up to 16 tokens, which the runtime sends one token; "tiles": the
+tensor-core kernel, which the runtime uses from 2 tokens; "int8mm" and "int8 TN":
+torch._int_mm on unpacked codes stored [K, N] row-major, as the runtime did, and
+column-major), "quant" (the activation quantization alone) and "fused" (the whole layer
+from bf16 activations as the runtime runs it, quantization included); "kern x" (the
+runtime's kernel for that many tokens) and "fused x" are bf16's time over theirs (above 1:
 faster than bf16); "x floor" is the fused layer's time over the memory-bandwidth floor
 (packed weights, bf16 activations in and out, int8 activations written and read, at the
 card's nominal bandwidth). Every output is checked first: the int32 product exactly
@@ -42,20 +43,13 @@ from bitquant.ternary import quantize_activations  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (2560, 6912), (6912, 2560)]  # [out, in]
 BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, nominal HBM
-DECODE_SWEEP = ([w2a8.Tiles(16, r, k, sp) for r in (16, 32, 64) for k in (128, 256, 512) for sp in (1, 2, 4, 8, 16)]
-                + [w2a8.Tiles(16, 32, 256, sp, last=False) for sp in (4, 8)]  # atomics and a second kernel
-                + [w2a8.Tiles(16, 32, 256, 4, asm=False), w2a8.Tiles(16, 32, 256, 4, swap=False, last=False)])
-GEMV_SWEEP = ([(r, w, nw, "dp4a") for r in (1, 2, 4, 8) for w in (128, 256, 512) for nw in (2, 4, 8)]
-              + [(4, 512, 4, "bytes")])
-PREFILL_SWEEP = ([w2a8.Tiles(bm, r, k, 1, nw, st) for bm in (64, 128) for r in (64, 128) for k in (64, 128)
-                  for nw, st in ((4, 3), (4, 4), (8, 3), (8, 4))]
-                 + [w2a8.Tiles(64, 64, 128, 1, 4, 3, asm=False), w2a8.Tiles(128, 32, 128, 1, 8, 3, swap=False)])
-
-
-def ablation(t) -> bool:
-    """Configurations printed whatever their rank: the alternatives the table of choices names."""
-    return (isinstance(t, w2a8.Tiles) and (not t.swap or not t.asm or (t.split > 1 and not t.last))) or (
-        isinstance(t, tuple) and t[-1] == "bytes")
+# the alternatives each replaced (tokens as the first operand, fields unpacked a byte at a
+# time, a split added by atomics and a second kernel, a gemv on bytes) were swept against
+# these at commit 7810710; docs/measurements.md has that table
+DECODE_SWEEP = [w2a8.Tiles(16, r, k, sp) for r in (16, 32, 64) for k in (128, 256, 512) for sp in (1, 2, 4, 8, 16)]
+GEMV_SWEEP = [(r, w, nw) for r in (1, 2, 4, 8) for w in (128, 256, 512) for nw in (2, 4, 8)]
+PREFILL_SWEEP = [w2a8.Tiles(bm, r, k, 1, nw, st) for bm in (64, 128) for r in (64, 128) for k in (64, 128)
+                 for nw, st in ((4, 3), (4, 4), (8, 3), (8, 4))]
 
 
 def safe(fn) -> float:
@@ -134,7 +128,6 @@ def sweep(n, k, m, packed, xq, s, ws, x, want) -> None:
         rows.sort(key=lambda row: row[0])
         print(f"  sweep {label} {n}x{k} M={m}: " + "; ".join(f"{t_us:.1f} us {tuple(t)}" for t_us, t in rows[:5]),
               flush=True)
-        print("    against: " + "; ".join(f"{t_us:.1f} us {tuple(t)}" for t_us, t in rows if ablation(t)), flush=True)
         return rows
 
     ones_m = torch.ones(m, device="cuda")
@@ -145,7 +138,6 @@ def sweep(n, k, m, packed, xq, s, ws, x, want) -> None:
             fused.append((us(lambda t=t: w2a8.gemv(x, packed, ws, True, tiles=t)), t))
         fused.sort(key=lambda row: row[0])
         print(f"  sweep gemv fused {n}x{k} M={m}: " + "; ".join(f"{a:.1f} us {t}" for a, t in fused[:5]), flush=True)
-        print("    against: " + "; ".join(f"{a:.1f} us {t}" for a, t in fused if ablation(t)), flush=True)
         return
     configs = DECODE_SWEEP if m <= 16 else PREFILL_SWEEP
     configs = [t for t in configs if not (t.split > 1 and k // t.split < t.k)]
@@ -163,7 +155,7 @@ def main() -> None:
     bandwidth = next((v for k, v in BANDWIDTH.items() if k in name), 3.35e12)
     print(f"{name}, torch {torch.__version__}, nominal bandwidth {bandwidth / 1e12:.2f} TB/s; "
           f"times in us from CUDA-graph replays")
-    print(f"{'N x K':>12s} {'M':>5s} {'bf16':>8s} {'int8mm':>8s} {'int8 TN':>8s} {'rt int8':>8s} {'tiles':>8s} {'w2a8':>8s} {'quant':>7s} "
+    print(f"{'N x K':>12s} {'M':>5s} {'bf16':>8s} {'int8mm':>8s} {'int8 TN':>8s} {'rt int8':>8s} {'tiles':>8s} {'gemv':>8s} {'quant':>7s} "
           f"{'fused':>8s} {'gemlite':>8s} {'torchao':>8s} {'kern x':>7s} {'fused x':>7s} {'x floor':>7s}", flush=True)
     global ONE
     ONE = torch.ones(1, device="cuda")
@@ -201,16 +193,14 @@ def main() -> None:
 
             t_rt = us(runtime_int8) if m > 16 else nan
             t_tiles = us(lambda: w2a8.linear(xq, s, packed, ws, True, None, torch.bfloat16))
-            if m <= w2a8.GEMV_ROWS:  # decode: the gemv, on int8 input (the tiles: for comparison)
-                t_w2a8 = us(lambda: w2a8.gemv(xq, packed, ws, True, act_scale=s))
-            else:
-                t_w2a8, t_tiles = t_tiles, nan
+            t_gemv = us(lambda: w2a8.gemv(xq, packed, ws, True, act_scale=s)) if m <= w2a8.GEMV_ROWS else nan
+            t_w2a8 = t_gemv if m <= w2a8.FORWARD_GEMV_ROWS else t_tiles  # what the runtime runs
             t_quant = us(lambda: w2a8.quantize(x))
             t_fused = us(lambda: w2a8.forward(x, packed, ws, True))
             t_gem = safe(lambda: us(lambda: gem(x))) if gem is not None else nan
             t_tao = safe(lambda: do_bench(lambda: tao(x), rep=20) * 1e3) if tao is not None else nan  # not capturable
             floor = (n * k / 4 + 2 * m * k + 2 * m * k + 2 * m * n) / bandwidth * 1e6
-            print(f"{n:>5d}x{k:<6d} {m:5d} {t_bf16:8.1f} {t_int8:8.1f} {t_tn:8.1f} {t_rt:8.1f} {t_tiles:8.1f} {t_w2a8:8.1f} {t_quant:7.1f} "
+            print(f"{n:>5d}x{k:<6d} {m:5d} {t_bf16:8.1f} {t_int8:8.1f} {t_tn:8.1f} {t_rt:8.1f} {t_tiles:8.1f} {t_gemv:8.1f} {t_quant:7.1f} "
                   f"{t_fused:8.1f} {t_gem:8.1f} {t_tao:8.1f} {t_bf16 / t_w2a8:7.2f} {t_bf16 / t_fused:7.2f} "
                   f"{t_fused / floor:7.1f}", flush=True)
 

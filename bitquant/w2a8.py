@@ -3,15 +3,25 @@ stored, accumulated in int32; and the per-token activation quantization in front
 
 The weights stay in bitquant's packed layout (:mod:`bitquant.packing`: uint8
 ``[out/4, in]``, byte ``r`` holding the codes + 1 of rows ``r``, ``r + out/4``,
-``r + out/2`` and ``r + 3 out/4`` in bit pairs 0-1, 2-3, 4-5 and 6-7). Each program reads
-a tile of packed bytes once and unpacks it in registers into the four row tiles it holds,
-so nothing is unpacked in memory. The four int8 products go to the tensor cores
-(``tl.dot``, int32 accumulation). Decode (a few tokens) splits the inner dimension over
-several programs, whose int32 partial sums meet by atomic addition: integer addition is
-exact in any order, so the result does not depend on the split. The epilogue applies the
-per-token activation scale, the matrix's ``weight_scale`` in the runtime's convention
-(:class:`bitquant.runtime.TernaryLinear`: ``acc / act_scale * s`` (multiply) or
-``acc / (act_scale * weight_scale)``) and the bias, and writes the caller's dtype.
+``r + out/2`` and ``r + 3 out/4`` in bit pairs 0-1, 2-3, 4-5 and 6-7), so nothing is
+unpacked in memory. Every product is taken with the fields (codes + 1, in {0, 1, 2}) and
+the tokens' sums of x taken off afterwards, which spares the subtraction per weight.
+
+- :func:`linear` (2 tokens or more): the tensor cores (``tl.dot``, int8 in, int32 out), with
+  the weights as the first operand, so the products are [rows, tokens]: a few tokens fill
+  the instruction's narrow side, and the unpacked fields feed it from registers. On the GPU
+  a shift and a mask of a 32-bit register unpack a field of four bytes at once (PTX inline;
+  the interpreter unpacks byte by byte). Decode (up to 16 tokens) splits the inner
+  dimension over programs in one launch: each stores its int32 partial sums, and the last
+  of a tile to finish adds them and applies the epilogue. Integer sums are exact in any
+  order, so the result does not depend on the split.
+- :func:`gemv` (one token, the quantization inside, one launch): no tensor cores; the codes
+  read as 32-bit words, whose fields multiply four int8 activations at a time (PTX dp4a).
+
+The epilogue applies the per-token activation scale, the matrix's ``weight_scale`` in the
+runtime's convention (:class:`bitquant.runtime.TernaryLinear`: ``acc / act_scale * s``
+(multiply) or ``acc / (act_scale * weight_scale)``) and the bias, and writes the caller's
+dtype.
 
 :func:`quantize` is the runtime's activation quantization (:func:`bitquant.ternary.quantize_activations`:
 ``scale = 127 / max(max|x|, 1e-5)``, ``q = clamp(round_half_even(x * scale), -128, 127)``),
@@ -20,8 +30,9 @@ division and no fused multiply-add, so that it gives the CPU runtime's float32 i
 exactly. The weight scale is read from device memory, never from the host: a forward pass
 makes no host synchronisation, so it can be captured in a CUDA graph.
 
-The tests run both kernels on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``)
-against the int32 reference; ``bench/w2a8_gpu.py`` measures them on a GPU.
+The tests run the kernels on the CPU under Triton's interpreter (``TRITON_INTERPRET=1``)
+against the int32 reference; ``bench/w2a8_gpu.py`` measures them on a GPU and checks the
+PTX paths, which the interpreter cannot run, exact there.
 """
 
 from __future__ import annotations
@@ -38,8 +49,8 @@ except ImportError:  # pragma: no cover - exercised where triton is absent
 
 
 class Tiles(NamedTuple):
-    """A launch configuration: tokens, packed rows (each gives four output rows) and inner
-    dimension per program, programs along the inner dimension, warps, pipeline stages."""
+    """A launch of :func:`linear`: tokens, packed rows (each gives four output rows) and
+    inner dimension per program, programs along the inner dimension, warps, pipeline stages."""
 
     m: int
     r: int
@@ -47,9 +58,6 @@ class Tiles(NamedTuple):
     split: int = 1
     warps: int = 4
     stages: int = 3
-    swap: bool = True  # weights as the tensor cores' A operand (tokens as N), else tokens as A
-    asm: bool = True  # fields unpacked four bytes at a time by PTX (GPU only; the interpreter unpacks bytewise)
-    last: bool = True  # a split inner dimension: the last program of a tile adds the parts (one launch), else atomics
 
 
 def available() -> bool:
@@ -116,21 +124,28 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
-        """One token (row) per program: its absmax scale and int8 codes."""
+    def _quant_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr, ONE_PASS: tl.constexpr):
+        """One token (row) per program: its absmax scale and int8 codes; with ONE_PASS (the
+        row fits one block) the row is read from memory once."""
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
-        amax = tl.zeros((BLOCK,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK):
-            kk = k0 + offs
-            x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            amax = tl.maximum(amax, tl.abs(x))
-        scale = _act_scale(tl.max(amax, axis=0))
-        tl.store(s_ptr + row, scale)
-        for k0 in range(0, K, BLOCK):
-            kk = k0 + offs
-            x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
-            tl.store(q_ptr + row * stride_qm + kk, _act_codes(x, scale).to(tl.int8), mask=kk < K)
+        if ONE_PASS:
+            x = tl.load(x_ptr + row * stride_xm + offs, mask=offs < K, other=0.0).to(tl.float32)
+            scale = _act_scale(tl.max(tl.abs(x), axis=0))
+            tl.store(s_ptr + row, scale)
+            tl.store(q_ptr + row * stride_qm + offs, _act_codes(x, scale).to(tl.int8), mask=offs < K)
+        else:
+            amax = tl.zeros((BLOCK,), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK):
+                kk = k0 + offs
+                x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+                amax = tl.maximum(amax, tl.abs(x))
+            scale = _act_scale(tl.max(amax, axis=0))
+            tl.store(s_ptr + row, scale)
+            for k0 in range(0, K, BLOCK):
+                kk = k0 + offs
+                x = tl.load(x_ptr + row * stride_xm + kk, mask=kk < K, other=0.0).to(tl.float32)
+                tl.store(q_ptr + row * stride_qm + kk, _act_codes(x, scale).to(tl.int8), mask=kk < K)
 
     @triton.jit
     def _epilogue(acc, rm, rn, M, N, xs_ptr, ws_ptr, b_ptr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr):
@@ -142,77 +157,20 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _w2a8_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, R, K,
+    def _w2a8_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, part_ptr, count_ptr, M, R, K,
                      stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_on,
-                     SCALED: tl.constexpr, ATOMIC: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                     SCALED: tl.constexpr, LAST: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+                     GROUP_M: tl.constexpr):
         """out[m, q*R + r] = sum_k x[m, k] * (((w[r, k] >> 2q) & 3) - 1), q = 0..3, over the tile
-        of tokens m and packed rows r this program owns and its share of k; scaled when
-        SCALED, added atomically (int32) when the inner dimension is split."""
-        pid = tl.program_id(0)
-        num_m = tl.cdiv(M, BLOCK_M)
-        num_r = tl.cdiv(R, BLOCK_R)
-        width = GROUP_M * num_r  # grouped order: neighbouring programs share weight tiles in L2
-        first_m = (pid // width) * GROUP_M
-        group = tl.minimum(num_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % width) % group
-        pid_r = (pid % width) // group
-        span = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
-        k_first = tl.program_id(1) * span
-        k_end = tl.minimum(k_first + span, K)
-        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rr = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
-        rk = tl.arange(0, BLOCK_K)
-        acc0 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
-        acc1 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
-        acc2 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
-        acc3 = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
-        for k0 in range(k_first, k_end, BLOCK_K):
-            kk = k0 + rk
-            x = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                        mask=(rm[:, None] < M) & (kk[None, :] < k_end), other=0)
-            # a padding byte of 0x55 holds code 0 in every field
-            p = tl.load(w_ptr + rr[None, :] * stride_wr + kk[:, None] * stride_wk,
-                        mask=(rr[None, :] < R) & (kk[:, None] < k_end), other=0x55).to(tl.int32)
-            acc0 += tl.dot(x, ((p & 3) - 1).to(tl.int8), out_dtype=tl.int32)
-            acc1 += tl.dot(x, (((p >> 2) & 3) - 1).to(tl.int8), out_dtype=tl.int32)
-            acc2 += tl.dot(x, (((p >> 4) & 3) - 1).to(tl.int8), out_dtype=tl.int32)
-            acc3 += tl.dot(x, (((p >> 6) & 3) - 1).to(tl.int8), out_dtype=tl.int32)
-        mask = (rm[:, None] < M) & (rr[None, :] < R)
-        base = out_ptr + rm[:, None] * stride_om + rr[None, :] * stride_on
-        step = R * stride_on
-        if ATOMIC:
-            tl.atomic_add(base, acc0, mask=mask)
-            tl.atomic_add(base + step, acc1, mask=mask)
-            tl.atomic_add(base + 2 * step, acc2, mask=mask)
-            tl.atomic_add(base + 3 * step, acc3, mask=mask)
-        elif SCALED:
-            n = 4 * R
-            tl.store(base, _epilogue(acc0, rm, rr, M, n, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS), mask=mask)
-            tl.store(base + step, _epilogue(acc1, rm, rr + R, M, n, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS), mask=mask)
-            tl.store(base + 2 * step, _epilogue(acc2, rm, rr + 2 * R, M, n, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS),
-                     mask=mask)
-            tl.store(base + 3 * step, _epilogue(acc3, rm, rr + 3 * R, M, n, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS),
-                     mask=mask)
-        else:
-            tl.store(base, acc0, mask=mask)
-            tl.store(base + step, acc1, mask=mask)
-            tl.store(base + 2 * step, acc2, mask=mask)
-            tl.store(base + 3 * step, acc3, mask=mask)
-
-    @triton.jit
-    def _w2a8t_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, part_ptr, count_ptr, M, R, K,
-                      stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_on,
-                      SCALED: tl.constexpr, ATOMIC: tl.constexpr, LAST: tl.constexpr, MULTIPLY: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr,
-                      BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-        """As :func:`_w2a8_kernel`, with the weights as the tensor cores' first operand: the
-        products are [rows, tokens] (codes + 1 times x, less the tokens' sums of x), so a few
-        tokens fill the narrow side of the instruction and the unpacked fields feed it from
-        registers. With LAST, the programs of a split inner dimension store their int32
-        partial sums in ``part`` ([split, 4, M, R]) and count themselves in ``count`` (one
-        int32 per tile, zero between calls); the last of a tile to finish adds the parts in
-        split order, applies the epilogue and sets its count back to zero: one launch."""
+        of packed rows r and tokens m this program owns and its share of k, scaled when SCALED.
+        The weights are the tensor cores' first operand: each product is [rows, tokens] of
+        (codes + 1) times x, less the tokens' sums of x, so a few tokens fill the narrow side
+        of the instruction and the unpacked fields feed it from registers. With LAST (the
+        inner dimension split over programs) each program stores its int32 partial sums in
+        ``part`` ([split, 4, M, R]) and counts itself in ``count`` (one int32 per tile, zero
+        between calls); the last of a tile to finish adds the parts in split order, applies
+        the epilogue and sets its count back to zero, so a split product is still one launch."""
         pid = tl.program_id(0)
         num_m = tl.cdiv(M, BLOCK_M)
         num_r = tl.cdiv(R, BLOCK_R)
@@ -269,13 +227,13 @@ if triton is not None:
                         tl.store(base + q * step, acc, mask=mask)
                 tl.atomic_xchg(count_ptr + pid, 0)
         else:
-            _w2a8t_store(acc0 - xsum, acc1 - xsum, acc2 - xsum, acc3 - xsum, base, step, mask, rm, rr, M, R, xs_ptr,
-                         ws_ptr, b_ptr, SCALED, ATOMIC, MULTIPLY, HAS_BIAS)
+            _store4(acc0 - xsum, acc1 - xsum, acc2 - xsum, acc3 - xsum, base, step, mask, rm, rr, M, R, xs_ptr,
+                    ws_ptr, b_ptr, SCALED, MULTIPLY, HAS_BIAS)
 
     @triton.jit
-    def _w2a8t_store(acc0, acc1, acc2, acc3, base, step, mask, rm, rr, M, R, xs_ptr, ws_ptr, b_ptr,
-                     SCALED: tl.constexpr, ATOMIC: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """The four [rows, tokens] products stored as [tokens, rows]: added (ATOMIC), scaled or as int32."""
+    def _store4(acc0, acc1, acc2, acc3, base, step, mask, rm, rr, M, R, xs_ptr, ws_ptr, b_ptr,
+                SCALED: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """The four [rows, tokens] products stored as [tokens, rows]: scaled, or as int32."""
         for q in tl.static_range(4):
             if q == 0:
                 acc = tl.trans(acc0)
@@ -285,23 +243,25 @@ if triton is not None:
                 acc = tl.trans(acc2)
             else:
                 acc = tl.trans(acc3)
-            if ATOMIC:
-                tl.atomic_add(base + q * step, acc, mask=mask)
-            elif SCALED:
+            if SCALED:
                 tl.store(base + q * step, _epilogue(acc, rm, rr + q * R, M, 4 * R, xs_ptr, ws_ptr, b_ptr, MULTIPLY,
                                                     HAS_BIAS), mask=mask)
             else:
                 tl.store(base + q * step, acc, mask=mask)
 
     @triton.jit
-    def _gemv4_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, KW, stride_wr, stride_xm, stride_om,
-                      QUANT: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
-        """The gemv on 32-bit words: ``w`` is the packed codes viewed as int32 [R, K/4], so one
-        word holds four inner positions of four row groups, and a shift and a mask give field q
-        of four positions as four bytes, which one dp4a multiplies with four int8 activations
-        and adds. ``x`` is int8 viewed as int32 [M, K/4], or with QUANT float [M, K],
-        quantized here (every program finds the same absmax and codes as _quant_kernel)."""
+    def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, KW, stride_wr, stride_xm, stride_om,
+                     QUANT: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+        """Decode without tensor cores, on 32-bit words: ``w`` is the packed codes viewed as
+        int32 [R, K/4], so a word holds four inner positions of four row groups, and a shift
+        and a mask give field q of four positions as four bytes, which one dp4a multiplies
+        with four int8 activations and adds; the sum of x is taken off at the end (code =
+        field - 1). One token per program along axis 1, BLOCK_R packed rows (4 BLOCK_R
+        outputs) per program along axis 0, the whole inner dimension. ``x`` is int8 viewed as
+        int32 [M, K/4], or with QUANT float [M, K], quantized here (every program finds the
+        same absmax and codes as _quant_kernel, reading the row from L2), so a layer is one
+        launch."""
         rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         rw = tl.arange(0, BLOCK_W)
         rj = tl.arange(0, 4)
@@ -356,76 +316,6 @@ if triton is not None:
                 y = y + tl.load(b_ptr + rn, mask=rr < R, other=0.0).to(tl.float32)
             tl.store(out_ptr + rn, y, mask=rr < R)
 
-    @triton.jit
-    def _scale_kernel(acc_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, M, N, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """The epilogue of a split product: the int32 sums [M, N] scaled into ``out``."""
-        rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask = (rm[:, None] < M) & (rn[None, :] < N)
-        acc = tl.load(acc_ptr + rm[:, None] * N + rn[None, :], mask=mask, other=0)
-        tl.store(out_ptr + rm[:, None] * N + rn[None, :],
-                 _epilogue(acc, rm, rn, M, N, xs_ptr, ws_ptr, b_ptr, MULTIPLY, HAS_BIAS), mask=mask)
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, K, stride_wr, stride_xm, stride_om,
-                     QUANT: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-        """One token per program along axis 1 (decode: a few tokens), BLOCK_R packed rows
-        (4 BLOCK_R outputs) per program along axis 0, the whole inner dimension, no tensor
-        cores; several tokens read the same weight tile, the later ones from L2. With QUANT
-        the token's float activations are quantized here (every program finds the same
-        absmax and codes as _quant_kernel, reading the row from L2), so a layer is one launch. code = field - 1, so the sum of
-        code * x is the sum of field * x less the sum of x."""
-        rr = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        rk = tl.arange(0, BLOCK_K)
-        token = tl.program_id(1)
-        x_ptr += token * stride_xm
-        out_ptr += token * stride_om
-        if QUANT:
-            amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                kk = k0 + rk
-                amax = tl.maximum(amax, tl.abs(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32)))
-            xs = _act_scale(tl.max(amax, axis=0))
-        else:
-            xs = tl.load(xs_ptr + token)
-        acc0 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
-        acc1 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
-        acc2 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
-        acc3 = tl.zeros((BLOCK_R, BLOCK_K), dtype=tl.int32)
-        xsum = tl.zeros((BLOCK_K,), dtype=tl.int32)
-        for k0 in range(0, K, BLOCK_K):
-            kk = k0 + rk
-            if QUANT:
-                x = _act_codes(tl.load(x_ptr + kk, mask=kk < K, other=0.0).to(tl.float32), xs).to(tl.int32)
-            else:
-                x = tl.load(x_ptr + kk, mask=kk < K, other=0).to(tl.int32)
-            xsum += x
-            p = tl.load(w_ptr + rr[:, None] * stride_wr + kk[None, :], mask=(rr[:, None] < R) & (kk[None, :] < K),
-                        other=0).to(tl.int32)
-            acc0 += (p & 3) * x[None, :]
-            acc1 += ((p >> 2) & 3) * x[None, :]
-            acc2 += ((p >> 4) & 3) * x[None, :]
-            acc3 += ((p >> 6) & 3) * x[None, :]
-        total = tl.sum(xsum, axis=0)
-        ws = tl.load(ws_ptr)
-        n = 4 * R
-        for q in tl.static_range(4):
-            if q == 0:
-                acc = acc0
-            elif q == 1:
-                acc = acc1
-            elif q == 2:
-                acc = acc2
-            else:
-                acc = acc3
-            rn = rr + q * R
-            y = _scaled(tl.sum(acc, axis=1) - total, xs, ws, MULTIPLY)
-            if HAS_BIAS:
-                y = y + tl.load(b_ptr + rn, mask=rn < n, other=0.0).to(tl.float32)
-            tl.store(out_ptr + rn, y, mask=rr < R)
-
 
 #: (device, split, tokens, packed rows, tiles) -> int32 parts and zeroed per-tile counts. Kept
 #: for the process's life: a CUDA graph keeps the addresses it was captured with. One set per
@@ -451,20 +341,16 @@ def _weight_scale(weight_scale: torch.Tensor) -> torch.Tensor:
     return weight_scale.reshape(-1)[:1].to(torch.float32)
 
 
-def tiles_for(m: int, r: int, k: int, programs: int = 132) -> Tiles:
-    """The launch for ``m`` tokens and ``r`` packed rows of inner dimension ``k``: decode
-    tiles of 16 tokens (``tl.dot``'s least), with the inner dimension split while the
-    programs still fit in one wave; prefill tiles of 128 x 4·32 (within 1% of the best of ten
-    tiles on every Llama-2-7B shape in the sweep; tuning per shape on first use cost seconds
-    per process and gained nothing)."""
-    if m <= 16:  # from bench/w2a8_gpu.py --sweep on an H100: 32 packed rows, split up to one wave
-        tiles = Tiles(16, 32, 256, 1, 4, 3)
-        blocks = -(-r // tiles.r)
-        split = 1
-        while blocks * split * 2 <= programs and k // (2 * split) >= 2 * tiles.k:
-            split *= 2
-        return tiles._replace(split=split)
-    return Tiles(128, 32, 128, 1, 8, 3)
+def tiles_for(m: int, r: int, k: int) -> Tiles:
+    """The launch for ``m`` tokens and ``r`` packed rows of inner dimension ``k``, from
+    ``bench/w2a8_gpu.py --sweep`` on an H100 (docs/measurements.md): decode tiles of 16 tokens
+    (``tl.dot``'s least) and 64 packed rows, the inner dimension split so that a program
+    covers about 1k of it (within 4% of the best of 49 on the Llama-2-7B and 2B-4T shapes);
+    prefill tiles of 64 tokens and 128 packed rows (the best of 34 on three shapes, within
+    2.3% on the other two)."""
+    if m <= 16:
+        return Tiles(16, 64, 256, min(8, triton.next_power_of_2(-(-k // 1024))) if triton is not None else 1)
+    return Tiles(64, 128, 128, 1, 8, 3)
 
 
 def _launch(xq: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, act_scale: torch.Tensor | None,
@@ -479,31 +365,18 @@ def _launch(xq: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, act_scale
     t = tiles or tiles_for(m, r, k)
     scaled = act_scale is not None
     grid = (triton.cdiv(m, t.m) * triton.cdiv(r, t.r), t.split)
-    last = t.split > 1 and t.swap and t.last
-    split = t.split > 1 and not last
-    target = torch.zeros(m, 4 * r, dtype=torch.int32, device=xq.device) if split else out
-    args = (xq, packed, target, act_scale if scaled else target, weight_scale if scaled else target,
-            bias if bias is not None else target)
-    shape = (m, r, k, xq.stride(0), xq.stride(1), packed.stride(0), packed.stride(1), target.stride(0),
-             target.stride(1))
-    flags = dict(SCALED=scaled, ATOMIC=split, MULTIPLY=multiply, HAS_BIAS=bias is not None)
-    if t.swap:
-        part, count = _workspace(xq.device, t.split, triton.cdiv(m, t.m) * t.m, r, grid[0]) if last else (target, target)
-        _w2a8t_kernel[grid](*args, part, count, *shape, **flags, LAST=last, ASM=t.asm and xq.is_cuda, BLOCK_M=t.m,
-                            BLOCK_R=t.r, BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps, num_stages=t.stages)
-    else:
-        args = args + shape
-        _w2a8_kernel[grid](*args, **flags, BLOCK_M=t.m, BLOCK_R=t.r, BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps,
-                           num_stages=t.stages)
-    if split and scaled:
-        n = 4 * r
-        _scale_kernel[(triton.cdiv(m, 16), triton.cdiv(n, 256))](target, out, act_scale, weight_scale,
-                                                                   bias if bias is not None else target, m, n,
-                                                                   MULTIPLY=multiply, HAS_BIAS=bias is not None,
-                                                                   BLOCK_M=16, BLOCK_N=256)
-    elif split:
-        out.copy_(target)
+    last = t.split > 1
+    part, count = _workspace(xq.device, t.split, triton.cdiv(m, t.m) * t.m, r, grid[0]) if last else (out, out)
+    _w2a8_kernel[grid](xq, packed, out, act_scale if scaled else out, weight_scale if scaled else out,
+                       bias if bias is not None else out, part, count, m, r, k, xq.stride(0), xq.stride(1),
+                       packed.stride(0), packed.stride(1), out.stride(0), out.stride(1), SCALED=scaled, LAST=last,
+                       MULTIPLY=multiply, HAS_BIAS=bias is not None, ASM=xq.is_cuda, BLOCK_M=t.m, BLOCK_R=t.r,
+                       BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps, num_stages=t.stages)
     return out
+
+
+#: the longest row :func:`quantize` reads once (longer rows: twice, a block at a time)
+QUANT_ROW = 16384
 
 
 def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -514,10 +387,10 @@ def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     m, k = x.shape
     q = torch.empty(m, k, dtype=torch.int8, device=x.device)
     scale = torch.empty(m, dtype=torch.float32, device=x.device)
-    block = min(2048, triton.next_power_of_2(k))
+    block = min(QUANT_ROW, triton.next_power_of_2(k))
     if m:
-        _quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, num_warps=4 if block <= 1024 else 8,
-                            enable_fp_fusion=False)
+        _quant_kernel[(m,)](x, q, scale, k, x.stride(0), q.stride(0), BLOCK=block, ONE_PASS=k <= block,
+                            num_warps=max(4, min(16, block // 512)), enable_fp_fusion=False)
     return q, scale
 
 
@@ -538,13 +411,18 @@ def linear(xq: torch.Tensor, act_scale: torch.Tensor, packed: torch.Tensor, weig
     return _launch(xq, packed, out, scales, _weight_scale(weight_scale), multiply, bias, tiles)
 
 
-GEMV_TILES = (4, 128, 4, "dp4a")  # packed rows, inner dimension (words of 4 for dp4a) per program, warps, kind
 #: the most tokens :func:`gemv` takes (one program per token and tile)
 GEMV_ROWS = 16
-#: the most tokens :func:`forward` sends through :func:`gemv`: one, as measured on an H100
-#: (docs/measurements.md); 2 to 16 tokens through the gemv are tested but not yet timed
-#: against the tensor-core tiles (``bench/w2a8_gpu.py`` prints both)
+#: the most tokens :func:`forward` sends through :func:`gemv`: one; at 16 tokens the tiles
+#: were faster on every shape measured (docs/measurements.md)
 FORWARD_GEMV_ROWS = 1
+
+
+def gemv_tiles(r: int) -> tuple[int, int, int]:
+    """Packed rows and 32-bit words of the inner dimension per program, and warps, for the
+    gemv with quantization inside, from the sweep on an H100: the best of 37 on every
+    Llama-2-7B and 2B-4T shape."""
+    return (8, 128, 4) if r >= 1536 else (4, 512, 4)
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, multiply: bool,
@@ -552,32 +430,33 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, mult
          tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
     """A few tokens through a ternary layer in one launch: ``x`` [M, K] float (quantized in
     the kernel) or int8 with its ``act_scale`` [M]; output [M, N] in ``x``'s float dtype
-    (float32 for int8 input)."""
+    (float32 for int8 input). ``K`` must be a multiple of 4 (the kernel reads words)."""
     _need_triton()
     if x.dim() != 2 or not 1 <= x.shape[0] <= GEMV_ROWS or x.shape[1] != packed.shape[1] or packed.dtype != torch.uint8:
         raise ValueError(f"need 1 to {GEMV_ROWS} tokens [M, K] and uint8 [N/4, K] codes, got {tuple(x.shape)} and "
                          f"{packed.dtype} {tuple(packed.shape)}")
-    x = x if x.stride(-1) == 1 else x.contiguous()
+    if not takes_words(packed):
+        raise ValueError(f"the gemv reads 32-bit words: need contiguous codes with an inner dimension that is a "
+                         f"multiple of 4, got {tuple(packed.shape)}")
+    x = x if x.stride(-1) == 1 and x.data_ptr() % 4 == 0 else x.contiguous()
     quant = x.dtype != torch.int8
     m = x.shape[0]
     r, k = packed.shape
     out = torch.empty(m, 4 * r, dtype=x.dtype if quant else torch.float32, device=x.device)
     xs = out if quant else act_scale.reshape(-1).to(torch.float32).contiguous()  # quantized in the kernel: unused
-    br, bk, warps, *kind = tiles or GEMV_TILES
-    b = bias if bias is not None else out
-    if (kind or ["dp4a"])[0] == "dp4a" and k % 4 == 0 and packed.is_contiguous() and packed.data_ptr() % 4 == 0:
-        w = packed.view(torch.int32)
-        xw = x if quant else x.view(torch.int32)
-        _gemv4_kernel[(triton.cdiv(r, br), m)](xw, w, out, xs, _weight_scale(weight_scale), b, r, k // 4, w.stride(0),
-                                               xw.stride(0), out.stride(0), QUANT=quant, MULTIPLY=multiply,
-                                               HAS_BIAS=bias is not None, ASM=x.is_cuda, BLOCK_R=br, BLOCK_W=bk,
-                                               num_warps=warps, enable_fp_fusion=False)
-    else:
-        _gemv_kernel[(triton.cdiv(r, br), m)](x, packed, out, xs, _weight_scale(weight_scale), b, r, k,
-                                              packed.stride(0), x.stride(0), out.stride(0), QUANT=quant,
-                                              MULTIPLY=multiply, HAS_BIAS=bias is not None, BLOCK_R=br, BLOCK_K=bk,
-                                              num_warps=warps, enable_fp_fusion=False)
+    w = packed.view(torch.int32)
+    xw = x if quant else x.view(torch.int32)
+    br, bw, warps = tiles or gemv_tiles(r)
+    _gemv_kernel[(triton.cdiv(r, br), m)](xw, w, out, xs, _weight_scale(weight_scale), bias if bias is not None else out,
+                                          r, k // 4, w.stride(0), xw.stride(0), out.stride(0), QUANT=quant,
+                                          MULTIPLY=multiply, HAS_BIAS=bias is not None, ASM=x.is_cuda, BLOCK_R=br,
+                                          BLOCK_W=bw, num_warps=warps, enable_fp_fusion=False)
     return out
+
+
+def takes_words(packed: torch.Tensor) -> bool:
+    """True when :func:`gemv` can read ``packed`` as 32-bit words (true of every real model)."""
+    return packed.shape[1] % 4 == 0 and packed.is_contiguous() and packed.data_ptr() % 4 == 0
 
 
 def forward(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, multiply: bool,
@@ -586,7 +465,7 @@ def forward(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, m
     ``x``'s dtype. Up to :data:`FORWARD_GEMV_ROWS` tokens take :func:`gemv`, one launch."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    if 1 <= x2.shape[0] <= FORWARD_GEMV_ROWS:
+    if 1 <= x2.shape[0] <= FORWARD_GEMV_ROWS and takes_words(packed):
         y = gemv(x2, packed, weight_scale, multiply, bias)
     else:
         q, scale = quantize(x2)

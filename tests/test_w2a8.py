@@ -42,12 +42,23 @@ def test_scaled_output_equals_the_cpu_runtime(multiply):
 
 @pytest.mark.parametrize("split", [2, 4, 3])
 def test_a_split_inner_dimension_gives_the_same_integers(split):
-    """Decode splits k over programs that add int32 partial sums atomically: exact in any
-    order, including a last share shorter than the others."""
+    """Decode splits k over programs whose int32 partial sums the last one adds: exact,
+    including a last share shorter than the others, and again on a second call (the
+    counts go back to zero)."""
     codes, xq = random_case(3, 64, 1000, seed=3)
     want = xq.to(torch.int32) @ codes.to(torch.int32).T
     tiles = w2a8.Tiles(16, 16, 128, split)
-    assert torch.equal(w2a8.matmul_int32(xq, pack_ternary(codes), tiles), want)
+    for _ in range(2):
+        assert torch.equal(w2a8.matmul_int32(xq, pack_ternary(codes), tiles), want)
+    counts = [c for key, (_, c) in w2a8._WORKSPACES.items() if key[1] == split]
+    assert counts and all(int(c.abs().sum()) == 0 for c in counts)
+
+
+def test_the_tiles_cover_decode_and_prefill():
+    """Decode: 16 tokens a tile, k split to about 1k a program; prefill: one program per tile."""
+    assert w2a8.tiles_for(1, 1024, 4096).split == 4 and w2a8.tiles_for(16, 2752, 11008).split == 8
+    assert w2a8.tiles_for(2, 640, 2560).split == 4 and w2a8.tiles_for(5, 64, 512).split == 1
+    assert w2a8.tiles_for(17, 1024, 4096).split == 1
 
 
 @pytest.mark.parametrize("multiply", [False, True])
@@ -60,15 +71,18 @@ def test_forward_equals_the_cpu_runtime_with_bias(multiply, split, monkeypatch):
     bias = torch.randn(96, generator=g)
     scale = torch.tensor([0.021 if multiply else 1 / 0.021])
     ref = TernaryLinear(codes, scale, bias, act_quant=True, multiply=multiply)(x)
-    monkeypatch.setattr(w2a8, "tiles_for", lambda m, r, k: w2a8.Tiles(16, 16, 128, split))
+    monkeypatch.setattr(w2a8, "tiles_for", lambda m, r, k: w2a8.Tiles(16, 16, 128, split))  # 20 tokens, split
     got = w2a8.forward(x, pack_ternary(codes), scale, multiply, bias)
     assert got.shape == ref.shape and got.dtype == x.dtype
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
 
 
-def test_quantize_gives_the_runtimes_integers_exactly():
+@pytest.mark.parametrize("row", [w2a8.QUANT_ROW, 1024])
+def test_quantize_gives_the_runtimes_integers_exactly(row, monkeypatch):
     """One kernel per token equals quantize_activations in float32: scales bit for bit, codes
-    exactly, including ties (x * scale = k + 0.5 rounds to even), zero rows and the clamp."""
+    exactly, including ties (x * scale = k + 0.5 rounds to even), zero rows and the clamp;
+    rows read once, and rows longer than a block read twice."""
+    monkeypatch.setattr(w2a8, "QUANT_ROW", row)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(6, 3000, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1.0, 1.0, 1.0])[:, None]
     x[3] = 0.0
@@ -93,14 +107,30 @@ def test_wrong_inputs_are_refused():
         w2a8.matmul_int32(xq.float(), pack_ternary(codes))
 
 
-@pytest.mark.parametrize("m,k", [(1, 96), (1, 1000), (3, 1536), (16, 200)])
-def test_gemv_is_exact(m, k):
-    """Decode: one launch, a program per token and tile, no tensor cores; with unit scales its
-    float32 output is the int32 product itself (every value far below 2**24)."""
+@pytest.mark.parametrize("m,k,tiles", [(1, 96, (4, 16, 4)), (1, 1000, (8, 128, 4)), (3, 1536, (2, 64, 2)),
+                                       (16, 200, (4, 32, 4)), (1, 4096, None)])
+def test_gemv_is_exact(m, k, tiles):
+    """Decode: one launch, a program per token and tile, no tensor cores, the codes read as
+    words of four (dp4a spelled out byte by byte here); with unit scales its float32 output
+    is the int32 product itself (every value far below 2**24)."""
     codes, xq = random_case(m, 72, k, seed=6)
     want = (xq.to(torch.int32) @ codes.to(torch.int32).T).float()
-    got = w2a8.gemv(xq, pack_ternary(codes), torch.ones(1), True, act_scale=torch.ones(m), tiles=(4, 256, 4))
+    got = w2a8.gemv(xq, pack_ternary(codes), torch.ones(1), True, act_scale=torch.ones(m), tiles=tiles)
     assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_an_inner_dimension_that_is_not_whole_words_takes_the_tiles():
+    """The gemv reads 32-bit words; K = 1002 goes to the tensor-core tiles, with the same numbers."""
+    g = torch.Generator().manual_seed(8)
+    codes = torch.randint(-1, 2, (24, 1002), generator=g, dtype=torch.int8)
+    x = torch.randn(1, 1002, generator=g)
+    ref = TernaryLinear(codes, torch.tensor([0.5]), None, act_quant=True, multiply=True)(x)
+    packed = pack_ternary(codes)
+    assert not w2a8.takes_words(packed)
+    got = w2a8.forward(x, packed, torch.tensor([0.5]), True)
+    assert float((got - ref).abs().max() / ref.abs().max()) < 1e-6
+    with pytest.raises(ValueError, match="32-bit words"):
+        w2a8.gemv(x, packed, torch.tensor([0.5]), True)
 
 
 @pytest.mark.parametrize("multiply", [False, True])
