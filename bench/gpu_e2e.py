@@ -11,6 +11,8 @@ text (alice29.txt), so the perplexities of the in-memory, batched GPU run can be
 
 Rows, all on the same GPU in this process:
 - transformers' ``generate`` of the FP model in bf16 (greedy, its default cache): the baseline;
+- the weights in GPU memory, and the token table kept in host memory ("host GB": ternary
+  models whose table is not tied to the head keep it there; a row with it on the GPU too);
 - ``bitquant generate``'s decoder (:class:`bitquant.decode.StaticDecoder`: static cache, one
   CUDA graph a step) on the FP model, and on the ternary model with the packed W2A8 kernels;
   "steady" is tokens/s over the timed steps, "call" is ``generate()`` as the CLI runs it
@@ -107,7 +109,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per decode measurement")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: hf, fp-decode, eval, int8")
+    ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: hf, fp-decode, eval, gpu-table, int8")
     args = ap.parse_args()
 
     from bitquant.convert import convert
@@ -154,7 +156,9 @@ def main() -> None:
 
     def measure(label, load, hf=True, decode=True):
         model, nbytes = weights_on_gpu(load)
-        row = {"label": label, "weights_gb": nbytes / 1e9}
+        table = model.get_input_embeddings()
+        host = table.weight.numel() * table.weight.element_size() if table.weight.device.type == "cpu" else 0
+        row = {"label": label, "weights_gb": nbytes / 1e9, "host_gb": host / 1e9}
         if hf and "hf" not in args.skip:
             attempt(row, ["hf"], lambda: hf_generate(model, ids, args.tokens))
         if decode:
@@ -169,16 +173,20 @@ def main() -> None:
 
     measure("FP bf16", lambda: load_fp(fp, torch.bfloat16, "cuda"), decode="fp-decode" not in args.skip)
     measure("ternary W2A8 (packed)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"))
+    if "gpu-table" not in args.skip:  # the token table on the GPU too, as before
+        os.environ["BITQUANT_HOST_EMBEDDING"] = "0"
+        measure("ternary W2A8, table on GPU", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False)
+        del os.environ["BITQUANT_HOST_EMBEDDING"]
     if "int8" not in args.skip:
         os.environ["BITQUANT_W2A8"] = "0"
         measure("ternary int8 (_int_mm)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False)
         del os.environ["BITQUANT_W2A8"]
     base = rows[0]
-    print(f"\n{'model':26s} {'weights GB':>10s} {'x bf16':>7s} {'HF gen tok/s':>12s} {'decode tok/s':>12s} "
+    print(f"\n{'model':26s} {'weights GB':>10s} {'x bf16':>7s} {'host GB':>7s} {'HF gen tok/s':>12s} {'decode tok/s':>12s} "
           f"{'x HF bf16':>9s} {'call tok/s':>10s} {'setup s':>7s} {'eval tok/s':>10s} {'x bf16':>7s} {'ppl':>10s}")
     nan = float("nan")
     for r in rows:
-        print(f"{r['label']:26s} {r['weights_gb']:10.3f} {r['weights_gb'] / base['weights_gb']:7.3f} "
+        print(f"{r['label']:26s} {r['weights_gb']:10.3f} {r['weights_gb'] / base['weights_gb']:7.3f} {r['host_gb']:7.3f} "
               f"{r.get('hf', nan):12.1f} {r.get('steady', nan):12.1f} {r.get('steady', nan) / base.get('hf', nan):9.2f} "
               f"{r.get('call', nan):10.1f} {r.get('setup', nan):7.2f} {r.get('eval', nan):10.0f} "
               f"{r.get('eval', nan) / base.get('eval', nan):7.2f} {r.get('ppl', nan):10.4g}")

@@ -110,12 +110,13 @@ def _parts(model, rows: int, length: int) -> _Parts:
     return _Parts(config, body, head, family, _rotary(layers[0]), windows, caches)
 
 
-def _step(parts: _Parts, tokens: torch.Tensor, pos: int | torch.Tensor, position_ids: torch.Tensor,
+def _step(parts: _Parts, h: torch.Tensor, pos: int | torch.Tensor, position_ids: torch.Tensor,
           masks: dict[int | None, torch.Tensor] | None = None) -> torch.Tensor:
-    """``tokens`` ([rows, 1]) at position ``pos`` through every block (see :func:`_block_step`
-    for ``pos`` and ``masks``, one per window length); float32 logits of the next position."""
+    """The embeddings ``h`` ([rows, 1, hidden]) of the tokens at position ``pos`` through every
+    block (see :func:`_block_step` for ``pos`` and ``masks``, one per window length); float32
+    logits of the next position. The embedding lookup is the caller's: it stays outside a
+    CUDA graph, as the table may live in host memory (:class:`bitquant.runtime.HostEmbedding`)."""
     body = parts.body
-    h = body.embed_tokens(tokens)
     pes = families.position_embeddings(parts.family, body.rotary_emb, parts.config, h, position_ids)
     for layer, pe, window, (k_cache, v_cache) in zip(body.layers, pes, parts.windows, parts.caches):
         h = _block_step(layer, h, pe, k_cache, v_cache, pos, parts.rotary, parts.family, window,
@@ -136,7 +137,8 @@ def sample_batch(model, rows: int, length: int, bos_id: int, temperature: float,
     out[:, 0] = bos_id
     ban = torch.tensor(banned, dtype=torch.long, device=device) if banned else None
     for pos in range(length - 1):
-        logits = _step(parts, out[:, pos : pos + 1], pos, torch.full((1, 1), pos, dtype=torch.long, device=device))
+        logits = _step(parts, parts.body.embed_tokens(out[:, pos : pos + 1]), pos,
+                       torch.full((1, 1), pos, dtype=torch.long, device=device))
         if on_step:
             on_step(pos, logits)
         if ban is not None:
@@ -168,6 +170,8 @@ class StaticDecoder:
         self.length = length
         device = self.parts.head.weight.device
         self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
+        self.h = torch.zeros(rows, 1, self.parts.config.hidden_size, dtype=self.parts.caches[0][0].dtype,
+                             device=device)  # the graph's input: this step's embeddings
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
         self.places = torch.arange(length, device=device).view(1, 1, 1, length)
         self.logits: torch.Tensor | None = None
@@ -185,7 +189,7 @@ class StaticDecoder:
         return masks
 
     def _step(self) -> torch.Tensor:
-        return _step(self.parts, self.tokens, self.pos, self.pos.view(1, 1), self._masks())
+        return _step(self.parts, self.h, self.pos, self.pos.view(1, 1), self._masks())
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -204,6 +208,7 @@ class StaticDecoder:
         if not 0 <= pos < self.length:
             raise ValueError(f"position {pos} is outside the cache of {self.length}")
         self.tokens.copy_(tokens.reshape(self.tokens.shape))
+        self.h.copy_(self.parts.body.embed_tokens(self.tokens))
         self.pos.fill_(pos)
         if self.graph is not None:
             self.graph.replay()

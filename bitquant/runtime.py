@@ -18,7 +18,9 @@ the activation scale, and divided by ``weight_scale`` (bitlinear: 1/s) or multip
 On a CUDA GPU with Triton, W1.58A8 layers keep their codes packed (2 bits each, the
 checkpoint's own bytes) and run the W2A8 kernels of :mod:`bitquant.w2a8`: the integers are
 the same, the weights take an eighth of bf16's memory. ``BITQUANT_W2A8=0`` turns that off
-(int8 codes and ``torch._int_mm``, as on the CPU).
+(int8 codes and ``torch._int_mm``, as on the CPU). On CUDA the token table of a ternary
+model whose head is not tied to it stays in host memory (:class:`HostEmbedding`; only the
+rows looked up travel); ``BITQUANT_HOST_EMBEDDING=0`` keeps it on the GPU.
 """
 
 from __future__ import annotations
@@ -101,6 +103,31 @@ class TernaryLinear(torch.nn.Module):
         scale = "multiplied" if self.multiply else "divided"
         return (f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}, "
                 f"weight_scale={scale}, packed={self.packed is not None}")
+
+
+class HostEmbedding(torch.nn.Module):
+    """The model's own token-embedding module, kept in host memory: each call looks up the
+    rows of its ids there and sends only those to the ids' device (as llama.cpp keeps its
+    token table). The table is not registered with the model, so moving the model leaves it
+    where it is, and the model's device (its first parameter's) stays the GPU."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        object.__setattr__(self, "_host", inner.cpu())
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._host.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self._host(ids.cpu()).to(ids.device, non_blocking=True)
+
+
+def host_embedding(device: str | torch.device, config) -> bool:
+    """True where a ternary model keeps its token table in host memory: on CUDA, when the
+    table is not also the output head (tied), unless ``BITQUANT_HOST_EMBEDDING=0``."""
+    return (torch.device(device).type == "cuda" and not getattr(config, "tie_word_embeddings", False)
+            and os.environ.get("BITQUANT_HOST_EMBEDDING", "1") != "0")
 
 
 def packed_kernel(device: str | torch.device, act_quant: bool) -> bool:
@@ -190,6 +217,8 @@ def load_ternary(folder: Path | Checkpoint, dtype: torch.dtype, device: str, act
         )
     if config.tie_word_embeddings:
         model.tie_weights()
+    if host_embedding(device, config):
+        model.set_input_embeddings(HostEmbedding(model.get_input_embeddings()))
     return model.to(device).eval()
 
 

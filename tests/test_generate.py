@@ -43,8 +43,9 @@ def test_static_generate_equals_transformers_greedy(tmp_path, tiny_tokenizer_dir
 
 
 def test_static_generate_with_the_packed_kernel(tmp_path, tiny_tokenizer_dir, monkeypatch):
-    """A ternary model loaded as on a GPU (packed W2A8 layers, under Triton's interpreter)
-    decodes the int8 runtime's greedy tokens."""
+    """A ternary model loaded as on a GPU (packed W2A8 layers, under Triton's interpreter, and
+    the token table in host memory, looked up outside the decoder's step) decodes the int8
+    runtime's greedy tokens."""
     pytest.importorskip("triton")
     from bitquant import runtime
     from bitquant.convert import convert
@@ -56,8 +57,10 @@ def test_static_generate_with_the_packed_kernel(tmp_path, tiny_tokenizer_dir, mo
     want = generate(runtime.load_ternary(tmp_path / "out", torch.float32, "cpu"), tokenizer, ids,
                     Sampling(max_new_tokens=8), static=False)
     monkeypatch.setattr(runtime, "packed_kernel", lambda device, act_quant: act_quant)
+    monkeypatch.setattr(runtime, "host_embedding", lambda device, config: True)  # the token table in host memory
     model = runtime.load_ternary(tmp_path / "out", torch.float32, "cpu")
     assert model.model.layers[0].self_attn.q_proj.packed is not None
+    assert isinstance(model.get_input_embeddings(), runtime.HostEmbedding)
     assert generate(model, tokenizer, ids, Sampling(max_new_tokens=8), static=True).ids == want.ids
 
 

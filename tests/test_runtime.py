@@ -138,3 +138,35 @@ def test_rows_that_do_not_pack_stay_int8():
     codes, ws, b = random_layer(out=6, inp=40)
     layer = TernaryLinear(codes, ws, b, packed=True)
     assert layer.packed is None and layer.codes_t is not None
+
+
+@pytest.mark.parametrize("flag,tied,wanted", [(None, False, True), ("0", False, False), (None, True, False)])
+def test_host_embedding_is_chosen_on_cuda_for_untied_tables(monkeypatch, flag, tied, wanted):
+    """A table that is also the output head must be on the GPU anyway: only untied ones move."""
+    from types import SimpleNamespace
+
+    if flag is None:
+        monkeypatch.delenv("BITQUANT_HOST_EMBEDDING", raising=False)
+    else:
+        monkeypatch.setenv("BITQUANT_HOST_EMBEDDING", flag)
+    config = SimpleNamespace(tie_word_embeddings=tied)
+    assert runtime.host_embedding("cuda", config) is wanted
+    assert not runtime.host_embedding("cpu", config)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_host_embedding_gives_the_same_logits_and_leaves_the_model(tmp_path, monkeypatch, arch):
+    """load_ternary as on a GPU: the token table (Gemma's scaled one included) is looked up
+    in host memory, is not one of the model's parameters (so moving the model leaves it and
+    the model's device is its layers'), and the logits are unchanged."""
+    src = make_checkpoint(tmp_path / "src", arch=arch)
+    convert(str(src), tmp_path / "out")
+    want = load_ternary(tmp_path / "out", torch.float32, "cpu")
+    monkeypatch.setattr(runtime, "host_embedding", lambda device, config: True)
+    got = load_ternary(tmp_path / "out", torch.float32, "cpu")
+    table = got.get_input_embeddings()
+    assert isinstance(table, runtime.HostEmbedding)
+    assert all(p is not table.weight for p in got.parameters()) and "model.embed_tokens.weight" not in got.state_dict()
+    assert torch.equal(table.weight, want.get_input_embeddings().weight)
+    with torch.no_grad():
+        assert torch.equal(got(IDS).logits, want(IDS).logits)
