@@ -345,8 +345,8 @@ def tiles_for(m: int, r: int, k: int) -> Tiles:
     """The launch for ``m`` tokens and ``r`` packed rows of inner dimension ``k``, from
     ``bench/w2a8_gpu.py --sweep`` on an H100 (docs/measurements.md): decode tiles of 16 tokens
     (``tl.dot``'s least) and 64 packed rows, the inner dimension split so that a program
-    covers about 1k of it (within 4% of the best of 49 on the Llama-2-7B and 2B-4T shapes);
-    prefill tiles of 64 tokens and 128 packed rows (the best of 34 on three shapes, within
+    covers about 1k of it (within 4% of the best of 45 on the Llama-2-7B and 2B-4T shapes);
+    prefill tiles of 64 tokens and 128 packed rows (the best of 32 on three shapes, within
     2.3% on the other two)."""
     if m <= 16:
         return Tiles(16, 64, 256, min(8, triton.next_power_of_2(-(-k // 1024))) if triton is not None else 1)
@@ -420,8 +420,8 @@ FORWARD_GEMV_ROWS = 1
 
 def gemv_tiles(r: int) -> tuple[int, int, int]:
     """Packed rows and 32-bit words of the inner dimension per program, and warps, for the
-    gemv with quantization inside, from the sweep on an H100: the best of 37 on every
-    Llama-2-7B and 2B-4T shape."""
+    gemv with quantization inside, from the sweep on an H100: the best of 36 (or tied with
+    it) on every Llama-2-7B and 2B-4T shape."""
     return (8, 128, 4) if r >= 1536 else (4, 512, 4)
 
 
