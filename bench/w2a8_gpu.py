@@ -46,7 +46,9 @@ BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}  # bytes/s, nomina
 # the alternatives each replaced (tokens as the first operand, fields unpacked a byte at a
 # time, a split added by atomics and a second kernel, a gemv on bytes) were swept against
 # these at commit 7810710; docs/measurements.md has that table
-DECODE_SWEEP = [w2a8.Tiles(16, r, k, sp) for r in (16, 32, 64) for k in (128, 256, 512) for sp in (1, 2, 4, 8, 16)]
+DECODE_SWEEP = ([w2a8.Tiles(16, r, k, sp) for r in (16, 32, 64) for k in (128, 256, 512) for sp in (1, 2, 4, 8, 16)]
+                + [w2a8.Tiles(16, r, 1024, sp) for r in (32, 64) for sp in (1, 2, 4, 8)]
+                + [w2a8.Tiles(16, 64, k, sp, 8, st) for k in (256, 512) for sp in (2, 4, 8) for st in (2, 3)])
 GEMV_SWEEP = [(r, w, nw) for r in (1, 2, 4, 8) for w in (128, 256, 512) for nw in (2, 4, 8)]
 PREFILL_SWEEP = [w2a8.Tiles(bm, r, k, 1, nw, st) for bm in (64, 128) for r in (64, 128) for k in (64, 128)
                  for nw, st in ((4, 3), (4, 4), (8, 3), (8, 4))]
