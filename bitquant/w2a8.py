@@ -438,8 +438,9 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, mult
     if not takes_words(packed):
         raise ValueError(f"the gemv reads 32-bit words: need contiguous codes with an inner dimension that is a "
                          f"multiple of 4, got {tuple(packed.shape)}")
-    x = x if x.stride(-1) == 1 and x.data_ptr() % 4 == 0 else x.contiguous()
     quant = x.dtype != torch.int8
+    if x.stride(-1) != 1 or not (quant or (x.stride(0) % 4 == 0 and x.data_ptr() % 4 == 0)):
+        x = x.clone(memory_format=torch.contiguous_format)  # int8 is read as 32-bit words: aligned
     m = x.shape[0]
     r, k = packed.shape
     out = torch.empty(m, 4 * r, dtype=x.dtype if quant else torch.float32, device=x.device)

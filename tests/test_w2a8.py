@@ -119,6 +119,18 @@ def test_gemv_is_exact(m, k, tiles):
     assert got.dtype == torch.float32 and torch.equal(got, want)
 
 
+def test_gemv_reads_int8_rows_that_do_not_start_on_a_word():
+    """A slice one byte into a buffer cannot be read as words: it is copied first, same numbers."""
+    codes, xq = random_case(1, 16, 64, seed=9)
+    buf = torch.zeros(1, 65, dtype=torch.int8)
+    buf[0, 1:] = xq[0]
+    x = buf[:, 1:]
+    assert x.data_ptr() % 4 != 0
+    want = (xq.to(torch.int32) @ codes.to(torch.int32).T).float()
+    got = w2a8.gemv(x, pack_ternary(codes), torch.ones(1), True, act_scale=torch.ones(1), tiles=(4, 16, 4))
+    assert torch.equal(got, want)
+
+
 def test_an_inner_dimension_that_is_not_whole_words_takes_the_tiles():
     """The gemv reads 32-bit words; K = 1002 goes to the tensor-core tiles, with the same numbers."""
     g = torch.Generator().manual_seed(8)
