@@ -156,20 +156,21 @@ def gumbel_argmax(logits: torch.Tensor, temperature: float, generator: torch.Gen
 
 class StaticDecoder:
     """One token per sequence per step through the model's own blocks, with shapes fixed by
-    a static cache of ``length`` positions, so that on CUDA the whole step (embedding, every
-    block, the head) is captured once in a CUDA graph and replayed: one launch a token
+    a static cache of ``length`` positions, so that on CUDA the step (every block and the
+    head; the embedding lookup comes before it, as the token table may be in host memory)
+    is captured once in a CUDA graph and replayed: one launch a token
     instead of several hundred, which is what a 7B model's decode at batch 1 is bound by.
     Elsewhere (CPU, or ``graph=False``) the same step runs eagerly; the tests check its
     logits against the full forward pass there.
 
-    ``step(tokens, pos)`` writes ``tokens`` ([rows, 1]) at position ``pos`` and returns the
-    float32 logits for the next position ([rows, vocab]; the same tensor every step)."""
+    ``step(tokens, pos)`` embeds ``tokens`` ([rows, 1]) outside the graph, runs them at
+    position ``pos`` and returns the float32 logits for the next position ([rows, vocab];
+    the same tensor every step)."""
 
     def __init__(self, model, rows: int, length: int, graph: bool | None = None):
         self.parts = _parts(model, rows, length)
         self.length = length
         device = self.parts.head.weight.device
-        self.tokens = torch.zeros(rows, 1, dtype=torch.long, device=device)
         self.h = torch.zeros(rows, 1, self.parts.config.hidden_size, dtype=self.parts.caches[0][0].dtype,
                              device=device)  # the graph's input: this step's embeddings
         self.pos = torch.zeros(1, dtype=torch.long, device=device)
@@ -207,8 +208,7 @@ class StaticDecoder:
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         if not 0 <= pos < self.length:
             raise ValueError(f"position {pos} is outside the cache of {self.length}")
-        self.tokens.copy_(tokens.reshape(self.tokens.shape))
-        self.h.copy_(self.parts.body.embed_tokens(self.tokens))
+        self.h.copy_(self.parts.body.embed_tokens(tokens.reshape(self.h.shape[0], 1).to(self.h.device)))
         self.pos.fill_(pos)
         if self.graph is not None:
             self.graph.replay()
