@@ -16,7 +16,9 @@ the tokens' sums of x taken off afterwards, which spares the subtraction per wei
   of a tile to finish adds them and applies the epilogue. Integer sums are exact in any
   order, so the result does not depend on the split.
 - :func:`gemv` (one token, the quantization inside, one launch): no tensor cores; the codes
-  read as 32-bit words, whose fields multiply four int8 activations at a time (PTX dp4a).
+  read as 32-bit words, whose fields multiply four int8 activations at a time (PTX dp4a),
+  and copied ahead of use through shared memory (``tl.range`` stages), so that enough
+  bytes are in flight to read them at close to the memory's speed.
 
 The epilogue applies the per-token activation scale, the matrix's ``weight_scale`` in the
 runtime's convention (:class:`bitquant.runtime.TernaryLinear`: ``acc / act_scale * s``
@@ -161,7 +163,7 @@ if triton is not None:
                      stride_xm, stride_xk, stride_wr, stride_wk, stride_om, stride_on,
                      SCALED: tl.constexpr, LAST: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr,
                      ASM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, SPLIT: tl.constexpr):
         """out[m, q*R + r] = sum_k x[m, k] * (((w[r, k] >> 2q) & 3) - 1), q = 0..3, over the tile
         of packed rows r and tokens m this program owns and its share of k, scaled when SCALED.
         The weights are the tensor cores' first operand: each product is [rows, tokens] of
@@ -179,7 +181,7 @@ if triton is not None:
         group = tl.minimum(num_m - first_m, GROUP_M)
         pid_m = first_m + (pid % width) % group
         pid_r = (pid % width) // group
-        span = tl.cdiv(tl.cdiv(K, BLOCK_K), tl.num_programs(1)) * BLOCK_K
+        span = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
         k_first = tl.program_id(1) * span
         k_end = tl.minimum(k_first + span, K)
         rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -215,10 +217,10 @@ if triton is not None:
             tl.store(here + 3 * field, tl.trans(acc3 - xsum), mask=mask)
             tl.debug_barrier()  # every thread's parts are stored before the count says so
             done = tl.atomic_add(count_ptr + pid, 1, sem="acq_rel", scope="gpu")
-            if done == tl.num_programs(1) - 1:
+            if done == SPLIT - 1:
                 for q in tl.static_range(4):
                     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.int32)
-                    for j in range(0, tl.num_programs(1)):
+                    for j in range(0, SPLIT):
                         acc += tl.load(part + j * share + q * field, mask=mask, other=0, cache_modifier=".cg")
                     _put(acc, base + q * step, mask, rm, rr + q * R, M, 4 * R, xs_ptr, ws_ptr, b_ptr, SCALED,
                          MULTIPLY, HAS_BIAS)
@@ -255,7 +257,7 @@ if triton is not None:
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, R, KW, stride_wr, stride_xm, stride_om,
                      QUANT: tl.constexpr, MULTIPLY: tl.constexpr, HAS_BIAS: tl.constexpr, ASM: tl.constexpr,
-                     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr):
+                     BLOCK_R: tl.constexpr, BLOCK_W: tl.constexpr, STAGES: tl.constexpr):
         """Decode without tensor cores, on 32-bit words: ``w`` is the packed codes viewed as
         int32 [R, K/4], so a word holds four inner positions of four row groups, and a shift
         and a mask give field q of four positions as four bytes, which one dp4a multiplies
@@ -285,7 +287,7 @@ if triton is not None:
         acc2 = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.int32)
         acc3 = tl.zeros((BLOCK_R, BLOCK_W), dtype=tl.int32)
         xsum = tl.zeros((BLOCK_W,), dtype=tl.int32)
-        for w0 in range(0, KW, BLOCK_W):
+        for w0 in tl.range(0, KW, BLOCK_W, num_stages=STAGES):  # codes copied ahead, STAGES - 1 blocks
             ww = w0 + rw
             if QUANT:
                 v = tl.load(x_ptr + ww[:, None] * 4 + rj[None, :], mask=ww[:, None] < KW, other=0.0).to(tl.float32)
@@ -374,7 +376,7 @@ def _launch(xq: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, act_scale
                        bias if bias is not None else out, part, count, m, r, k, xq.stride(0), xq.stride(1),
                        packed.stride(0), packed.stride(1), out.stride(0), out.stride(1), SCALED=scaled, LAST=last,
                        MULTIPLY=multiply, HAS_BIAS=bias is not None, ASM=xq.is_cuda, BLOCK_M=t.m, BLOCK_R=t.r,
-                       BLOCK_K=t.k, GROUP_M=8, num_warps=t.warps, num_stages=t.stages)
+                       BLOCK_K=t.k, GROUP_M=8, SPLIT=t.split, num_warps=t.warps, num_stages=t.stages)
     return out
 
 
@@ -421,16 +423,26 @@ GEMV_ROWS = 16
 FORWARD_GEMV_ROWS = 1
 
 
-def gemv_tiles(r: int) -> tuple[int, int, int]:
-    """Packed rows and 32-bit words of the inner dimension per program, and warps, for the
-    gemv with quantization inside, from the sweep on an H100: the best of 36 (or tied with
-    it) on every Llama-2-7B and 2B-4T shape."""
-    return (8, 128, 4) if r >= 1536 else (4, 512, 4)
+class GemvTiles(NamedTuple):
+    """A launch of :func:`gemv`: packed rows and 32-bit words of the inner dimension per
+    program, warps, and pipeline stages (blocks of codes in flight)."""
+
+    r: int
+    w: int
+    warps: int = 4
+    stages: int = 4
+
+
+def gemv_tiles(r: int, k: int) -> GemvTiles:
+    """The gemv's launch for ``r`` packed rows of inner dimension ``k``, from a sweep of 72 on
+    an H100 with the weights read from memory (``bench/w2a8_gpu.py --sweep --m 1``): within
+    2% of the best on every Llama-2-7B and 2B-4T shape, the best on three."""
+    return GemvTiles(8 if r >= 1536 else 4, 128 if k <= 4096 else 256, 4, 4)
 
 
 def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, multiply: bool,
          bias: torch.Tensor | None = None, act_scale: torch.Tensor | None = None,
-         tiles: tuple[int, int, int] | None = None) -> torch.Tensor:
+         tiles: tuple | None = None) -> torch.Tensor:
     """A few tokens through a ternary layer in one launch: ``x`` [M, K] float (quantized in
     the kernel) or int8 with its ``act_scale`` [M]; output [M, N] in ``x``'s float dtype
     (float32 for int8 input). ``K`` must be a multiple of 4 (the kernel reads words)."""
@@ -450,11 +462,11 @@ def gemv(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, mult
     xs = out if quant else act_scale.reshape(-1).to(torch.float32).contiguous()  # quantized in the kernel: unused
     w = packed.view(torch.int32)
     xw = x if quant else x.view(torch.int32)
-    br, bw, warps = tiles or gemv_tiles(r)
-    _gemv_kernel[(triton.cdiv(r, br), m)](xw, w, out, xs, _weight_scale(weight_scale), bias if bias is not None else out,
+    t = GemvTiles(*tiles) if tiles else gemv_tiles(r, k)
+    _gemv_kernel[(triton.cdiv(r, t.r), m)](xw, w, out, xs, _weight_scale(weight_scale), bias if bias is not None else out,
                                           r, k // 4, w.stride(0), xw.stride(0), out.stride(0), QUANT=quant,
-                                          MULTIPLY=multiply, HAS_BIAS=bias is not None, ASM=x.is_cuda, BLOCK_R=br,
-                                          BLOCK_W=bw, num_warps=warps, enable_fp_fusion=False)
+                                          MULTIPLY=multiply, HAS_BIAS=bias is not None, ASM=x.is_cuda, BLOCK_R=t.r,
+                                          BLOCK_W=t.w, STAGES=t.stages, num_warps=t.warps, enable_fp_fusion=False)
     return out
 
 

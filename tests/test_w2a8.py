@@ -55,10 +55,15 @@ def test_a_split_inner_dimension_gives_the_same_integers(split):
 
 
 def test_the_tiles_cover_decode_and_prefill():
-    """Decode: 16 tokens a tile, k split to about 1k a program; prefill: one program per tile."""
+    """Decode: 16 tokens a tile, k split to about 1k a program; prefill: one program per tile;
+    one token: the gemv's launch."""
     assert w2a8.tiles_for(1, 1024, 4096).split == 4 and w2a8.tiles_for(16, 2752, 11008).split == 8
     assert w2a8.tiles_for(2, 640, 2560).split == 4 and w2a8.tiles_for(5, 64, 512).split == 1
     assert w2a8.tiles_for(17, 1024, 4096).split == 1
+    # the gemv: eight packed rows a program for the wide layers, 256 words for the long rows,
+    # four stages of codes in flight
+    assert w2a8.gemv_tiles(1024, 4096) == (4, 128, 4, 4) and w2a8.gemv_tiles(2752, 4096) == (8, 128, 4, 4)
+    assert w2a8.gemv_tiles(1024, 11008) == (4, 256, 4, 4)
 
 
 @pytest.mark.parametrize("multiply", [False, True])
@@ -107,12 +112,13 @@ def test_wrong_inputs_are_refused():
         w2a8.matmul_int32(xq.float(), pack_ternary(codes))
 
 
-@pytest.mark.parametrize("m,k,tiles", [(1, 96, (4, 16, 4)), (1, 1000, (8, 128, 4)), (3, 1536, (2, 64, 2)),
-                                       (16, 200, (4, 32, 4)), (1, 4096, None)])
+@pytest.mark.parametrize("m,k,tiles", [(1, 96, (4, 16, 4)), (1, 1000, (8, 128, 4, 1)), (3, 1536, (2, 64, 2, 4)),
+                                       (16, 200, (4, 32, 4, 2)), (1, 4096, None)])
 def test_gemv_is_exact(m, k, tiles):
     """Decode: one launch, a program per token and tile, no tensor cores, the codes read as
     words of four (dp4a spelled out byte by byte here); with unit scales its float32 output
-    is the int32 product itself (every value far below 2**24)."""
+    is the int32 product itself (every value far below 2**24). Pipeline stages (a fourth
+    number) only reorder the loads on a GPU; the interpreter runs the loop in order."""
     codes, xq = random_case(m, 72, k, seed=6)
     want = (xq.to(torch.int32) @ codes.to(torch.int32).T).float()
     got = w2a8.gemv(xq, pack_ternary(codes), torch.ones(1), True, act_scale=torch.ones(m), tiles=tiles)
