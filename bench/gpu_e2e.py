@@ -59,24 +59,26 @@ def hf_generate(model, ids, n) -> float:
 
 
 @torch.inference_mode()
-def steady_decode(model, ids, n) -> tuple[float, float]:
-    """(tokens/s over n greedy steps, seconds to build and capture the decoder)."""
+def steady_decode(model, ids, n, compile: bool = False) -> tuple[float, float, list[int]]:
+    """(tokens/s over n greedy steps, seconds to build and capture the decoder, with
+    ``compile`` torch.compile's included, and the greedy tokens)."""
     from bitquant.decode import StaticDecoder
 
     t = time.perf_counter()
-    decoder = StaticDecoder(model, 1, ids.shape[1] + n + 1)
+    decoder = StaticDecoder(model, 1, ids.shape[1] + n + 1, compile=compile)
     torch.cuda.synchronize()
     setup = time.perf_counter() - t
     for i in range(ids.shape[1]):
         logits = decoder.step(ids[:, i : i + 1], i)
     torch.cuda.synchronize()
     t = time.perf_counter()
+    tokens = []
     for j in range(n):
         token = logits[0].argmax()
-        int(token)  # the host sees each token, as a streaming generate does
+        tokens.append(int(token))  # the host sees each token, as a streaming generate does
         logits = decoder.step(token.reshape(1, 1), ids.shape[1] + j)
     torch.cuda.synchronize()
-    return n / (time.perf_counter() - t), setup
+    return n / (time.perf_counter() - t), setup, tokens
 
 
 def call_generate(model, tokenizer, ids, n) -> float:
@@ -109,7 +111,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128, help="new tokens per decode measurement")
     ap.add_argument("--eval-tokens", type=int, default=16384)
     ap.add_argument("--context", type=int, default=512)
-    ap.add_argument("--skip", nargs="*", default=[], help="rows to skip: hf, fp-decode, eval, gpu-table, int8")
+    ap.add_argument("--skip", nargs="*", default=[],
+                    help="rows or columns to skip: hf, fp-decode, compile, eval, gpu-table, int8")
     args = ap.parse_args()
 
     from bitquant.convert import convert
@@ -162,11 +165,17 @@ def main() -> None:
         if hf and "hf" not in args.skip:
             attempt(row, ["hf"], lambda: hf_generate(model, ids, args.tokens))
         if decode:
-            attempt(row, ["steady", "setup"], lambda: steady_decode(model, ids, args.tokens))
+            attempt(row, ["steady", "setup", "tokens"], lambda: steady_decode(model, ids, args.tokens))
+            if "compile" not in args.skip:  # torch.compile fuses the small kernels between the products
+                attempt(row, ["compiled", "compile_s", "tokens_c"],
+                        lambda: steady_decode(model, ids, args.tokens, compile=True))
+                same = [a == b for a, b in zip(row.pop("tokens_c", []), row.get("tokens", []))] + [False]
+                row["same_tokens"] = same.index(False)  # greedy tokens equal to the uncompiled decoder's
             attempt(row, ["call"], lambda: call_generate(model, tokenizer, ids, args.tokens))
         if "eval" not in args.skip:
             attempt(row, ["eval", "ppl", "eval1", "ppl1"], lambda: eval_rate(model, eval_ids, args.context))
         rows.append(row)
+        row.pop("tokens", None)
         print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         model = None  # noqa: F841 - freed before the next row loads
         torch.cuda.empty_cache()
@@ -183,12 +192,14 @@ def main() -> None:
         del os.environ["BITQUANT_W2A8"]
     base = rows[0]
     print(f"\n{'model':26s} {'weights GB':>10s} {'x bf16':>7s} {'host GB':>7s} {'HF gen tok/s':>12s} {'decode tok/s':>12s} "
-          f"{'x HF bf16':>9s} {'call tok/s':>10s} {'setup s':>7s} {'eval tok/s':>10s} {'x bf16':>7s} {'ppl':>10s}")
+          f"{'x HF bf16':>9s} {'call tok/s':>10s} {'setup s':>7s} {'compiled':>8s} {'compile s':>9s} {'eval tok/s':>10s} "
+          f"{'x bf16':>7s} {'ppl':>10s}")
     nan = float("nan")
     for r in rows:
         print(f"{r['label']:26s} {r['weights_gb']:10.3f} {r['weights_gb'] / base['weights_gb']:7.3f} {r['host_gb']:7.3f} "
               f"{r.get('hf', nan):12.1f} {r.get('steady', nan):12.1f} {r.get('steady', nan) / base.get('hf', nan):9.2f} "
-              f"{r.get('call', nan):10.1f} {r.get('setup', nan):7.2f} {r.get('eval', nan):10.0f} "
+              f"{r.get('call', nan):10.1f} {r.get('setup', nan):7.2f} {r.get('compiled', nan):8.1f} "
+              f"{r.get('compile_s', nan):9.1f} {r.get('eval', nan):10.0f} "
               f"{r.get('eval', nan) / base.get('eval', nan):7.2f} {r.get('ppl', nan):10.4g}")
     print(f"\n{'model':26s} {'eval tok/s, one window at a time':>34s} {'ppl':>12s} {'batched / one':>14s} {'ppl rel diff':>12s}")
     for r in rows:

@@ -167,8 +167,11 @@ class StaticDecoder:
     position ``pos`` and returns the float32 logits for the next position ([rows, vocab];
     the same tensor every step)."""
 
-    def __init__(self, model, rows: int, length: int, graph: bool | None = None):
+    def __init__(self, model, rows: int, length: int, graph: bool | None = None, compile: bool | str = False):
         self.parts = _parts(model, rows, length)
+        self._run = _step
+        if compile:  # True: inductor (fuses the norms, rotary and residuals); or a backend's name
+            self._run = torch.compile(_step, dynamic=False, **({} if compile is True else {"backend": compile}))
         self.length = length
         device = self.parts.head.weight.device
         self.h = torch.zeros(rows, 1, self.parts.config.hidden_size, dtype=self.parts.caches[0][0].dtype,
@@ -190,7 +193,7 @@ class StaticDecoder:
         return masks
 
     def _step(self) -> torch.Tensor:
-        return _step(self.parts, self.h, self.pos, self.pos.view(1, 1), self._masks())
+        return self._run(self.parts, self.h, self.pos, self.pos.view(1, 1), self._masks())
 
     @torch.inference_mode()
     def _capture(self) -> None:

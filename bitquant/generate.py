@@ -6,7 +6,8 @@ completions of fixed prompts by the source and the healed model, and
 Models are loaded by :func:`bitquant.runtime.load_model` (FP checkpoints through
 transformers, ternary ones as deployed, W1.58A8: on a GPU, the packed W2A8 kernels). On
 CUDA they decode with :class:`bitquant.decode.StaticDecoder` (a static KV cache, the
-whole step replayed from one CUDA graph; the prompt goes through it a token at a time);
+whole step replayed from one CUDA graph, optionally compiled by ``torch.compile`` first;
+the prompt goes through it a token at a time);
 on the CPU with transformers' ``generate`` and its KV cache.
 """
 
@@ -66,10 +67,19 @@ class Generation:
     ids: list[int]
     prompt_tokens: int
     seconds: float
+    #: of ``seconds``, those spent building the static decoder (graph capture; with
+    #: ``compile``, torch.compile's work, which the first step waits for)
+    setup: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
         return len(self.ids) / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Tokens per second once the decoder was built."""
+        rest = self.seconds - self.setup
+        return len(self.ids) / rest if rest > 0 else 0.0
 
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -118,9 +128,11 @@ class _Stream:
 
 @torch.inference_mode()
 def generate(model, tokenizer, ids: torch.Tensor, sampling: Sampling,
-             on_text: Callable[[str], None] | None = None, static: bool | None = None) -> Generation:
+             on_text: Callable[[str], None] | None = None, static: bool | None = None,
+             compile: bool | str = False) -> Generation:
     """Complete the prompt ``ids`` ([1, n]) with ``model``; ``on_text`` gets the text as it
-    is produced. Seeded: the same seed gives the same completion on the same device."""
+    is produced. Seeded: the same seed gives the same completion on the same device.
+    ``compile`` (the static decoder only): its step through ``torch.compile`` first."""
     device = next(model.parameters()).device
     ids = ids.to(device)
     stream = _Stream(tokenizer, on_text or (lambda _text: None))
@@ -128,8 +140,9 @@ def generate(model, tokenizer, ids: torch.Tensor, sampling: Sampling,
     if static is None:
         static = device.type == "cuda"
     began = time.perf_counter()
+    setup = 0.0
     if static:
-        new = _static_generate(model, ids, sampling, tokenizer.eos_token_id, stream)
+        new, setup = _static_generate(model, ids, sampling, tokenizer.eos_token_id, stream, compile)
     else:
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=sampling.config(tokenizer),
                              streamer=stream)
@@ -138,16 +151,25 @@ def generate(model, tokenizer, ids: torch.Tensor, sampling: Sampling,
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - began
     stream.end()
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), new, ids.shape[1], seconds)
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), new, ids.shape[1], seconds, setup)
 
 
-def _static_generate(model, ids: torch.Tensor, sampling: Sampling, eos: int | None, stream: _Stream) -> list[int]:
+def _static_generate(model, ids: torch.Tensor, sampling: Sampling, eos: int | None, stream: _Stream,
+                     compile: bool | str = False) -> tuple[list[int], float]:
     """Decode with :class:`bitquant.decode.StaticDecoder`: the prompt a token at a time,
-    then ``max_new_tokens`` tokens or up to EOS, each handed to ``stream``."""
+    then ``max_new_tokens`` tokens or up to EOS, each handed to ``stream``. Returns the new
+    tokens and the seconds spent building the decoder."""
+    from bitquant import activity
     from bitquant.decode import StaticDecoder
 
     n = ids.shape[1]
-    decoder = StaticDecoder(model, 1, n + sampling.max_new_tokens)
+    began = time.perf_counter()
+    if compile:
+        activity.step("compiling the decode step (torch.compile; about 30 s for a 7B model)")
+    decoder = StaticDecoder(model, 1, n + sampling.max_new_tokens, compile=compile)
+    if ids.device.type == "cuda":
+        torch.cuda.synchronize(ids.device)
+    setup = time.perf_counter() - began
     generator = torch.Generator(device=ids.device).manual_seed(sampling.seed)
     stream.put(ids)  # the prompt, as transformers' generate hands it over first
     for i in range(n):
@@ -160,7 +182,7 @@ def _static_generate(model, ids: torch.Tensor, sampling: Sampling, eos: int | No
         if new[-1] == eos or t + 1 == sampling.max_new_tokens:
             break
         logits = decoder.step(token.reshape(1, 1), n + t)
-    return new
+    return new, setup
 
 
 def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator) -> torch.Tensor:
@@ -179,8 +201,9 @@ def next_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 def run_generate(model: str, prompt: str, sampling: Sampling, *, chat: bool = False, device: str = "auto",
                  dtype: str = "auto", revision: str | None = None, token: str | None = None,
-                 on_text: Callable[[str], None] | None = None) -> Generation:
-    """``bitquant generate``: load ``model`` (anything ``eval`` takes), complete ``prompt``."""
+                 on_text: Callable[[str], None] | None = None, compile: bool = False) -> Generation:
+    """``bitquant generate``: load ``model`` (anything ``eval`` takes), complete ``prompt``;
+    ``compile``: the CUDA decoder's step through ``torch.compile``."""
     from bitquant import activity, runtime
     from bitquant.evaluate import EvalSettings
     from bitquant.source import resolve_source
@@ -192,9 +215,12 @@ def run_generate(model: str, prompt: str, sampling: Sampling, *, chat: bool = Fa
     tokenizer = runtime.load_tokenizer(folder)
     ids = prompt_ids(tokenizer, prompt, chat)
     where = settings.resolved_device()
+    if compile and where != "cuda":
+        raise UsageError("--compile needs a CUDA device (it compiles the CUDA-graph decoder); drop --compile "
+                         "or use --device cuda")
     activity.step(f"loading {model}")
     lm, _ = runtime.load_model(folder, settings.resolved_dtype(where), where)
-    return generate(lm, tokenizer, ids, sampling, on_text)
+    return generate(lm, tokenizer, ids, sampling, on_text, compile=compile)
 
 
 def completions(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_tokens: int = REPORT_TOKENS,

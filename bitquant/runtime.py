@@ -86,6 +86,8 @@ class TernaryLinear(torch.nn.Module):
             y = y * self.weight_scale if self.multiply else y / self.weight_scale
             return y if self.bias is None else y + self.bias
         if self.packed is not None:
+            if torch.compiler.is_compiling():  # an opaque operator: compiled decode (StaticDecoder)
+                return w2a8.forward_op(x, self.packed, self.weight_scale, self.multiply, self.bias)
             return w2a8.forward(x, self.packed, self.weight_scale, self.multiply, self.bias)
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)

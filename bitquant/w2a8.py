@@ -487,3 +487,16 @@ def forward(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, m
         q, scale = quantize(x2)
         y = linear(q, scale, packed, weight_scale, multiply, bias, x.dtype)
     return y.reshape(*shape[:-1], y.shape[-1])
+
+
+@torch.library.custom_op("bitquant::w2a8_forward", mutates_args=())
+def forward_op(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, multiply: bool,
+               bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`forward` as one opaque operator, for ``torch.compile``: the compiler fuses what
+    is around a ternary layer and calls these kernels as they are, without tracing them."""
+    return forward(x, packed, weight_scale, multiply, bias)
+
+
+@forward_op.register_fake
+def _forward_shape(x, packed, weight_scale, multiply, bias=None):
+    return x.new_empty(*x.shape[:-1], 4 * packed.shape[0])

@@ -314,5 +314,7 @@ def heal_rows(report: ConvertReport, t: Table) -> None:
 
 def generation_speed(result) -> None:
     """``bitquant generate``'s one line on stderr: tokens, time, tokens/s."""
-    err.print(f"{len(result.ids)} tokens in {result.seconds:.2f} s ({result.tokens_per_second:,.1f} tokens/s; "
+    built = (f"; {result.decode_tokens_per_second:,.1f} tokens/s after {result.setup:.1f} s building the decoder"
+             if result.setup >= 1 else "")
+    err.print(f"{len(result.ids)} tokens in {result.seconds:.2f} s ({result.tokens_per_second:,.1f} tokens/s{built}; "
               f"prompt {result.prompt_tokens} tokens)", highlight=False)

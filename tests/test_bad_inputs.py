@@ -274,6 +274,7 @@ CASES = [
     Case("generate-no-prompt", "generate: no PROMPT and nothing on stdin", lambda t, s, h: (["generate", str(s)], {}), 2, "the prompt is empty; give PROMPT or pipe text on stdin"),
     Case("generate-zero", "generate --max-new-tokens 0", lambda t, s, h: (["generate", str(s), "Alice", "--max-new-tokens", "0"], {}), 2, "--max-new-tokens must be at least 1"),
     Case("generate-chat", "generate --chat: the tokenizer has no chat template", lambda t, s, h: (["generate", str(s), "Alice", "--chat"], {}), 2, "--chat needs a chat template"),
+    Case("generate-compile-cpu", "generate --compile on the CPU", lambda t, s, h: (["generate", str(s), "Alice", "--compile", "--device", "cpu"], {}), 2, "--compile needs a CUDA device"),
     Case("generate-missing", "generate: a model folder that does not exist", lambda t, s, h: (["generate", str(t / "nope"), "Alice"], {}), 2, "does not exist; pass a checkpoint folder"),
     Case("heal-oom", "heal: the GPU runs out of memory", lambda t, s, h: (heal(s, "--data", BOOK), {"BQ_TEST_OOM": "1"}), 1, "the GPU ran out of memory; lower --micro-batch-tokens"),
 ]

@@ -64,6 +64,31 @@ def test_static_generate_with_the_packed_kernel(tmp_path, tiny_tokenizer_dir, mo
     assert generate(model, tokenizer, ids, Sampling(max_new_tokens=8), static=True).ids == want.ids
 
 
+@pytest.mark.parametrize("backend,dtype", [("aot_eager", torch.float32), ("inductor", torch.float32),
+                                           ("inductor", torch.bfloat16)])
+def test_a_compiled_step_gives_the_same_logits(tmp_path, tiny_tokenizer_dir, monkeypatch, backend, dtype):
+    """``compile``: the step traced by torch.compile, each packed ternary layer one opaque
+    operator (its fake gives the shape); the logits equal the uncompiled step's at every
+    position. aot_eager checks the trace; inductor the fused code (C++ on the CPU), which
+    here rounds bf16 as eager PyTorch does."""
+    pytest.importorskip("triton")
+    from bitquant import runtime
+    from bitquant.convert import convert
+
+    src = make_heal_source(tmp_path / "src", tiny_tokenizer_dir, arch="llama")
+    convert(str(src), tmp_path / "out")
+    monkeypatch.setattr(runtime, "packed_kernel", lambda device, act_quant: act_quant)
+    model = runtime.load_ternary(tmp_path / "out", dtype, "cpu")
+    assert model.model.layers[0].mlp.down_proj.packed is not None
+    torch._dynamo.reset()
+    plain = StaticDecoder(model, 1, 8, graph=False)
+    compiled = StaticDecoder(model, 1, 8, graph=False, compile=backend)
+    for pos, token in enumerate([5, 9, 33, 2, 41, 7]):
+        want = plain.step(torch.tensor([[token]]), pos).clone()
+        got = compiled.step(torch.tensor([[token]]), pos)
+        assert torch.equal(got, want) if dtype == torch.bfloat16 else torch.allclose(got, want, atol=1e-5, rtol=1e-5), pos
+
+
 def test_next_token_is_argmax_or_a_top_p_draw():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
     g = torch.Generator().manual_seed(0)
