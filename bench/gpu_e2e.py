@@ -157,7 +157,7 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - one failing row must not lose the others' numbers
             traceback.print_exc()
 
-    def measure(label, load, hf=True, decode=True):
+    def measure(label, load, hf=True, decode=True, compiled=True):
         model, nbytes = weights_on_gpu(load)
         table = model.get_input_embeddings()
         host = table.weight.numel() * table.weight.element_size() if table.weight.device.type == "cpu" else 0
@@ -166,7 +166,7 @@ def main() -> None:
             attempt(row, ["hf"], lambda: hf_generate(model, ids, args.tokens))
         if decode:
             attempt(row, ["steady", "setup", "tokens"], lambda: steady_decode(model, ids, args.tokens))
-            if "compile" not in args.skip:  # torch.compile fuses the small kernels between the products
+            if compiled and "compile" not in args.skip:  # torch.compile fuses the small kernels between the products
                 attempt(row, ["compiled", "compile_s", "tokens_c"],
                         lambda: steady_decode(model, ids, args.tokens, compile=True))
                 same = [a == b for a, b in zip(row.pop("tokens_c", []), row.get("tokens", []))] + [False]
@@ -184,11 +184,13 @@ def main() -> None:
     measure("ternary W2A8 (packed)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"))
     if "gpu-table" not in args.skip:  # the token table on the GPU too, as before
         os.environ["BITQUANT_HOST_EMBEDDING"] = "0"
-        measure("ternary W2A8, table on GPU", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False)
+        measure("ternary W2A8, table on GPU", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False,
+                compiled=False)
         del os.environ["BITQUANT_HOST_EMBEDDING"]
     if "int8" not in args.skip:
         os.environ["BITQUANT_W2A8"] = "0"
-        measure("ternary int8 (_int_mm)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False)
+        measure("ternary int8 (_int_mm)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False,
+                compiled=False)
         del os.environ["BITQUANT_W2A8"]
     base = rows[0]
     print(f"\n{'model':26s} {'weights GB':>10s} {'x bf16':>7s} {'host GB':>7s} {'HF gen tok/s':>12s} {'decode tok/s':>12s} "

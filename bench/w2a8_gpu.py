@@ -13,10 +13,11 @@ step run from a graph. Each replay cycles through copies of the weights that tog
 exceed twice the L2 cache, so every call reads its weights from memory, as each layer of a
 model does (a 4096 x 4096 ternary matrix is 4 MB: called again and again on one copy it
 would stay in the 50 MB L2); --warm reuses one copy. The libraries are timed on one copy.
-Columns: microseconds of each variant, on int8 activations ("gemv": the dp4a kernel, up to 16 tokens, which the runtime sends one token; "tiles": the
-tensor-core kernel, which the runtime uses from 2 tokens; "int8mm" and "int8 TN":
-torch._int_mm on unpacked codes stored [K, N] row-major, as the runtime did, and
-column-major), "quant" (the activation quantization alone) and "fused" (the whole layer
+
+Columns: microseconds of each variant, on int8 activations ("gemv": the dp4a kernel, up
+to 16 tokens, which the runtime sends one token; "tiles": the tensor-core kernel, which
+the runtime uses from 2 tokens; "int8mm" and "int8 TN": torch._int_mm on unpacked codes
+stored [K, N] row-major, as the runtime did, and column-major), "quant" (the activation quantization alone) and "fused" (the whole layer
 from bf16 activations as the runtime runs it, quantization included); "kern x" (the
 runtime's kernel for that many tokens) and "fused x" are bf16's time over theirs (above 1:
 faster than bf16); "x floor" is the fused layer's time over the memory-bandwidth floor
@@ -114,10 +115,16 @@ def torchao_layer(w: torch.Tensor):
         return None
 
 
+def reference(xq, codes) -> torch.Tensor:
+    """The int32 product ``xq @ codes.T`` by torch: int8 GEMM for prefill, float64 for a few
+    tokens (exact: every sum is below 2**53)."""
+    if xq.shape[0] > 16:
+        return torch._int_mm(xq, codes.t().contiguous())
+    return (xq.double() @ codes.double().T).to(torch.int32)
+
+
 def check(xq, packed, codes, x, ws) -> None:
-    want = (torch._int_mm(xq, codes.t().contiguous()) if xq.shape[0] > 16
-            else (xq.double() @ codes.double().T).to(torch.int32))  # exact: every sum is below 2**53
-    assert torch.equal(w2a8.matmul_int32(xq, packed), want), "int32 product differs from the reference"
+    assert torch.equal(w2a8.matmul_int32(xq, packed), reference(xq, codes)), "int32 product differs from the reference"
     q, s = quantize_activations(x.float())
     assert torch.equal(w2a8.quantize(x)[0], q.to(torch.int8)), "activation codes differ from quantize_activations"
     ref = (q @ codes.float().T) / s * ws  # the runtime's float32 arithmetic
@@ -202,9 +209,7 @@ def main() -> None:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16, generator=g)
             xq, s = w2a8.quantize(x)
             if args.sweep:  # first: a configuration that fails to build is reported there, not fatal
-                want = (torch._int_mm(xq, codes.t().contiguous()) if m > 16
-                        else (xq.double() @ codes.double().T).to(torch.int32))
-                sweep(n, k, m, packs, xq, s, ws, x, want)
+                sweep(n, k, m, packs, xq, s, ws, x, reference(xq, codes))
             try:
                 check(xq, packed, codes, x, ws)
             except Exception as e:  # noqa: BLE001 - reported, and the other shapes still run
