@@ -17,6 +17,9 @@ Rows, all on the same GPU in this process:
   CUDA graph a step) on the FP model, and on the ternary model with the packed W2A8 kernels;
   "steady" is tokens/s over the timed steps, "call" is ``generate()`` as the CLI runs it
   (decoder set-up and graph capture included);
+- the same decoder with its step through ``torch.compile`` ("compiled"): "same_tokens" is
+  how many greedy tokens equal the plain decoder's, "logits_rel" the largest difference of
+  the logits after the prompt over the largest logit;
 - evaluation: ``token_nlls`` over ``--eval-tokens`` tokens in windows of 512, batched, and
   one window at a time (the path before batching), with both perplexities.
 """
@@ -59,9 +62,9 @@ def hf_generate(model, ids, n) -> float:
 
 
 @torch.inference_mode()
-def steady_decode(model, ids, n, compile: bool = False) -> tuple[float, float, list[int]]:
+def steady_decode(model, ids, n, compile: bool = False) -> tuple[float, float, list[int], torch.Tensor]:
     """(tokens/s over n greedy steps, seconds to build and capture the decoder, with
-    ``compile`` torch.compile's included, and the greedy tokens)."""
+    ``compile`` torch.compile's included, the greedy tokens, and the logits after the prompt)."""
     from bitquant.decode import StaticDecoder
 
     t = time.perf_counter()
@@ -70,6 +73,7 @@ def steady_decode(model, ids, n, compile: bool = False) -> tuple[float, float, l
     setup = time.perf_counter() - t
     for i in range(ids.shape[1]):
         logits = decoder.step(ids[:, i : i + 1], i)
+    first = logits[0].float().clone()
     torch.cuda.synchronize()
     t = time.perf_counter()
     tokens = []
@@ -78,7 +82,7 @@ def steady_decode(model, ids, n, compile: bool = False) -> tuple[float, float, l
         tokens.append(int(token))  # the host sees each token, as a streaming generate does
         logits = decoder.step(token.reshape(1, 1), ids.shape[1] + j)
     torch.cuda.synchronize()
-    return n / (time.perf_counter() - t), setup, tokens
+    return n / (time.perf_counter() - t), setup, tokens, first
 
 
 def call_generate(model, tokenizer, ids, n) -> float:
@@ -165,17 +169,21 @@ def main() -> None:
         if hf and "hf" not in args.skip:
             attempt(row, ["hf"], lambda: hf_generate(model, ids, args.tokens))
         if decode:
-            attempt(row, ["steady", "setup", "tokens"], lambda: steady_decode(model, ids, args.tokens))
+            attempt(row, ["steady", "setup", "tokens", "logits"], lambda: steady_decode(model, ids, args.tokens))
             if compiled and "compile" not in args.skip:  # torch.compile fuses the small kernels between the products
-                attempt(row, ["compiled", "compile_s", "tokens_c"],
+                attempt(row, ["compiled", "compile_s", "tokens_c", "logits_c"],
                         lambda: steady_decode(model, ids, args.tokens, compile=True))
                 same = [a == b for a, b in zip(row.pop("tokens_c", []), row.get("tokens", []))] + [False]
                 row["same_tokens"] = same.index(False)  # greedy tokens equal to the uncompiled decoder's
+                if "logits_c" in row and "logits" in row:  # after the same prompt: max |compiled - plain| / max |plain|
+                    a, b = row.pop("logits_c"), row["logits"]
+                    row["logits_rel"] = float((a - b).abs().max() / b.abs().max())
             attempt(row, ["call"], lambda: call_generate(model, tokenizer, ids, args.tokens))
         if "eval" not in args.skip:
             attempt(row, ["eval", "ppl", "eval1", "ppl1"], lambda: eval_rate(model, eval_ids, args.context))
         rows.append(row)
         row.pop("tokens", None)
+        row.pop("logits", None)
         print("  ", {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         model = None  # noqa: F841 - freed before the next row loads
         torch.cuda.empty_cache()

@@ -64,13 +64,12 @@ def test_static_generate_with_the_packed_kernel(tmp_path, tiny_tokenizer_dir, mo
     assert generate(model, tokenizer, ids, Sampling(max_new_tokens=8), static=True).ids == want.ids
 
 
-@pytest.mark.parametrize("backend,dtype", [("aot_eager", torch.float32), ("inductor", torch.float32),
-                                           ("inductor", torch.bfloat16)])
+@pytest.mark.parametrize("backend,dtype", [("aot_eager", torch.float32), (True, torch.float32), (True, torch.bfloat16)])
 def test_a_compiled_step_gives_the_same_logits(tmp_path, tiny_tokenizer_dir, monkeypatch, backend, dtype):
     """``compile``: the step traced by torch.compile, each packed ternary layer one opaque
     operator (its fake gives the shape); the logits equal the uncompiled step's at every
-    position. aot_eager checks the trace; inductor the fused code (C++ on the CPU), which
-    here rounds bf16 as eager PyTorch does."""
+    position. aot_eager checks the trace; True is inductor as ``generate --compile`` builds
+    it (fused code, C++ on the CPU), told to keep eager's roundings to bf16."""
     pytest.importorskip("triton")
     from bitquant import runtime
     from bitquant.convert import convert
