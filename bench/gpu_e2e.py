@@ -33,6 +33,7 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from source_tree import REPO, stand_in_package, use_source_tree  # noqa: E402
@@ -190,16 +191,11 @@ def main() -> None:
 
     measure("FP bf16", lambda: load_fp(fp, torch.bfloat16, "cuda"), decode="fp-decode" not in args.skip)
     measure("ternary W2A8 (packed)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"))
-    if "gpu-table" not in args.skip:  # the token table on the GPU too, as before
-        os.environ["BITQUANT_HOST_EMBEDDING"] = "0"
-        measure("ternary W2A8, table on GPU", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False,
-                compiled=False)
-        del os.environ["BITQUANT_HOST_EMBEDDING"]
-    if "int8" not in args.skip:
-        os.environ["BITQUANT_W2A8"] = "0"
-        measure("ternary int8 (_int_mm)", lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False,
-                compiled=False)
-        del os.environ["BITQUANT_W2A8"]
+    for key, label, switch in (("gpu-table", "ternary W2A8, table on GPU", "BITQUANT_HOST_EMBEDDING"),  # as before
+                               ("int8", "ternary int8 (_int_mm)", "BITQUANT_W2A8")):
+        if key not in args.skip:
+            with mock.patch.dict(os.environ, {switch: "0"}):
+                measure(label, lambda: load_ternary(ternary, torch.bfloat16, "cuda"), hf=False, compiled=False)
     base = rows[0]
     print(f"\n{'model':26s} {'weights GB':>10s} {'x bf16':>7s} {'host GB':>7s} {'HF gen tok/s':>12s} {'decode tok/s':>12s} "
           f"{'x HF bf16':>9s} {'call tok/s':>10s} {'setup s':>7s} {'compiled':>8s} {'compile s':>9s} {'eval tok/s':>10s} "

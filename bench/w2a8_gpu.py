@@ -17,8 +17,9 @@ would stay in the 50 MB L2); --warm reuses one copy. The libraries are timed on 
 Columns: microseconds of each variant, on int8 activations ("gemv": the dp4a kernel, up
 to 16 tokens, which the runtime sends one token; "tiles": the tensor-core kernel, which
 the runtime uses from 2 tokens; "int8mm" and "int8 TN": torch._int_mm on unpacked codes
-stored [K, N] row-major, as the runtime did, and column-major), "quant" (the activation quantization alone) and "fused" (the whole layer
-from bf16 activations as the runtime runs it, quantization included); "kern x" (the
+stored [K, N] row-major, as the runtime did, and column-major), "quant" (the activation
+quantization alone) and "fused" (the whole layer from bf16 activations as the runtime
+runs it, quantization included); "kern x" (the
 runtime's kernel for that many tokens) and "fused x" are bf16's time over theirs (above 1:
 faster than bf16); "x floor" is the fused layer's time over the memory-bandwidth floor
 (packed weights, bf16 activations in and out, int8 activations written and read, at the
@@ -78,7 +79,8 @@ def us(fn) -> float:
 
 
 def copies(w: torch.Tensor) -> list[torch.Tensor]:
-    """``w`` and enough copies of it that cycling through them leaves none in L2 (twice its size)."""
+    """``w`` and enough copies of it that together they exceed twice the L2: cycling through
+    them leaves none there."""
     if WARM:
         return [w]
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 50 << 20)
