@@ -23,7 +23,8 @@ the tokens' sums of x taken off afterwards, which spares the subtraction per wei
 The epilogue applies the per-token activation scale, the matrix's ``weight_scale`` in the
 runtime's convention (:class:`bitquant.runtime.TernaryLinear`: ``acc / act_scale * s``
 (multiply) or ``acc / (act_scale * weight_scale)``) and the bias, and writes the caller's
-dtype.
+dtype, rounding every operation as torch does (IEEE division, no fused multiply-add), so
+that in float32 a layer gives the CPU runtime's and heal's student's numbers bit for bit.
 
 :func:`quantize` is the runtime's activation quantization (:func:`bitquant.ternary.quantize_activations`:
 ``scale = 127 / max(max|x|, 1e-5)``, ``q = clamp(round_half_even(x * scale), -128, 127)``),
@@ -118,11 +119,13 @@ if triton is not None:
 
     @triton.jit
     def _scaled(acc, xs, ws, MULTIPLY: tl.constexpr):
-        """The runtime's conventions: acc / act_scale * s (multiply) or acc / (act_scale * weight_scale)."""
+        """The runtime's conventions: acc / act_scale * s (multiply) or acc / (act_scale * weight_scale),
+        with correctly rounded division as torch divides (Triton's ``/`` is PTX div.full, an
+        approximation within 2 ulp, whose last bits 210 activation quantizers in a row amplify)."""
         if MULTIPLY:
-            y = acc.to(tl.float32) / xs * ws
+            y = tl.div_rn(acc.to(tl.float32), xs) * ws
         else:
-            y = acc.to(tl.float32) / (xs * ws)
+            y = tl.div_rn(acc.to(tl.float32), xs * ws)
         return y
 
     @triton.jit
@@ -376,7 +379,8 @@ def _launch(xq: torch.Tensor, packed: torch.Tensor, out: torch.Tensor, act_scale
                        bias if bias is not None else out, part, count, m, r, k, xq.stride(0), xq.stride(1),
                        packed.stride(0), packed.stride(1), out.stride(0), out.stride(1), SCALED=scaled, LAST=last,
                        MULTIPLY=multiply, HAS_BIAS=bias is not None, ASM=xq.is_cuda, BLOCK_M=t.m, BLOCK_R=t.r,
-                       BLOCK_K=t.k, GROUP_M=8, SPLIT=t.split, num_warps=t.warps, num_stages=t.stages)
+                       BLOCK_K=t.k, GROUP_M=8, SPLIT=t.split, num_warps=t.warps, num_stages=t.stages,
+                       enable_fp_fusion=False)  # the epilogue rounds as torch does: no fused multiply-add
     return out
 
 
