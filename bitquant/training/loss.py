@@ -1,74 +1,202 @@
-"""KL(teacher ‖ student) of next-token distributions, from final hidden states, in chunks.
+"""heal's divergences between the teacher's and the student's next-token distributions,
+from final hidden states and output heads, without ever holding a batch's logits whole.
 
-The logits of a batch (tokens x vocabulary, 1.6 G values for 32k tokens of a 49k
-vocabulary) are never held whole, in any dtype: rows are taken ``chunk`` at a time, both
-models' logits for those rows are formed (through each model's output head) and turned
-into float32 log-probabilities, the chunk's KL is summed, and its gradient with respect to
-the student's hidden states (and, if it trains, the student's output head) is computed
-right there: d KL / d z_s = p_s - p_t. The backward pass only scales those stored
-gradients. Rows per chunk are chosen so a chunk's float32 logits stay near ``budget``
-values, so the vocabulary is whole inside a chunk but the memory is bounded whatever
-the vocabulary size.
+Three divergences (recipe ``loss``), each at a ``temperature`` T (both models' logits
+divided by T), with p the teacher's distribution and q the student's:
+
+* ``forward_kl``: KL(p ‖ q), mass-covering (today's default);
+* ``reverse_kl``: KL(q ‖ p), mode-seeking (MiniLLM);
+* ``jsd``: the generalized Jensen-Shannon divergence of GKD with weight β:
+  β KL(p ‖ m) + (1 − β) KL(q ‖ m), m = β p + (1 − β) q, for 0 < β < 1.
+
+These are liger-kernel's and TRL's conventions (β = 0 and β = 1 are named as the two KLs).
+
+Two implementations of the same quantity:
+
+* :func:`chunked` (pure torch, any device): rows are taken ``chunk`` at a time, both
+  models' float32 logits are formed for those rows, the chunk's divergence is summed and
+  its gradient with respect to the student's logits is formed on the spot and pushed
+  through the student's head; the backward pass only scales those stored gradients. Rows
+  per chunk keep a chunk's float32 logits near ``budget`` values whatever the vocabulary.
+* liger-kernel's ``LigerFusedLinearJSD`` (Triton, CUDA only, when ``liger-kernel`` is
+  installed): the same computation with the per-element divergence and gradient fused in
+  one kernel. :func:`divergence` takes it on CUDA unless ``BITQUANT_FUSED_LOSS=0``;
+  ``bench/heal_loss.py`` measures the two against each other.
 """
 
 from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
 
 import torch
 
 #: Float32 logits held per chunk (per model): 2^26 values = 256 MiB.
 DEFAULT_BUDGET = 1 << 26
 
+KINDS = ("forward_kl", "reverse_kl", "jsd")
 
-class _ChunkedKL(torch.autograd.Function):
+
+@dataclass(frozen=True)
+class Divergence:
+    """Which divergence, its JSD weight ``beta`` (``jsd`` only) and its ``temperature``."""
+
+    kind: str = "forward_kl"
+    beta: float = 0.5
+    temperature: float = 1.0
+
+    @property
+    def mix(self) -> float:
+        """β in liger-kernel's convention: 0 is the forward KL, 1 the reverse KL."""
+        return {"forward_kl": 0.0, "reverse_kl": 1.0}.get(self.kind, self.beta)
+
+    def label(self) -> str:
+        what = f"jsd(beta={self.beta:g})" if self.kind == "jsd" else self.kind
+        return what + (f", T={self.temperature:g}" if self.temperature != 1 else "")
+
+
+FORWARD_KL = Divergence()
+
+
+def _rows_terms(logp: torch.Tensor, logq: torch.Tensor, mix: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row divergence (float64 sum over the chunk) and d(divergence)/d(student logits at
+    temperature 1), from float32 log-probabilities of teacher (``logp``) and student
+    (``logq``). Overwrites ``logq``'s memory where it can."""
+    if mix == 0.0:  # forward KL: sum p (log p - log q); gradient q - p
+        p = logp.exp()
+        total = (p * (logp - logq)).sum(dtype=torch.float64)
+        return total, logq.exp_().sub_(p)
+    q = logq.exp()
+    if mix == 1.0:  # reverse KL: sum q (log q - log p); gradient q (f - sum q f), f = log q - log p
+        f = logq.sub_(logp)
+        row = (q * f).sum(-1, keepdim=True)
+        return row.sum(dtype=torch.float64), f.sub_(row).mul_(q)
+    # generalized JSD: m = mix p + (1 - mix) q, in log space
+    logm = torch.logaddexp(logp + math.log(mix), logq + math.log1p(-mix))
+    p = logp.exp()
+    total = (mix * (p * (logp - logm)).sum(dtype=torch.float64)
+             + (1 - mix) * (q * (logq - logm)).sum(dtype=torch.float64))
+    g = logq.sub_(logm).mul_(1 - mix)  # d/dq, up to a constant the softmax removes
+    return total, g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
+
+
+class _Chunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, rows: int):
+    def forward(ctx, h_s, w_s, h_t, w_t, rows: int, mix: float, temperature: float):
         n = h_s.shape[0]
         grad_h = torch.empty_like(h_s)
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float64, device=h_s.device)
         for b in range(0, n, rows):
             hs, ht = h_s[b : b + rows], h_t[b : b + rows]
-            logp_t = torch.log_softmax((ht @ w_t.T).float(), dim=-1)
-            logp_s = torch.log_softmax((hs @ w_s.T).float(), dim=-1)
-            p_t = logp_t.exp()
-            total += (p_t * (logp_t - logp_s)).sum(dtype=torch.float64)
-            g = logp_s.exp_().sub_(p_t).div_(n)  # d(mean KL)/d z_s, reusing logp_s's memory
-            del logp_t, p_t
-            gd = g.to(w_s.dtype)
-            grad_h[b : b + rows] = gd @ w_s
+            logp = torch.log_softmax((ht @ w_t.T).float() / temperature, dim=-1)
+            logq = torch.log_softmax((hs @ w_s.T).float() / temperature, dim=-1)
+            part, g = _rows_terms(logp, logq, mix)
+            del logp
+            total += part
+            g = g.div_(n * temperature)  # d(mean divergence)/d(student logits)
+            grad_h[b : b + rows] = g.to(w_s.dtype) @ w_s
             if grad_w is not None:
                 grad_w.addmm_(g.T, hs.float())
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_s.dtype
-        return (total / n).to(torch.float32)
+        return (total / max(n, 1)).to(torch.float32)
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gw = None if grad_w is None else (grad_w * grad_out).to(ctx.w_dtype)
-        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None, None
 
 
 def chunk_rows(vocab: int, budget: int = DEFAULT_BUDGET) -> int:
     return max(1, budget // vocab)
 
 
-def kl_loss(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: torch.Tensor, head_teacher: torch.Tensor,
-            budget: int = DEFAULT_BUDGET) -> torch.Tensor:
-    """Mean over rows of KL(softmax(h_t W_t^T) ‖ softmax(h_s W_s^T)), in nats.
+def chunked(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: torch.Tensor, head_teacher: torch.Tensor,
+            div: Divergence = FORWARD_KL, budget: int = DEFAULT_BUDGET) -> torch.Tensor:
+    """Mean over rows of the divergence ``div`` between softmax(h_t W_t^T / T) and
+    softmax(h_s W_s^T / T), in nats, in chunks of rows (pure torch).
 
     ``h_*``: [rows, hidden] final hidden states (after the final norm); ``head_*``: the
     output heads, [vocab, hidden]. Gradients flow to ``h_student`` and, if it requires
     them, to ``head_student``; the teacher's inputs are constants."""
     rows = chunk_rows(head_student.shape[0], budget)
-    return _ChunkedKL.apply(h_student, head_student, h_teacher.detach(), head_teacher.detach(), rows)
+    return _Chunked.apply(h_student, head_student, h_teacher.detach(), head_teacher.detach(), rows, div.mix,
+                          div.temperature)
+
+
+#: Set when liger-kernel's kernel failed here once: the chunked loop is used from then on.
+_FUSED_FAILED: list[str] = []
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """True where :func:`divergence` takes liger-kernel's fused kernel: CUDA, liger-kernel
+    installed (and working here), and ``BITQUANT_FUSED_LOSS`` not ``0``."""
+    if torch.device(device).type != "cuda" or os.environ.get("BITQUANT_FUSED_LOSS", "1") == "0" or _FUSED_FAILED:
+        return False
+    try:
+        import liger_kernel.ops  # noqa: F401
+    except Exception:  # not installed, or built for another torch/triton
+        return False
+    return True
+
+
+def fused(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: torch.Tensor, head_teacher: torch.Tensor,
+          div: Divergence = FORWARD_KL) -> torch.Tensor:
+    """:func:`chunked`'s quantity through liger-kernel's ``LigerFusedLinearJSDFunction`` (CUDA)."""
+    from liger_kernel.ops import LigerFusedLinearJSDFunction
+
+    dtype = h_student.dtype  # liger forms the logits in the inputs' dtype and accumulates in float32
+    return LigerFusedLinearJSDFunction.apply(h_student, head_student.to(dtype), h_teacher.detach().to(dtype),
+                                             head_teacher.detach().to(dtype), None, div.mix, -100, div.temperature)
+
+
+def divergence(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: torch.Tensor,
+               head_teacher: torch.Tensor, div: Divergence = FORWARD_KL) -> torch.Tensor:
+    """The mean divergence over rows: fused on CUDA where :func:`fused_available`, else chunked
+    (also from the first time the fused kernel fails here: a liger-kernel built for another
+    torch or Triton)."""
+    if fused_available(h_student.device):
+        try:
+            return fused(h_student, head_student, h_teacher, head_teacher, div)
+        except (RuntimeError, ImportError, AttributeError, TypeError, ValueError) as e:
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            _FUSED_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    return chunked(h_student, head_student, h_teacher, head_teacher, div)
+
+
+def implementation(device: torch.device | str) -> str:
+    """What :func:`divergence` runs on ``device``, for the report."""
+    if _FUSED_FAILED:
+        return f"chunked (torch); liger-kernel failed here: {_FUSED_FAILED[0][:200]}"
+    return "liger-kernel fused" if fused_available(device) else "chunked (torch)"
+
+
+def kl_loss(h_student, head_student, h_teacher, head_teacher, budget: int = DEFAULT_BUDGET) -> torch.Tensor:
+    """KL(teacher ‖ student), chunked (the forward KL of :func:`chunked`)."""
+    return chunked(h_student, head_student, h_teacher, head_teacher, FORWARD_KL, budget)
+
+
+def reference(h_student, head_student, h_teacher, head_teacher, div: Divergence = FORWARD_KL) -> torch.Tensor:
+    """The same quantity with whole logits and autograd, for tests."""
+    logp = torch.log_softmax((h_teacher @ head_teacher.T).float() / div.temperature, -1)
+    logq = torch.log_softmax((h_student @ head_student.T).float() / div.temperature, -1)
+    p, q = logp.exp(), logq.exp()
+    if div.mix == 0.0:
+        rows = (p * (logp - logq)).sum(-1)
+    elif div.mix == 1.0:
+        rows = (q * (logq - logp)).sum(-1)
+    else:
+        m = div.mix * p + (1 - div.mix) * q
+        rows = div.mix * (p * (logp - m.log())).sum(-1) + (1 - div.mix) * (q * (logq - m.log())).sum(-1)
+    return rows.mean()
 
 
 def kl_reference(h_student, head_student, h_teacher, head_teacher) -> torch.Tensor:
-    """The same quantity with whole logits, for tests."""
-    logp_t = torch.log_softmax((h_teacher @ head_teacher.T).float(), -1)
-    logp_s = torch.log_softmax((h_student @ head_student.T).float(), -1)
-    return (logp_t.exp() * (logp_t - logp_s)).sum(-1).mean()
+    return reference(h_student, head_student, h_teacher, head_teacher)
 
 
 def block_loss(outputs: list[torch.Tensor], targets: list[torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
