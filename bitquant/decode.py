@@ -124,26 +124,71 @@ def _step(parts: _Parts, h: torch.Tensor, pos: int | torch.Tensor, position_ids:
     return families.soft_cap(parts.head(body.norm(h[:, -1])), parts.config).float()
 
 
+def choose(logits: torch.Tensor, temperature: float, generator: torch.Generator, top_p: float = 1.0) -> torch.Tensor:
+    """One next token per row of float32 ``logits`` ([rows, vocab]): the argmax at
+    ``temperature`` 0, else a draw from softmax(logits / temperature) restricted to the
+    smallest set of most likely tokens whose probability reaches ``top_p`` (Gumbel-max on
+    the device: argmax of logits / T plus Gumbel noise, the excluded tokens at -inf)."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    if top_p < 1:
+        z = logits / temperature
+        sorted_z, order = z.sort(-1, descending=True)
+        probs = torch.softmax(sorted_z, -1)
+        drop = (probs.cumsum(-1) - probs) >= top_p  # the mass before a token already reaches top_p
+        logits = z.scatter(-1, order, sorted_z.masked_fill(drop, float("-inf")))
+        temperature = 1.0
+    return gumbel_argmax(logits, temperature, generator)
+
+
 @torch.inference_mode()
 def sample_batch(model, rows: int, length: int, bos_id: int, temperature: float, banned: list[int],
-                 generator: torch.Generator, on_step: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+                 generator: torch.Generator, on_step: Callable[[int, torch.Tensor], None] | None = None,
+                 prompts: torch.Tensor | None = None, top_p: float = 1.0, greedy: int = 0) -> torch.Tensor:
     """``rows`` sequences of ``length`` token ids (int64, on the model's device), each
-    starting with ``bos_id``, every next token drawn from ``softmax(logits / temperature)``
-    with the ``banned`` ids (EOS) excluded. ``generator`` (on the model's device) makes it
-    repeatable. ``on_step(pos, logits)`` sees each step's float32 logits (before the ban)."""
+    starting with ``bos_id`` (or with the rows of ``prompts``, [rows, P]), every next token
+    drawn by :func:`choose` at ``temperature`` and ``top_p`` (the first ``greedy`` tokens after
+    the prompt: the argmax) with the ``banned`` ids (EOS) excluded. ``generator`` (on the
+    model's device) makes it repeatable. ``on_step(pos, logits)`` sees each step's float32
+    logits (before the ban). Eager, reading each block's cache only up to the position."""
     parts = _parts(model, rows, length)
     device = parts.head.weight.device
+    step = lambda tokens, pos: _step(parts, parts.body.embed_tokens(tokens), pos,  # noqa: E731
+                                     torch.full((1, 1), pos, dtype=torch.long, device=device))
+    return _draw(step, rows, length, bos_id, temperature, banned, generator, on_step, prompts, top_p, greedy, device)
+
+
+@torch.inference_mode()
+def sample_graph(decoder: "StaticDecoder", length: int, bos_id: int, temperature: float, banned: list[int],
+                 generator: torch.Generator, prompts: torch.Tensor | None = None, top_p: float = 1.0,
+                 greedy: int = 0) -> torch.Tensor:
+    """:func:`sample_batch` through a :class:`StaticDecoder` (on CUDA, each step one CUDA graph
+    replay): the same draws, for as many rows as the decoder was built with."""
+    device = decoder.h.device
+    return _draw(decoder.step, decoder.h.shape[0], length, bos_id, temperature, banned, generator, None, prompts,
+                 top_p, greedy, device)
+
+
+def _draw(step: Callable, rows: int, length: int, bos_id: int, temperature: float, banned: list[int],
+          generator: torch.Generator, on_step, prompts: torch.Tensor | None, top_p: float, greedy: int,
+          device) -> torch.Tensor:
     out = torch.empty(rows, length, dtype=torch.int64, device=device)
-    out[:, 0] = bos_id
+    if prompts is None:
+        out[:, 0] = bos_id
+        first = 1
+    else:
+        first = prompts.shape[1]
+        out[:, :first] = prompts.to(device)
     ban = torch.tensor(banned, dtype=torch.long, device=device) if banned else None
     for pos in range(length - 1):
-        logits = _step(parts, parts.body.embed_tokens(out[:, pos : pos + 1]), pos,
-                       torch.full((1, 1), pos, dtype=torch.long, device=device))
+        logits = step(out[:, pos : pos + 1], pos)
+        if pos + 1 < first:
+            continue  # the prompt's tokens are given
         if on_step:
             on_step(pos, logits)
         if ban is not None:
-            logits.index_fill_(1, ban, float("-inf"))
-        out[:, pos + 1] = gumbel_argmax(logits, temperature, generator)
+            logits = logits.index_fill(1, ban, float("-inf"))
+        out[:, pos + 1] = choose(logits, 0.0 if pos + 1 < first + greedy else temperature, generator, top_p)
     return out
 
 

@@ -75,6 +75,18 @@ class TernaryLinear(torch.nn.Module):
         self.register_buffer("weight_scale", weight_scale)
         self.register_buffer("bias", bias)
 
+    @torch.no_grad()
+    def set_codes(self, codes: torch.Tensor, weight_scale: torch.Tensor) -> None:
+        """Replace the int8 codes ([out, in]) and ``weight_scale`` in place (the buffers keep
+        their addresses, so a CUDA graph captured over this layer stays valid)."""
+        if self.packed is not None:
+            self.packed.copy_(pack_ternary(codes))
+        elif self.codes_t is not None:
+            self.codes_t.copy_(codes.t())
+        else:
+            self.codes_f.copy_(codes)
+        self.weight_scale.copy_(weight_scale.reshape(self.weight_scale.shape))
+
     def _int8_ok(self, rows: int) -> bool:
         if self.codes_t.device.type == "cpu":
             return True
@@ -186,14 +198,13 @@ def load_fp(folder: Path, dtype: torch.dtype, device: str) -> torch.nn.Module:
 def load_ternary(folder: Path | Checkpoint, dtype: torch.dtype, device: str, act_quant: bool = True) -> torch.nn.Module:
     """A ternary checkpoint (packed in either convention, or a master), each ternary
     weight turned into a :class:`TernaryLinear` once."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     ckpt = folder if isinstance(folder, Checkpoint) else open_checkpoint(folder)
     config = AutoConfig.from_pretrained(ckpt.path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # build plain Linear layers; ternary ones are swapped in
-    with _no_init():  # every weight is replaced or loaded below
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = empty_model(config, dtype)  # every weight is replaced or loaded below
     packed = packed_kernel(device, act_quant)
     state: dict[str, torch.Tensor] = {}
     names = {spec.name for _, spec in ckpt.iter_specs()}
@@ -207,7 +218,7 @@ def load_ternary(folder: Path | Checkpoint, dtype: torch.dtype, device: str, act
                 tensor = reader.get(name)
                 if is_ternary_weight(name, ckpt.layout, names, PROJECTIONS):
                     scale = ckpt.read([name + SCALE_SUFFIX])[name + SCALE_SUFFIX] if ckpt.layout.kind == "packed" else None
-                    _install(model, name, *ternary_weight(name, tensor, scale, ckpt.layout, packed), dtype, act_quant,
+                    install(model, name, *ternary_weight(name, tensor, scale, ckpt.layout, packed), dtype, act_quant,
                              packed)
                 else:
                     state[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor.clone()
@@ -224,6 +235,15 @@ def load_ternary(folder: Path | Checkpoint, dtype: torch.dtype, device: str, act
     return model.to(device).eval()
 
 
+def empty_model(config, dtype: torch.dtype) -> torch.nn.Module:
+    """The architecture of ``config`` (a transformers config) in ``dtype``, its weights not
+    initialized (every one is replaced or loaded by the caller)."""
+    from transformers import AutoModelForCausalLM
+
+    with _no_init():
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def _no_init():
     """transformers' context that skips weight initialization (nothing when it has none)."""
     try:
@@ -233,8 +253,10 @@ def _no_init():
     return no_init_weights()
 
 
-def _install(model, name: str, codes: torch.Tensor, weight_scale: torch.Tensor, multiply: bool, dtype,
-             act_quant: bool, packed: bool = False) -> None:
+def install(model, name: str, codes: torch.Tensor, weight_scale: torch.Tensor, multiply: bool, dtype,
+            act_quant: bool, packed: bool = False) -> None:
+    """Put a :class:`TernaryLinear` of ``codes`` and ``weight_scale`` (stored in ``dtype``) in
+    place of the linear layer whose weight is ``name``."""
     module_name = name.removesuffix(".weight")
     parent_name, _, leaf = module_name.rpartition(".")
     parent = model.get_submodule(parent_name)

@@ -31,7 +31,8 @@ from bitquant.training import distributed
 from bitquant.training import checkpoint
 from bitquant.training.data import Batches
 from bitquant.training.distributed import World
-from bitquant.training.loss import block_loss, kl_loss
+from bitquant.training.loss import FORWARD_KL, Divergence, block_loss, divergence
+from bitquant.training.on_policy import Rollouts
 from bitquant.training.recipe import HealRecipe
 from bitquant.training.student import block_states, run_blocks, uncompile
 
@@ -69,6 +70,7 @@ class TrainResult:
     resumed_from_step: int = 0
     compiled: bool = False
     parallel: str | None = None  # "ddp" or "fsdp" under a launcher
+    on_policy: dict | None = None  # the rollouts' report (Rollouts.report)
     # with a time budget: the probe's speed and the token count chosen from it
     budget: dict | None = None
     # fsdp only: the trained parameters, gathered in full on the main process (module names
@@ -106,20 +108,25 @@ class StudentLoss(torch.nn.Module):
     """The student and its loss as one module, so that DDP and FSDP2 see every trainable
     parameter used inside one forward pass (the output head included)."""
 
-    def __init__(self, student: torch.nn.Module):
+    def __init__(self, student: torch.nn.Module, div: Divergence = FORWARD_KL):
         super().__init__()
         self.student = student
+        self.div = div
 
     def forward(self, ids: torch.Tensor, h_t: torch.Tensor | list[torch.Tensor], t_head: torch.Tensor,
-                weight: float) -> torch.Tensor:
-        """KL of the final hidden states ``h_t`` (end to end), or, when ``h_t`` is the list of
-        the teacher's block inputs and last output, the block-wise reconstruction loss."""
+                weight: float, starts: torch.Tensor | None = None) -> torch.Tensor:
+        """The divergence of the final hidden states ``h_t`` (end to end) at the positions from
+        each row's ``starts`` on (all of them when None), or, when ``h_t`` is the list of the
+        teacher's block inputs and last output, the block-wise reconstruction loss."""
         body, head = _decoder_and_head(self.student)
         if isinstance(h_t, list):
             outputs = run_blocks(body, h_t[:-1])
             return block_loss(outputs, h_t[1:], h_t[:-1]) * weight
         h_s = body(input_ids=ids, use_cache=False).last_hidden_state
-        return kl_loss(h_s.flatten(0, 1), head, h_t.flatten(0, 1), t_head) * weight
+        if starts is None:
+            return divergence(h_s.flatten(0, 1), head, h_t.flatten(0, 1), t_head, self.div) * weight
+        keep = torch.arange(ids.shape[1], device=ids.device)[None, :] >= starts[:, None]
+        return divergence(h_s[keep], head, h_t[keep], t_head, self.div) * weight
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -149,7 +156,8 @@ def make_optimizer(params: list, r: HealRecipe, cuda: bool, low_memory: bool):
 
 def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *, compiled: bool = False,
           progress: TrainProgress | None = None, note: Note | None = None, world: World = World(),
-          parallel: str | None = None, low_memory: bool = False, deadline: float | None = None) -> TrainResult:
+          parallel: str | None = None, low_memory: bool = False, deadline: float | None = None,
+          rollouts: Rollouts | None = None) -> TrainResult:
     """Distil ``teacher`` into ``student`` for ``r.steps`` steps (resuming from
     ``state_dir`` when it holds a checkpoint of this run). Under a launcher, ``world`` is
     this process's place and ``parallel`` the wrapping (``ddp`` or ``fsdp``). With DDP the
@@ -159,17 +167,38 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     ``deadline`` (a ``time.monotonic()`` value) replaces ``r.tokens``: a probe of a few
     forward and backward passes (no update) measures the step time, and the run gets as
     many steps as fit before the deadline. The choice is kept in ``state_dir``, so a
-    resumed run keeps it."""
+    resumed run keeps it.
+
+    ``rollouts`` writes the on-policy rows of every batch (the recipe's ``on_policy`` share;
+    their loss is taken on the student's tokens only)."""
     device = next(student.parameters()).device
     cuda = device.type == "cuda"
     rows = distributed.rows_of(world, r.batch_sequences)
-    model = distributed.wrap(StudentLoss(student), list(student.get_decoder().layers), parallel, str(device),
-                             unused_ok=r.block_stage > 0)
+    if rollouts is not None and parallel == "fsdp":
+        raise UsageError("on-policy steps (--on-policy) need the whole student in every process: use --parallel ddp, "
+                         "or --on-policy 0 with FSDP2")
+    model = distributed.wrap(StudentLoss(student, r.divergence), list(student.get_decoder().layers), parallel,
+                             str(device), unused_ok=r.block_stage > 0)
     params = _trainable(model)
     optimizer = make_optimizer(list(params.values()), r, cuda, low_memory)
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / checkpoint.CHECKPOINT
-    start, curve = checkpoint.load(path, model, optimizer) if (path / checkpoint.PROGRESS).is_file() else (0, [])
+    start, curve, extra = (checkpoint.load(path, model, optimizer) if (path / checkpoint.PROGRESS).is_file()
+                           else (0, [], {}))
+    if rollouts is not None:
+        rollouts.restore(extra)
+
+    def batch_of(step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Step ``step``'s rows for this process, and where each row's scored positions start
+        (None: everywhere)."""
+        ids = batches.batch(step) if batches.pools else torch.empty(0, r.seq_len, dtype=torch.long)
+        if rollouts is None:
+            return ids[rows].to(device, non_blocking=True), None
+        written = rollouts.batch(step)
+        starts = torch.cat([torch.zeros(len(ids), dtype=torch.long),
+                            torch.full((len(written),), rollouts.start, dtype=torch.long)])
+        return torch.cat([ids, written])[rows].to(device), starts[rows].to(device)
+
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
     t_body, t_head = _decoder_and_head(teacher)
@@ -179,7 +208,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     if deadline is not None:
         activity.step("measuring the training speed for the time budget")
         budget = _fit_to_deadline(deadline, state_dir / BUDGET, lambda k: _accumulate(
-            batches.batch(k)[rows].to(device), micro, model, t_body, t_head, autocast), optimizer, r, world)
+            *batch_of(k), micro, model, t_body, t_head, autocast), optimizer, r, world, rollouts)
         r = r.replace(tokens=budget["tokens"])
         if note:
             note(f"time budget: {budget['steps']:,} steps of {r.batch_tokens:,} tokens fit "
@@ -199,10 +228,10 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                     group["lr"].fill_(lr_at(step, r))
                 else:
                     group["lr"] = lr_at(step, r)
-            ids = batches.batch(step)[rows].to(device, non_blocking=True)
+            ids, starts = batch_of(step)
             blockwise = step < r.block_steps
             try:
-                loss = _accumulate(ids, micro, model, t_body, t_head, autocast, blockwise)
+                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise)
             except Exception as e:  # a compiled projection that fails on this device: run eagerly
                 if not compiled or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
@@ -212,7 +241,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 optimizer.zero_grad(set_to_none=True)
                 if note:
                     note(f"torch.compile failed here ({type(e).__name__}); training without it")
-                loss = _accumulate(ids, micro, model, t_body, t_head, autocast, blockwise)
+                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise)
             if r.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), r.grad_clip)
             loss_value = float(world.mean(loss))
@@ -247,17 +276,17 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 progress({"step": step, "steps": r.steps, "tokens": step * r.batch_tokens, "loss": loss_value,
                           "tokens_per_second": rate, "eta_seconds": (r.steps - step) * r.batch_tokens / rate})
             if step % r.checkpoint_every == 0 and step < r.steps:
-                checkpoint.save(path, model, optimizer, step, curve, world)
+                checkpoint.save(path, model, optimizer, step, curve, world, _extra(rollouts, step))
     except KeyboardInterrupt:
         if step > start:
-            checkpoint.save(path, model, optimizer, step, curve, world)  # a re-run resumes from here
+            checkpoint.save(path, model, optimizer, step, curve, world, _extra(rollouts, step))  # a re-run resumes here
         raise
     seconds = time.perf_counter() - began
     tokens = (step - start) * r.batch_tokens
     steady_seconds = time.perf_counter() - steady_from if steady_from else 0.0
     steady = (step * r.batch_tokens - steady_tokens) / steady_seconds if steady_seconds > 0 else 0.0
     if step > start:
-        checkpoint.save(path, model, optimizer, step, curve, world)
+        checkpoint.save(path, model, optimizer, step, curve, world, _extra(rollouts, step))
     full_state = None
     if parallel == "fsdp":  # the sharded student cannot be exported: gather its trained weights on the main process
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -272,42 +301,53 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         final_loss=round(loss_value, 6) if step > start else (curve[-1]["loss"] if curve else float("nan")),
         curve=curve, resumed_from_step=start, compiled=compiled, parallel=parallel, full_state=full_state,
-        budget=budget,
+        budget=budget, on_policy=rollouts.report() if rollouts is not None else None,
     )
 
 
-def _accumulate(ids, micro: int, model, t_body, t_head, autocast, blockwise: bool = False) -> torch.Tensor:
+def _extra(rollouts: Rollouts | None, step: int) -> dict:
+    return rollouts.state(step) if rollouts is not None else {}
+
+
+def _accumulate(ids, starts, micro: int, model, t_body, t_head, autocast, blockwise: bool = False) -> torch.Tensor:
     """Forward and backward over this process's micro-batches of one batch; returns their
     mean loss (gradients are averaged over the processes on the last micro-batch).
-    ``blockwise``: the block-wise reconstruction loss instead of the end-to-end KL."""
+    ``starts``: each row's first scored position (None: all positions). ``blockwise``: the
+    block-wise reconstruction loss instead of the end-to-end divergence."""
     total = torch.zeros((), device=ids.device)
     n = ids.shape[0]
-    starts = list(range(0, n, micro))
-    for b in starts:
+    firsts = list(range(0, n, micro))
+    for b in firsts:
         chunk = ids[b : b + micro]
-        with distributed.no_sync(model, last=b == starts[-1]):
+        rows_start = None if starts is None or not bool(starts[b : b + micro].any()) else starts[b : b + micro]
+        with distributed.no_sync(model, last=b == firsts[-1]):
             with autocast:
                 with torch.no_grad():
                     if blockwise:
                         h_t = block_states(t_body, chunk)
                     else:
                         h_t = t_body(input_ids=chunk, use_cache=False).last_hidden_state
-                loss = model(chunk, h_t, t_head, chunk.shape[0] / n)
+                loss = model(chunk, h_t, t_head, chunk.shape[0] / n, rows_start)
             loss.backward()
         total += loss.detach()
     return total
 
 
 def _fit_to_deadline(deadline: float, saved: Path, run_batch: Callable[[int], torch.Tensor], optimizer,
-                     r: HealRecipe, world: World) -> dict:
+                     r: HealRecipe, world: World, rollouts: Rollouts | None = None) -> dict:
     """The token count that fits before ``deadline``: from ``saved`` (a resumed run), or
     from a probe of ``PROBE_STEPS`` forward and backward passes whose gradients are thrown
-    away (the first one compiles; the others are timed)."""
+    away (the first one compiles; the others are timed). With on-policy steps, the first
+    rollout (which step 0 trains on) is timed too and its share added to each step."""
     if saved.is_file():
         return json.loads(saved.read_text(encoding="utf-8"))
     left = deadline - time.monotonic()
     if left <= 0:
         raise UsageError(no_time(r, -left))
+    rollout = 0.0
+    if rollouts is not None:
+        rollouts.batch(0)  # builds the writer (its graph) and writes rollout 0 with the untrained weights
+        rollout = rollouts.seconds / r.on_policy_every
     times = []
     for k in range(PROBE_STEPS):
         began = time.perf_counter()
@@ -315,7 +355,7 @@ def _fit_to_deadline(deadline: float, saved: Path, run_batch: Callable[[int], to
         float(loss)  # waits for the device
         optimizer.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - began)
-    per_step = max(min(times[1:]), 1e-6)
+    per_step = max(min(times[1:]), 1e-6) + rollout
     fits = torch.tensor((deadline - time.monotonic()) / per_step, dtype=torch.float64, device=loss.device)
     steps = int(world.mean(fits))  # under a launcher every process takes the same count
     if steps < 1:

@@ -26,6 +26,7 @@ DEFAULT_HEAL_RECIPE = "heal"
 #: their biases), the RMSNorm gains, the embeddings (with a tied output head).
 TRAINABLE = ("projections", "norms", "embeddings")
 INITS = ("absmean",)
+LOSSES = ("forward_kl", "reverse_kl", "jsd")
 SCHEDULES = ("cosine", "constant")
 #: Seconds held back from a time budget for what follows training (export, the exactness
 #: check, evaluation, completions): this share of the budget, at least MIN_RESERVE.
@@ -74,12 +75,25 @@ class HealRecipe:
     min_steps: int = 16
     block_stage: float = 0.0
     time_budget: float | None = None
+    # the divergence (training/loss.py) and on-policy steps (training/on_policy.py)
+    loss: str = "forward_kl"
+    loss_beta: float = 0.5
+    loss_temperature: float = 1.0
+    on_policy: float = 0.0
+    on_policy_temperature: float = 1.0
+    on_policy_prompt: int = 16
+    on_policy_every: int = 8
+    on_policy_reuse: int = 1
     # data
     seed: int = 0
     sample_tokens: int = 4_194_304
     sample_temperature: float = 1.0
     sample_batch: int = 2048
+    sample_top_p: float = 1.0
+    sample_greedy_tokens: int = 0
+    sample_min_distinct: float = 0.0
     data_share: float = 1.0
+    data_tokens: int = 16_777_216
     # evaluation of the result and quality gates (as for convert --eval-text)
     eval_context: int = 512
     eval_stride: int | None = None
@@ -103,6 +117,24 @@ class HealRecipe:
     @property
     def batch_sequences(self) -> int:
         return self.batch_tokens // self.seq_len
+
+    @property
+    def divergence(self):
+        from bitquant.training.loss import Divergence
+
+        return Divergence(self.loss, self.loss_beta, self.loss_temperature)
+
+    @property
+    def on_policy_settings(self):
+        from bitquant.training.on_policy import OnPolicy
+
+        return OnPolicy(self.on_policy, self.on_policy_temperature, self.on_policy_prompt, self.on_policy_every,
+                        self.on_policy_reuse)
+
+    @property
+    def on_policy_rows(self) -> int:
+        """Sequences of each batch written by the student."""
+        return self.on_policy_settings.rows(self.batch_sequences)
 
     @property
     def gates(self) -> dict[str, float]:
@@ -153,8 +185,11 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "warmup_steps": (int,), "min_lr_ratio": _NUMBER, "betas": (tuple,), "weight_decay": _NUMBER, "grad_clip": _NUMBER,
     "batch_tokens": (int,), "micro_batch_tokens": (int,), "seq_len": (int,), "train": (tuple,),
     "checkpoint_every": (int,), "min_steps": (int,), "block_stage": _NUMBER,
-    "time_budget": (float, int, type(None)), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
-    "sample_batch": (int,), "data_share": _NUMBER, "eval_context": (int,), "eval_stride": (int, type(None)),
+    "time_budget": (float, int, type(None)), "loss": (str,), "loss_beta": _NUMBER, "loss_temperature": _NUMBER,
+    "on_policy": _NUMBER, "on_policy_temperature": _NUMBER, "on_policy_prompt": (int,), "on_policy_every": (int,),
+    "on_policy_reuse": (int,), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
+    "sample_batch": (int,), "sample_top_p": _NUMBER, "sample_greedy_tokens": (int,), "sample_min_distinct": _NUMBER,
+    "data_share": _NUMBER, "data_tokens": (int,), "eval_context": (int,), "eval_stride": (int, type(None)),
     "eval_max_tokens": (int,), "max_ppl_ratio": (float, int, type(None)), "max_kl": (float, int, type(None)),
     "description": (str,),
 }
@@ -167,6 +202,26 @@ def _validate(r: HealRecipe) -> None:
         raise RecipeError(f"recipe field 'kind' must be 'heal' for bitquant heal, got {r.kind!r}")
     check_choice("init", r.init, INITS)
     check_choice("schedule", r.schedule, SCHEDULES)
+    check_choice("loss", r.loss, LOSSES)
+    if r.loss == "jsd" and not 0 < r.loss_beta < 1:
+        raise RecipeError(f"recipe field 'loss_beta' must be between 0 and 1 (exclusive) for loss: jsd, got {r.loss_beta} "
+                          "(0 and 1 are loss: forward_kl and reverse_kl)")
+    if r.loss_temperature <= 0:
+        raise RecipeError(f"recipe field 'loss_temperature' must be positive, got {r.loss_temperature}")
+    if not 0 <= r.on_policy <= 1:
+        raise RecipeError(f"the on-policy share (--on-policy, recipe field 'on_policy') must be between 0 and 1, "
+                          f"got {r.on_policy:g}")
+    if r.on_policy_temperature < 0 or r.sample_min_distinct < 0 or r.sample_min_distinct > 1 or r.sample_greedy_tokens < 0:
+        raise RecipeError("recipe fields 'on_policy_temperature' and 'sample_greedy_tokens' must be 0 or more, and "
+                          "'sample_min_distinct' between 0 and 1")
+    if not 0 < r.sample_top_p <= 1:
+        raise RecipeError(f"recipe field 'sample_top_p' must be in (0, 1], got {r.sample_top_p}")
+    for name in ("on_policy_every", "on_policy_reuse", "on_policy_prompt", "data_tokens"):
+        if getattr(r, name) < 1:
+            raise RecipeError(f"recipe field {name!r} must be at least 1, got {getattr(r, name)}")
+    if r.on_policy > 0 and r.on_policy_prompt >= r.seq_len:
+        raise RecipeError(f"recipe field 'on_policy_prompt' ({r.on_policy_prompt}) must be shorter than 'seq_len' "
+                          f"({r.seq_len}): the student writes the rest of each sequence")
     for part in r.train:
         check_choice("train", part, TRAINABLE)
     if "projections" not in r.train:

@@ -23,6 +23,15 @@ from bitquant import families
 from bitquant.ternary import absmean, inverse_scale, quantize_activations, ternarize
 
 
+def quantized_weight(weight: torch.Tensor, eps: float, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exported form of a latent weight: int8 codes and ``weight_scale`` = 1/s rounded to
+    the dtype the export stores it in, read back as float32 (the exporter's quantizer,
+    :mod:`bitquant.ternary`)."""
+    w = weight.detach()
+    s = absmean(w, eps)
+    return ternarize(w, s), inverse_scale(s, scale_dtype).to(torch.float32)
+
+
 class _ExportedLinear(torch.autograd.Function):
     """Forward: the exported layer's own arithmetic, ``(q @ codes^T) / (scale * weight_scale)``
     on integer-valued activations ``q`` and codes, as :class:`bitquant.runtime.TernaryLinear`
@@ -32,10 +41,7 @@ class _ExportedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, scale_dtype: torch.dtype):
-        w = weight.detach()
-        s = absmean(w, eps)
-        weight_scale = inverse_scale(s, scale_dtype).to(torch.float32)  # 1/s as stored, read back
-        codes = ternarize(w, s)
+        codes, weight_scale = quantized_weight(weight, eps, scale_dtype)
         q, scale = quantize_activations(x.detach().float())
         acc = F.linear(q.to(x.dtype), codes.to(x.dtype))
         y = (acc / (scale * weight_scale)).to(acc.dtype)

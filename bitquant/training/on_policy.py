@@ -1,0 +1,199 @@
+"""On-policy steps: a share of every batch is written by the student itself.
+
+A student trained only on sequences its teacher wrote never sees the contexts its own
+mistakes lead to: once its greedy text repeats a word, it is somewhere no training
+sequence has been, and it loops. On-policy distillation (GKD, arXiv 2306.13649; MiniLLM,
+arXiv 2306.08543) trains on sequences the student samples, with the teacher's
+distributions over every one of the student's tokens as the target.
+
+Here, every ``every`` optimizer steps the student continues ``prompt``-token prefixes of
+the training data (teacher samples or text) to the full sequence length, at
+``temperature`` (0: greedy), in the exported W1.58A8 arithmetic: a copy of the student's
+current weights as the exporter would write them (:func:`bitquant.training.student.quantized_weight`,
+the exporter's quantizer) run by bitquant's own runtime (:class:`bitquant.runtime.TernaryLinear`:
+on CUDA the packed W2A8 kernels, as ``bitquant generate`` runs OUT), decoded by
+:class:`bitquant.decode.StaticDecoder` (a static cache; on CUDA each step one CUDA graph
+replay). The copy and the graph are built once and updated in place. The sequences of a
+rollout serve the next ``every`` steps, each trained on ``reuse`` times (DistiLLM's replay,
+arXiv 2402.03898, which keeps on-policy training affordable). The loss is taken only on
+the student's tokens (the positions after the prompt); the teacher scores all of them.
+
+Determinism: rollout ``w`` (for steps ``w * every`` ... ) draws its prompts and its
+tokens from seeds that depend on ``w`` and the recipe's seed alone, from the weights at
+step ``w * every``; a checkpoint taken inside a window keeps that window's sequences, so a
+resumed run trains on exactly the sequences the uninterrupted one did.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bitquant import decode, runtime
+from bitquant.errors import UsageError
+from bitquant.training.student import FakeTernaryLinear, quantized_weight
+
+#: Seed offsets, so that prompts and draws never share a stream with the teacher's samples.
+PROMPT_SEED, DRAW_SEED = 104_729, 1_299_709
+
+
+@dataclass(frozen=True)
+class OnPolicy:
+    """What the recipe says of on-policy steps."""
+
+    share: float  # of each batch's sequences
+    temperature: float
+    prompt: int  # tokens of a data sequence given as the prompt
+    every: int  # optimizer steps between rollouts
+    reuse: int  # times each written sequence is trained on
+
+    def rows(self, batch_sequences: int) -> int:
+        """Sequences of each batch written by the student."""
+        return round(batch_sequences * self.share)
+
+    def size(self, batch_sequences: int) -> int:
+        """Sequences written per rollout."""
+        return max(1, math.ceil(self.rows(batch_sequences) * self.every / self.reuse))
+
+
+class Snapshot:
+    """The student as exported: its projections as :class:`~bitquant.runtime.TernaryLinear`
+    layers of the codes and ``weight_scale`` the exporter would write for its current latent
+    weights, every other weight copied, in ``dtype`` on ``device``. :meth:`update` refreshes
+    it in place."""
+
+    def __init__(self, student: torch.nn.Module, eps: float, scale_dtype: torch.dtype, dtype: torch.dtype, device):
+        config = student.config.__class__.from_dict(student.config.to_dict())
+        self.eps, self.scale_dtype, self.dtype = eps, scale_dtype, dtype
+        self.model = runtime.empty_model(config, dtype)
+        packed = runtime.packed_kernel(device, True)
+        self.names = [n for n, m in student.named_modules() if isinstance(m, FakeTernaryLinear)]
+        for name in self.names:
+            m = student.get_submodule(name)
+            codes, weight_scale = quantized_weight(m.weight, eps, scale_dtype)
+            runtime.install(self.model, name + ".weight", codes.cpu(), weight_scale.cpu(), False, dtype, True, packed)
+        self.model.to(device).eval()
+        if getattr(config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+        self.update(student)
+
+    @torch.no_grad()
+    def update(self, student: torch.nn.Module) -> None:
+        """Copy the student's current weights in (same buffers: a captured graph stays valid)."""
+        mine = dict(self.model.named_parameters())
+        for name, p in student.named_parameters():
+            module = name.rpartition(".")[0]
+            if module in self.names:
+                continue
+            if name in mine:
+                mine[name].copy_(p.detach().to(self.dtype))
+        for name in self.names:
+            m = student.get_submodule(name)
+            codes, weight_scale = quantized_weight(m.weight, self.eps, self.scale_dtype)
+            layer = self.model.get_submodule(name)
+            layer.set_codes(codes.to(layer.weight_scale.device), weight_scale.to(layer.weight_scale.dtype))
+            if m.bias is not None:
+                layer.bias.copy_(m.bias.detach().to(layer.bias.dtype))
+
+
+class Rollouts:
+    """The on-policy rows of every batch: ``rows`` sequences per step, written by the
+    student every ``settings.every`` steps from prompts drawn from ``pools`` (the training
+    data: lists of [sequences, seq_len] token tensors)."""
+
+    def __init__(self, student: torch.nn.Module, settings: OnPolicy, batch_sequences: int, seq_len: int,
+                 pools: list[torch.Tensor], seed: int, banned: list[int], eps: float, scale_dtype: torch.dtype):
+        if settings.prompt >= seq_len:
+            raise UsageError(f"on-policy prompts of {settings.prompt} tokens leave nothing to write in sequences of "
+                             f"{seq_len}; lower on_policy_prompt")
+        if not pools or not any(len(p) for p in pools):
+            raise UsageError("on-policy steps need training data to draw their prompts from")
+        self.settings, self.seq_len, self.seed, self.banned = settings, seq_len, seed, banned
+        self.rows = settings.rows(batch_sequences)
+        self.size = settings.size(batch_sequences)
+        self.pools = [p for p in pools if len(p)]
+        self.student, self.eps, self.scale_dtype = student, eps, scale_dtype
+        self.snapshot: Snapshot | None = None
+        self.decoder: decode.StaticDecoder | None = None
+        self.window: int | None = None
+        self.ids: torch.Tensor | None = None
+        self.seconds = 0.0  # writing (after the first build)
+        self.build_seconds = 0.0
+        self.rollouts = 0
+        self.tokens = 0  # tokens written by the student
+
+    @property
+    def start(self) -> int:
+        """The first position whose output is scored: it predicts the student's first token."""
+        return self.settings.prompt - 1
+
+    def prompts(self, window: int) -> torch.Tensor:
+        """``size`` prompts for rollout ``window``: the first tokens of data sequences drawn
+        (with a seed of their own) from all pools together."""
+        sizes = torch.tensor([len(p) for p in self.pools])
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + PROMPT_SEED + window)
+        picks = torch.randint(int(sizes.sum()), (self.size,), generator=g)
+        ends = sizes.cumsum(0)
+        which = torch.searchsorted(ends, picks, right=True)
+        offset = picks - (ends - sizes)[which]
+        return torch.stack([self.pools[int(k)][int(i), : self.settings.prompt] for k, i in zip(which, offset)])
+
+    def _build(self) -> None:
+        began = time.perf_counter()
+        device = next(self.student.parameters()).device
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.snapshot = Snapshot(self.student, self.eps, self.scale_dtype, dtype, device)
+        self.decoder = decode.StaticDecoder(self.snapshot.model, self.size, self.seq_len)
+        self.build_seconds += time.perf_counter() - began
+
+    @torch.no_grad()
+    def roll(self, window: int) -> None:
+        """Write rollout ``window`` with the student's current weights."""
+        if self.decoder is None:
+            self._build()
+        else:
+            self.snapshot.update(self.student)
+        device = self.decoder.h.device
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        g = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + DRAW_SEED + window)
+        ids = decode.sample_graph(self.decoder, self.seq_len, 0, self.settings.temperature, self.banned, g,
+                                  prompts=self.prompts(window))
+        self.ids = ids.cpu()
+        self.seconds += time.perf_counter() - began
+        self.window = window
+        self.rollouts += 1
+        self.tokens += self.size * (self.seq_len - self.settings.prompt)
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The on-policy rows of step ``step`` ([rows, seq_len], on the CPU)."""
+        window = step // self.settings.every
+        if window != self.window:
+            self.roll(window)
+        first = (step % self.settings.every) * self.rows
+        index = torch.arange(first, first + self.rows) % self.size
+        return self.ids[index]
+
+    def state(self, step: int) -> dict[str, torch.Tensor]:
+        """What a checkpoint after ``step`` steps keeps: the window in use, when the next step
+        still reads it."""
+        if self.window is None or step // self.settings.every != self.window or step % self.settings.every == 0:
+            return {}
+        return {"on_policy_ids": self.ids, "on_policy_window": torch.tensor([self.window])}
+
+    def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        if "on_policy_ids" in saved:
+            self.ids = saved["on_policy_ids"].to(torch.int64)
+            self.window = int(saved["on_policy_window"][0])
+
+    def report(self) -> dict:
+        s = self.settings
+        return {"share": s.share, "rows_per_step": self.rows, "temperature": s.temperature, "prompt_tokens": s.prompt,
+                "every": s.every, "reuse": s.reuse, "sequences_per_rollout": self.size, "rollouts": self.rollouts,
+                "tokens_written": self.tokens, "seconds": round(self.seconds, 3),
+                "build_seconds": round(self.build_seconds, 3),
+                "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}
