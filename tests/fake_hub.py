@@ -4,22 +4,30 @@ Point ``HF_ENDPOINT`` at ``FakeHub.url``. It implements the few endpoints bitqua
 code reaches: repo creation, branches, the "preupload" and "commit" steps of an upload
 (every file as a regular, base64-inlined blob, so neither LFS nor Xet is involved), and
 model info for downloads, answering with the error codes the real Hub uses for missing,
-private and gated repositories. Everything it receives is kept in memory for assertions.
+private and gated repositories. Data sets (``FakeHub.datasets``: repo id -> {path: bytes})
+are served as the ``datasets`` library streams them: their info, file tree, paths-info and
+file downloads. Everything it receives is kept in memory for assertions.
 """
 
 from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, unquote
+
+#: The one commit every fake data set is at.
+DATASET_SHA = "d" * 40
 
 
 class FakeHub:
     def __init__(self, gated: set[str] = frozenset(), private: set[str] = frozenset(), token: str = "hf_write"):
         self.repos: dict[str, dict] = {}  # repo_id -> {"private": bool, "branches": {name: {path: bytes}}, "prs": [...]}
+        self.datasets: dict[str, dict[str, bytes]] = {}  # repo_id -> {path: bytes}
         self.gated = set(gated)
         self.private = set(private)
         self.token = token
@@ -54,8 +62,79 @@ class FakeHub:
             def do_HEAD(self):
                 self.do_GET()
 
+            def _raw(self, code: int, data: bytes, headers: dict | None = None):
+                self.send_response(code)
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+
+            def _entry(self, path: str, data: bytes | None) -> dict:
+                if data is None:
+                    return {"type": "directory", "path": path, "oid": "0" * 40}
+                return {"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+
+            def _dataset(self) -> bool:
+                """Answer a data-set request; False when the path is not one."""
+                path = unquote(self.path.split("?")[0])
+                m = re.match(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
+                if m:
+                    files = hub.datasets.get(m.group(1))
+                    if files is None:
+                        self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                    elif m.group(3) not in files:
+                        self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+                    else:
+                        data = files[m.group(3)]
+                        self._raw(200, data, {"ETag": f'"{hashlib.sha1(data).hexdigest()}"', "X-Repo-Commit": DATASET_SHA,
+                                              "Content-Type": "application/octet-stream"})
+                    return True
+                m = re.match(r"^/api/datasets/([^/]+/[^/]+)/(tree|paths-info)/([^/]+)/?(.*)$", path)
+                if m:
+                    files = hub.datasets.get(m.group(1))
+                    if files is None:
+                        self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                        return True
+                    if m.group(2) == "paths-info":
+                        wanted = parse_qs(self._body().decode()).get("paths", [])
+                        dirs = {d for f in files for d in ("/".join(f.split("/")[:i]) for i in range(1, f.count("/") + 1))}
+                        self._send(200, [self._entry(w, files.get(w)) for w in wanted if w in files or w in dirs])
+                        return True
+                    prefix = m.group(4).strip("/")
+                    recursive = "recursive=true" in self.path.lower() or "recursive=1" in self.path
+                    out, seen = [], set()
+                    for f, data in sorted(files.items()):
+                        if prefix and not f.startswith(prefix + "/"):
+                            continue
+                        rest = f[len(prefix) + 1:] if prefix else f
+                        if "/" in rest and not recursive:
+                            d = (prefix + "/" if prefix else "") + rest.split("/")[0]
+                            if d not in seen:
+                                seen.add(d)
+                                out.append(self._entry(d, None))
+                        else:
+                            out.append(self._entry(f, data))
+                    self._send(200, out)
+                    return True
+                m = re.match(r"^/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?$", path)
+                if m:
+                    files = hub.datasets.get(m.group(1))
+                    if files is None:
+                        self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+                    else:
+                        self._send(200, {"id": m.group(1), "_id": "0" * 24, "sha": DATASET_SHA, "private": False,
+                                         "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+                                         "lastModified": "2026-01-01T00:00:00.000Z", "cardData": {},
+                                         "siblings": [{"rfilename": f} for f in sorted(files)]})
+                    return True
+                return False
+
             def do_GET(self):
                 hub.requests.append(("GET", self.path))
+                if self._dataset():
+                    return
                 d = re.match(r"^/api/models/([^/]+/[^/]+)/discussions/(\d+)", self.path)
                 if d and d.group(1) in hub.repos:
                     pr = hub.repos[d.group(1)]["prs"][int(d.group(2)) - 1]
@@ -78,6 +157,8 @@ class FakeHub:
 
             def do_POST(self):
                 hub.requests.append(("POST", self.path))
+                if self.path.startswith("/api/datasets/") and self._dataset():
+                    return
                 if not self._authorized() and self.path != "/api/validate-yaml":
                     return self._send(401, {"error": "Invalid credentials"}, {"X-Error-Message": "Invalid credentials in Authorization header"})
                 if self.path == "/api/validate-yaml":  # the model card's front matter, checked before upload

@@ -2,11 +2,17 @@
 fixed-length token sequences, served in a deterministic order.
 
 Sampling starts every sequence at BOS and draws each next token from the teacher's
-distribution at the recipe's temperature (no top-k, no top-p) with EOS masked, so every
-sequence has the full length. It runs :mod:`bitquant.decode`'s loop: a static KV cache
-over the model's own blocks, many sequences at a time. Samples are cached in bitquant's
-cache (``$BITQUANT_CACHE/heal-data``), keyed by the model's fingerprint and every sampling
-setting, so a re-run or a resume never samples again. Token ids are stored as uint16 where the vocabulary fits (half the bytes).
+distribution at the recipe's temperature (``sample_top_p``: from the smallest set of tokens
+whose probability reaches it) with EOS masked, so every sequence has the full length.
+``sample_greedy_tokens`` > 0 starts as LLM-QAT does (arXiv 2305.17888): one token drawn
+uniformly from the vocabulary after BOS, then that many greedy tokens, then sampling.
+``sample_min_distinct`` drops sequences whose share of distinct 4-grams is below it
+(repetition in the training text becomes repetition in the student's, arXiv 2310.10226).
+It runs :mod:`bitquant.decode`'s loop: a static KV cache over the model's own blocks, many
+sequences at a time. Samples are cached in bitquant's cache (``$BITQUANT_CACHE/heal-data``),
+keyed by the model's fingerprint and every sampling setting, so a re-run or a resume
+never samples again. Token ids are stored as uint16 where the vocabulary fits (half the
+bytes). The user's own text is read by :mod:`bitquant.training.texts`.
 """
 
 from __future__ import annotations
@@ -22,8 +28,6 @@ from pathlib import Path
 import torch
 
 from bitquant import decode
-from bitquant.errors import UsageError
-from bitquant.text import tokenize_file
 from bitquant.training.distributed import World
 
 #: Called while sampling: (tokens sampled, tokens to sample).
@@ -42,6 +46,9 @@ class SampleSettings:
     seed: int
     batch: int  # sequences sampled at once
     seconds: float | None = None  # stop after the batch that passes this much sampling time (one process only)
+    top_p: float = 1.0
+    greedy: int = 0  # > 0: a uniformly drawn token after BOS, then this many greedy tokens (LLM-QAT)
+    min_distinct: float = 0.0  # drop sequences whose share of distinct 4-grams is below this
 
     @property
     def sequences(self) -> int:
@@ -52,7 +59,9 @@ class SampleSettings:
         type (CUDA and CPU draw different random streams)."""
         payload = {"format": CACHE_FORMAT, "model": model_fingerprint, "tokens": self.sequences * self.seq_len,
                    "seq_len": self.seq_len, "temperature": self.temperature, "seed": self.seed, "batch": self.batch,
-                   "device": device_type, **({"seconds": self.seconds} if self.seconds is not None else {})}
+                   "device": device_type, **({"seconds": self.seconds} if self.seconds is not None else {}),
+                   **({"top_p": self.top_p} if self.top_p != 1 else {}), **({"greedy": self.greedy} if self.greedy else {}),
+                   **({"min_distinct": self.min_distinct} if self.min_distinct else {})}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -74,13 +83,38 @@ def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], pro
             continue
         rows = min(settings.batch, n - begin)
         generator = torch.Generator(device=device).manual_seed(settings.seed + i)
-        ids = decode.sample_batch(model, rows, length, bos_id, settings.temperature, eos_ids, generator)
+        prompts = _random_starts(rows, bos_id, eos_ids, model.config.vocab_size, settings.seed + i) if settings.greedy else None
+        ids = decode.sample_batch(model, rows, length, bos_id, settings.temperature, eos_ids, generator, prompts=prompts,
+                                  top_p=settings.top_p, greedy=settings.greedy)
         out[begin : begin + rows] = ids.cpu()
         if progress:
             progress((begin + rows) * length, n * length)
         if stop_at is not None and time.monotonic() > stop_at and begin + rows < n:
             return out[: begin + rows]
     return out
+
+
+def _random_starts(rows: int, bos_id: int, banned: list[int], vocab: int, seed: int) -> torch.Tensor:
+    """[rows, 2] prompts: BOS, then a token drawn uniformly from the vocabulary (not BOS or a banned one)."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[[bos_id, *banned]] = False
+    pool = allowed.nonzero().squeeze(1)
+    picks = pool[torch.randint(len(pool), (rows,), generator=g)]
+    return torch.stack([torch.full((rows,), bos_id, dtype=torch.int64), picks], dim=1)
+
+
+def row_distinct(ids: torch.Tensor, n: int = 4) -> torch.Tensor:
+    """Each row's share of distinct n-grams among its n-grams (float32 [rows]; 1 when nothing
+    repeats). n-grams are hashed to int64 (a collision merely counts two n-grams as one)."""
+    rows, length = ids.shape
+    if length < n:
+        return torch.ones(rows)
+    h = torch.zeros(rows, length - n + 1, dtype=torch.int64)
+    for k in range(n):
+        h = h * 1_000_003 + ids[:, k : length - n + 1 + k].to(torch.int64)
+    s = h.sort(dim=1).values
+    return ((s[:, 1:] != s[:, :-1]).sum(1) + 1).float() / s.shape[1]
 
 
 def cached_samples(model, settings: SampleSettings, key: str, cache_dir: Path, bos_id: int, eos_ids: list[int],
@@ -108,8 +142,16 @@ def cached_samples(model, settings: SampleSettings, key: str, cache_dir: Path, b
         device = next(model.parameters()).device
         ids = world.sum(ids.to(device)).cpu()
     seconds = time.perf_counter() - started
+    drawn = ids.numel()
+    distinct = row_distinct(ids)
+    kept = distinct >= settings.min_distinct
+    if settings.min_distinct and kept.any():
+        ids = ids[kept]
     info = {"tokens": ids.numel(), "sequences": ids.shape[0], "seq_len": ids.shape[1], "temperature": settings.temperature,
-            "seed": settings.seed, "seconds": round(seconds, 3), "tokens_per_second": round(ids.numel() / seconds, 1),
+            "top_p": settings.top_p, "greedy_tokens": settings.greedy, "min_distinct": settings.min_distinct,
+            "dropped_sequences": int((~kept).sum()) if settings.min_distinct else 0,
+            "distinct_4grams": round(float(distinct.mean()), 4),
+            "seed": settings.seed, "seconds": round(seconds, 3), "tokens_per_second": round(drawn / seconds, 1),
             "sha256": tensor_sha256(ids)}
     if not world.main:
         world.barrier()  # the main process writes the cache
@@ -126,23 +168,6 @@ def cached_samples(model, settings: SampleSettings, key: str, cache_dir: Path, b
 
 def tensor_sha256(ids: torch.Tensor) -> str:
     return hashlib.sha256(ids.to(torch.int64).numpy().tobytes()).hexdigest()
-
-
-def text_sequences(files: list[Path], tokenizer, seq_len: int, refused_sha256: str | None = None) -> tuple[torch.Tensor, list[dict]]:
-    """The user's text files, tokenized (no special tokens, as evaluation does) and cut into
-    non-overlapping sequences of ``seq_len`` tokens (a file's remainder is dropped).
-
-    ``refused_sha256`` (the evaluation text's) is refused: training on the held-out text
-    would make its perplexity meaningless."""
-    chunks, described = [], []
-    for f in files:
-        tokens = tokenize_file(f, tokenizer, min_tokens=seq_len, purpose="train on")
-        if refused_sha256 is not None and tokens.sha256 == refused_sha256:
-            raise UsageError(f"--data {f} is the --eval-text file; train and evaluate on different texts")
-        n = len(tokens.ids) // seq_len
-        chunks.append(torch.tensor(tokens.ids[: n * seq_len], dtype=torch.int64).view(n, seq_len))
-        described.append({"path": str(f), "sha256": tokens.sha256, "tokens": len(tokens.ids), "sequences": n})
-    return torch.cat(chunks), described
 
 
 class Batches:
