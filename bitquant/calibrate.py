@@ -39,7 +39,7 @@ from bitquant.ternary import (
     ternarize,
     zero_fraction,
 )
-from bitquant.text import tokenize_file
+from bitquant.text import sequences, tokenize_file
 
 #: Bundled calibration text (public domain; not the evaluation text used in the README).
 DEFAULT_TEXT = "paradise-lost.txt"
@@ -73,13 +73,12 @@ def default_text() -> Path:
 
 def load_calibration(folder: Path, text: str | Path | None, tokens: int, context: int) -> Calibration:
     """The first ``tokens`` tokens of ``text`` (the bundled text when ``None``), cut into
-    sequences of ``context`` tokens (a partial last sequence is dropped)."""
+    sequences of ``context`` positions, each starting with BOS where the model's tokenizer
+    adds one (:func:`bitquant.text.sequences`; a partial last sequence is dropped)."""
     path = Path(text) if text is not None else default_text()
     tokenized = tokenize_file(path, runtime.load_tokenizer(folder), min_tokens=context, max_tokens=tokens,
                               purpose="calibrate on")
-    n = len(tokenized.ids) // context
-    ids = torch.tensor(tokenized.ids[: n * context], dtype=torch.long).view(n, context)
-    return Calibration(ids, str(path), tokenized.sha256)
+    return Calibration(sequences(tokenized.ids, context, tokenized.bos), str(path), tokenized.sha256)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,15 @@
 
 Sliding-window causal-LM perplexity: windows of ``context`` tokens start every ``stride``
 tokens; each token is scored once, by the first window that has it as a target beyond
-the previous window's end (the usual transformers recipe). The first token of the text,
-and with ``stride == context`` the first token of every window, has no context inside
-its window and is not scored. ``stderr`` is the standard error of the mean token NLL
-carried to perplexity (ppl × se); tokens are correlated, so it is a lower bound.
+the previous window's end (the usual transformers recipe). Where the model's tokenizer
+adds BOS, every window starts with it and its first text token is scored after it
+(:func:`bitquant.text.windows`); where it adds none, the first token of every window has
+no context inside it and is not scored. ``stderr`` is the standard error of the mean
+token NLL carried to perplexity (ppl × se); tokens are correlated, so it is a lower bound.
+
+On a GPU the first forward pass compiles and tunes kernels (Triton's W2A8 kernels, cuBLAS's
+choices): one window is run first, timed apart as ``setup_seconds``, and
+``tokens_per_second`` counts the evaluation alone.
 
 ``compare`` runs a baseline and a quantized model over the same windows and adds the mean
 KL divergence KL(P_baseline ‖ P_quantized) of the next-token distributions and the top-1
@@ -26,7 +31,7 @@ from bitquant import activity, runtime, scoring, streaming
 from bitquant.errors import UsageError
 from bitquant.scoring import Head
 from bitquant.source import open_checkpoint, resolve_source
-from bitquant.text import Tokens, tokenize_file
+from bitquant.text import Tokens, scored_rows, tokenize_file, window_input, windows  # noqa: F401  (windows: re-exported)
 
 #: Called after each window: (windows done, windows in all).
 WindowProgress = Callable[[int, int], None]
@@ -87,26 +92,14 @@ class EvalResult:
     stride: int
     device: str
     dtype: str
-    seconds: float  # forward passes only (streamed: block loading included)
-    tokens_per_second: float  # tokens through the model per second
+    seconds: float  # forward passes only (streamed: block loading included), after the set-up
+    tokens_per_second: float  # tokens through the model per second, after the set-up
     streamed: bool = False  # True: evaluated one decoder block at a time (bounded memory)
+    bos: str = "none"  # "per_window": every window starts with BOS (the tokenizer adds one); "none"
+    setup_seconds: float = 0.0  # GPU: the first forward pass of one window (compiling and tuning kernels)
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window over ``n`` tokens."""
-    spans, prev_end = [], 0
-    for begin in range(0, n, stride):
-        end = min(begin + context, n)
-        first = max(prev_end, begin + 1)
-        if first < end:
-            spans.append((begin, end, first))
-        prev_end = end
-        if end == n:
-            break
-    return spans
 
 
 def batch_windows(config, context: int, device: str, dtype: torch.dtype) -> int:
@@ -134,15 +127,29 @@ def _groups(spans: list[tuple[int, int, int]], batch: int) -> Iterator[list[tupl
         yield group
 
 
-def window_rows(model, ids: torch.Tensor, spans: list[tuple[int, int, int]], batch: int) -> Iterator[torch.Tensor]:
+def window_rows(model, ids: torch.Tensor, spans: list[tuple[int, int, int]], batch: int,
+                bos: int | None = None) -> Iterator[torch.Tensor]:
     """Each window's final hidden states at the positions that predict tokens first..end-1,
-    in window order, from forward passes of ``batch`` windows through the decoder (the
-    head is applied by :mod:`bitquant.scoring`, a block of vocabulary at a time)."""
+    in window order, from forward passes of ``batch`` windows through the decoder (each
+    after ``bos`` where there is one; the head is applied by :mod:`bitquant.scoring`, a
+    block of vocabulary at a time)."""
     body = model.get_decoder()
     for group in _groups(spans, batch):
-        h = body(input_ids=torch.stack([ids[b:e] for b, e, _ in group])).last_hidden_state
-        for row, (begin, end, first) in enumerate(group):
-            yield h[row, first - 1 - begin : end - 1 - begin]
+        h = body(input_ids=torch.stack([window_input(ids, span, bos) for span in group])).last_hidden_state
+        for row, span in enumerate(group):
+            yield h[row, scored_rows(span, bos)]
+
+
+def warm_up(model, ids: torch.Tensor, spans: list[tuple[int, int, int]], bos: int | None, device: str) -> float:
+    """On a GPU, one forward pass of the first window (kernels compiled and tuned, as the
+    first batch would); its seconds. Nothing on the CPU, where nothing is compiled."""
+    if not spans or not str(device).startswith("cuda"):
+        return 0.0
+    began = time.perf_counter()
+    with torch.inference_mode():
+        model.get_decoder()(input_ids=window_input(ids, spans[0], bos)[None].to(device))
+    torch.cuda.synchronize(device)
+    return time.perf_counter() - began
 
 
 def model_head(model) -> Head:
@@ -160,15 +167,21 @@ def _summary(nll: torch.Tensor) -> tuple[float, float, float]:
 
 @torch.inference_mode()
 def token_nlls(model, ids: list[int], context: int, stride: int, device: str, progress: WindowProgress | None = None,
-               batch: int | None = None):
+               batch: int | None = None, bos: int | None = None):
     """Per-token NLLs (float64) and the number of tokens run through the model; ``batch``
-    windows per forward pass (default: :func:`batch_windows`)."""
+    windows per forward pass (default: :func:`batch_windows`); every window after ``bos``
+    where there is one."""
     t = torch.tensor(ids, device=device)
-    spans = windows(len(ids), context, stride)
+    spans = windows(len(ids), context, stride, bos is not None)
     head = model_head(model)
     batch = batch or batch_windows(model.config, context, device, head.dtype)
-    rows = window_rows(model, t, spans, batch)
-    return _nlls(rows, head, t, spans, progress), sum(end - begin for begin, end, _ in spans)
+    rows = window_rows(model, t, spans, batch, bos)
+    return _nlls(rows, head, t, spans, progress), _forwarded(spans, bos)
+
+
+def _forwarded(spans: list[tuple[int, int, int]], bos: int | None) -> int:
+    """Positions run through the model (BOS included)."""
+    return sum(end - begin + (bos is not None) for begin, end, _ in spans)
 
 
 def _nlls(rows: Iterable[torch.Tensor], head: Head, t: torch.Tensor, spans: list[tuple[int, int, int]],
@@ -205,20 +218,24 @@ def evaluate(
     device = settings.resolved_device()
     dtype = settings.resolved_dtype(device)
     streamed = _streams(settings, [folder], dtype, device, act_quant)
-    spans = windows(len(tokens.ids), settings.context, settings.stride)
+    spans = windows(len(tokens.ids), settings.context, settings.stride, tokens.bos is not None)
     t = torch.tensor(tokens.ids)
+    setup = 0.0
     started = time.perf_counter()
     if streamed:
         mode = runtime.mode_label(folder, act_quant)
         tick = _ticker(progress, open_checkpoint(folder).config["num_hidden_layers"] + len(spans))
-        hidden = streaming.final_hidden(folder, t, spans, dtype, device, act_quant, tick)
-        nll = _nlls(streaming.window_rows(hidden, spans), hidden.head, t, spans, lambda i, n: tick())
-        forwarded = sum(e - b for b, e, _ in spans)
+        hidden = streaming.final_hidden(folder, t, spans, dtype, device, act_quant, tick, tokens.bos)
+        nll = _nlls(streaming.window_rows(hidden, spans, tokens.bos), hidden.head, t, spans, lambda i, n: tick())
+        forwarded = _forwarded(spans, tokens.bos)
     else:
         activity.step(f"loading {model}")
         lm, mode = runtime.load_model(folder, dtype, device, act_quant=act_quant)
+        activity.step("compiling the GPU kernels (first window)" if device.startswith("cuda") else "evaluating")
+        setup = warm_up(lm, t, spans, tokens.bos, device)
         started = time.perf_counter()
-        nll, forwarded = token_nlls(lm, tokens.ids, settings.context, settings.stride, device, progress)
+        nll, forwarded = token_nlls(lm, tokens.ids, settings.context, settings.stride, device, progress,
+                                    bos=tokens.bos)
     seconds = time.perf_counter() - started
     ppl, se, mean = _summary(nll)
     return EvalResult(
@@ -227,7 +244,7 @@ def evaluate(
         text_sha256=tokens.sha256, text_tokens=len(tokens.ids), truncated=tokens.truncated,
         context=settings.context, stride=settings.stride, device=device, dtype=str(dtype).replace("torch.", ""),
         seconds=round(seconds, 3), tokens_per_second=round(forwarded / seconds, 2) if seconds else 0.0,
-        streamed=streamed,
+        streamed=streamed, bos=tokens.convention, setup_seconds=round(setup, 3),
     )
 
 
@@ -252,9 +269,9 @@ def _ticker(progress: WindowProgress | None, total: int):
 def perplexity_of(model, tokens: Tokens, settings: EvalSettings, device: str) -> dict:
     """Perplexity of an in-memory model (e.g. heal's student) on ``tokens``: ``perplexity``,
     ``stderr``, ``tokens`` (scored)."""
-    nll, _ = token_nlls(model, tokens.ids, settings.context, settings.stride, device)
+    nll, _ = token_nlls(model, tokens.ids, settings.context, settings.stride, device, bos=tokens.bos)
     ppl, se, _ = _summary(nll)
-    return {"perplexity": ppl, "stderr": se, "tokens": nll.numel()}
+    return {"perplexity": ppl, "stderr": se, "tokens": nll.numel(), "bos": tokens.convention}
 
 
 def tokenize_for(folder: Path, text: str | Path, settings: EvalSettings) -> Tokens:
@@ -284,25 +301,28 @@ def compare(
     dtype = settings.resolved_dtype(device)
     streamed = _streams(settings, [baseline, quantized], dtype, device, True)
     t = torch.tensor(tokens.ids)
-    spans = windows(len(tokens.ids), settings.context, settings.stride)
+    bos = tokens.bos
+    spans = windows(len(tokens.ids), settings.context, settings.stride, bos is not None)
     started = time.perf_counter()
     if streamed:
         mode = runtime.mode_label(quantized, True)
         blocks = sum(open_checkpoint(f).config["num_hidden_layers"] for f in (baseline, quantized))
         tick = _ticker(progress, blocks + len(spans))
-        hb = streaming.final_hidden(baseline, t, spans, dtype, device, True, tick)
-        hq = streaming.final_hidden(quantized, t, spans, dtype, device, True, tick)
-        pairs = zip(streaming.window_rows(hb, spans), streaming.window_rows(hq, spans))
+        hb = streaming.final_hidden(baseline, t, spans, dtype, device, True, tick, bos)
+        hq = streaming.final_hidden(quantized, t, spans, dtype, device, True, tick, bos)
+        pairs = zip(streaming.window_rows(hb, spans, bos), streaming.window_rows(hq, spans, bos))
         head_b, head_q = hb.head, hq.head
         window_progress = lambda i, n: tick()  # noqa: E731
     else:
         base, _ = runtime.load_model(baseline, dtype, device)
         quant, mode = runtime.load_model(quantized, dtype, device)
-        started = time.perf_counter()
         t = t.to(device)
+        warm_up(base, t, spans, bos, device)
+        warm_up(quant, t, spans, bos, device)
+        started = time.perf_counter()
         head_b, head_q = model_head(base), model_head(quant)
         batch = batch_windows(base.config, settings.context, device, dtype)
-        pairs = zip(window_rows(base, t, spans, batch), window_rows(quant, t, spans, batch))
+        pairs = zip(window_rows(base, t, spans, batch, bos), window_rows(quant, t, spans, batch, bos))
         window_progress = progress
     nll_b, nll_q, kl, agree = [], [], [], []
     for i, ((xb, xq), (begin, end, first)) in enumerate(zip(pairs, spans), start=1):
@@ -324,6 +344,7 @@ def compare(
         "kl_mean": float(torch.cat(kl).mean()),
         "top1_agreement": float(torch.cat(agree).float().mean()),
         "tokens": int(sum(e - f for _, e, f in spans)),
+        "bos": tokens.convention,
         "text": tokens.path,
         "text_sha256": tokens.sha256,
         "text_tokens": len(tokens.ids),

@@ -24,6 +24,7 @@ import torch
 from bitquant.blocks import Blocks
 from bitquant.scoring import Head
 from bitquant.source import open_checkpoint
+from bitquant.text import scored_rows, window_input
 
 #: Called as work is done: (steps done, steps in all); a step is a block or a window.
 StepProgress = Callable[[int, int], None]
@@ -67,15 +68,15 @@ class Streamed(NamedTuple):
 
 
 def final_hidden(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int, int]], dtype: torch.dtype, device: str,
-                 act_quant: bool = True, progress: Callable[[], None] | None = None):
-    """Final hidden states of every window, block by block (:class:`Streamed`; the head is
-    :meth:`~bitquant.blocks.Blocks.scorer`'s)."""
+                 act_quant: bool = True, progress: Callable[[], None] | None = None, bos: int | None = None):
+    """Final hidden states of every window (each after ``bos`` where there is one), block by
+    block (:class:`Streamed`; the head is :meth:`~bitquant.blocks.Blocks.scorer`'s)."""
     blocks = Blocks(open_checkpoint(folder), device, dtype=dtype, act_quant=act_quant)
     groups: dict[int, list[int]] = {}
     for j, (begin, end, _) in enumerate(spans):
         groups.setdefault(end - begin, []).append(j)
     where = {j: (length, row) for length, members in groups.items() for row, j in enumerate(members)}
-    hidden = {length: blocks.embed(torch.stack([ids[spans[j][0]:spans[j][1]] for j in members]))
+    hidden = {length: blocks.embed(torch.stack([window_input(ids, spans[j], bos) for j in members]))
               for length, members in groups.items()}
     for i in range(blocks.n_layers):
         layer = blocks.load(i)
@@ -87,10 +88,10 @@ def final_hidden(folder: Path, ids: torch.Tensor, spans: list[tuple[int, int, in
 
 
 @torch.inference_mode()
-def window_rows(streamed: Streamed, spans: list[tuple[int, int, int]]) -> Iterator[torch.Tensor]:
+def window_rows(streamed: Streamed, spans: list[tuple[int, int, int]], bos: int | None = None) -> Iterator[torch.Tensor]:
     """Each window's final hidden states (after the final norm) at its scored positions,
     one window at a time; the head is applied by :mod:`bitquant.scoring`."""
     hidden, where, norm, _ = streamed
-    for j, (begin, end, first) in enumerate(spans):
+    for j, span in enumerate(spans):
         length, row = where[j]
-        yield norm(hidden[length][row, first - 1 - begin : end - 1 - begin])
+        yield norm(hidden[length][row, scored_rows(span, bos)])

@@ -125,6 +125,34 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     return folder
 
 
+#: Tokenizers whose default encoding puts BOS before the text, as Llama's and Gemma's do:
+#: style -> (special tokens, BOS, EOS); ``broken`` adds a token but names no BOS token.
+BOS_STYLES = {
+    "llama": (["<unk>", "<s>", "</s>"], "<s>", "</s>"),
+    "gemma": (["<pad>", "<eos>", "<bos>", "<unk>"], "<bos>", "<eos>"),
+    "broken": (["<unk>", "<s>", "</s>"], None, "</s>"),
+}
+
+
+def make_bos_tokenizer(folder: Path, style: str) -> Path:
+    """A byte-level BPE tokenizer (320 tokens, trained on the vendored text) that adds BOS
+    before every encoded text, in the Llama or Gemma style (their special tokens)."""
+    from tokenizers import ByteLevelBPETokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials, bos, eos = BOS_STYLES[style]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([(DATA / "alice29.txt").read_text()[:50_000]], vocab_size=TOKENIZER_VOCAB, min_frequency=2,
+                            show_progress=False, special_tokens=specials)
+    first = "<s>" if style != "gemma" else "<bos>"
+    bpe._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{first} $A", pair=f"{first} $A {first} $B", special_tokens=[(first, bpe.token_to_id(first))])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=bos, eos_token=eos,
+                                  unk_token=specials[0] if style != "gemma" else "<unk>")
+    tok.save_pretrained(folder)
+    return folder
+
+
 def add_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
     for p in tokenizer_dir.iterdir():
         shutil.copy(p, model_dir / p.name)
