@@ -22,6 +22,15 @@ def _base_model(source: ModelSource) -> str:
     return source.path.name
 
 
+def _weights(source: ModelSource) -> str:
+    """What the source's weights are, where the spec alone does not say (embedded models)."""
+    if source.kind == "embedded":
+        from bitquant import embedded
+
+        return embedded.lookup(source.spec[len(embedded.PREFIX) :]).weights
+    return ""
+
+
 def _load_transformers() -> list[str]:
     return [
         "## Load",
@@ -88,9 +97,12 @@ def _quality(report: ConvertReport) -> list[str]:
     kind = (report.input or {}).get("kind", "fp")
     if kind in _LOSSLESS:
         return [_LOSSLESS[kind], ""]
+    check = ("Check the perplexity below before use." if report.perplexity else
+             "Nothing was measured here: measure it before use (`bitquant convert --eval-text FILE`, or "
+             "`bitquant eval OUT TEXT`).")
     return ["**Quality warning.** This post-training recipe is exact for checkpoints trained with ternary "
             "quantization-aware training. Applied to an ordinary FP16/BF16 model it usually destroys it "
-            "(SmolLM2-135M: perplexity 23.6 becomes about 6.4e7). Check the perplexity below before use.", ""]
+            f"(SmolLM2-135M: perplexity 23.6 becomes about 6.4e7). {check}", ""]
 
 
 def _method(report: ConvertReport) -> str:
@@ -101,8 +113,14 @@ def _method(report: ConvertReport) -> str:
         return "every ternary matrix's codes and scale were taken over from the source; norms are unchanged."
     if report.heal:
         h = report.heal
+        loss = h.get("loss") or {"kind": "forward_kl"}
+        what = {"forward_kl": "KL(FP ‖ student)", "reverse_kl": "KL(student ‖ FP)"}.get(
+            loss["kind"], f"generalized JSD (beta {loss.get('beta')})")
+        on = h.get("on_policy")
+        written = (f"; {on['share']:.0%} of every batch written by the student itself and scored by the FP model "
+                   f"(on-policy)" if on else "")
         return (f"the model was distilled into its own ternary version for {h['tokens']:,} tokens "
-                f"(KL divergence to the FP model's next-token distribution), every selected decoder projection "
+                f"({what} of the next-token distributions{written}), every selected decoder projection "
                 "ternarized in the forward pass exactly as it is stored here (absmean s * clamp(round(W / s), -1, 1), "
                 "8-bit activations, straight-through gradients); trained: " + ", ".join(h["trained"]) + ".")
     if recipe["method"] == "absmean" and not report.calibration:
@@ -122,9 +140,22 @@ def _method(report: ConvertReport) -> str:
 
 def _data(d: dict) -> str:
     if d["kind"] == "teacher samples":
-        return (f"{d['share']:.0%}: {d['tokens']:,} tokens sampled from the FP model (temperature {d['temperature']:g}, "
-                f"seed {d['seed']}; sha256 `{d['sha256'][:16]}`)")
-    return f"{d['share']:.0%}: " + ", ".join(f"{Path(f['path']).name} (sha256 `{f['sha256'][:16]}`)" for f in d["files"])
+        extra = "".join([f", top-p {d['top_p']:g}" if d.get("top_p", 1) != 1 else "",
+                         f", {d['greedy_tokens']} greedy tokens after a random one" if d.get("greedy_tokens") else "",
+                         f", {d['dropped_sequences']:,} repetitive sequences dropped" if d.get("dropped_sequences") else ""])
+        distinct = f"; distinct 4-grams {d['distinct_4grams']:.3f}" if "distinct_4grams" in d else ""
+        return (f"{d['share']:.0%}: {d['tokens']:,} tokens sampled from the FP model (temperature {d['temperature']:g}"
+                f"{extra}, seed {d['seed']}{distinct}; sha256 `{d['sha256'][:16]}`)")
+    if d["kind"] != "text":
+        return f"{d['share']:.0%}: {d['kind']}"
+    return f"{d['share']:.0%}: " + ", ".join(_text_source(f) for f in d["files"])
+
+
+def _text_source(f: dict) -> str:
+    if f.get("repo"):
+        where = f"hf:{f['repo']}" + (f" ({f['config']})" if f.get("config") else "") + f", {f['split']}"
+        return f"{where}, {f['tokens']:,} tokens (sha256 `{f['sha256'][:16]}`)"
+    return f"{Path(f['path']).name} (sha256 `{f['sha256'][:16]}`)"
 
 
 def _heal(h: dict) -> list[str]:
@@ -138,9 +169,10 @@ def _heal(h: dict) -> list[str]:
         f"| tokens, steps | {h['tokens']:,} tokens in {h['steps']} steps of {h['batch_tokens']:,} |",
         f"| peak learning rate | {h['lr']:g} |",
         *(f"| data | {_data(d)} |" for d in h["data"]),
+        *_on_policy(h.get("on_policy")),
         f"| wall time, speed | {h['seconds']:.0f} s on {h['device']}, {h['tokens_per_second']:,.0f} tokens/s |",
         f"| peak GPU memory | {gpu} |",
-        f"| final KL(FP ‖ student) | {h['final_loss']:.4g} nats |",
+        f"| final loss ({_loss_name(h)}) | {h['final_loss']:.4g} nats |",
     ]
     ex = h.get("exactness")
     if ex:
@@ -149,9 +181,23 @@ def _heal(h: dict) -> list[str]:
     curve = h["curve"]
     if curve:
         pick = sorted({round(i * (len(curve) - 1) / 9) for i in range(10)})
-        lines += ["", "Loss curve (KL per token, nats):", "", "| step | tokens | loss |", "|---|---|---|"]
+        lines += ["", f"Loss curve ({_loss_name(h)} per token, nats):", "", "| step | tokens | loss |", "|---|---|---|"]
         lines += [f"| {curve[i]['step']} | {curve[i]['tokens']:,} | {curve[i]['loss']:.4g} |" for i in pick]
     return lines
+
+
+def _loss_name(h: dict) -> str:
+    loss = h.get("loss") or {"kind": "forward_kl", "temperature": 1}
+    name = {"forward_kl": "KL(FP ‖ student)", "reverse_kl": "KL(student ‖ FP)"}.get(loss["kind"], f"JSD({loss.get('beta')})")
+    return name + (f" at temperature {loss['temperature']:g}" if loss.get("temperature", 1) != 1 else "")
+
+
+def _on_policy(on: dict | None) -> list[str]:
+    if not on:
+        return []
+    return [f"| on-policy | {on['share']:.0%} of every batch written by the student from {on['prompt_tokens']}-token "
+            f"prompts at temperature {on['temperature']:g}, rewritten every {on['every']} steps, each sequence trained "
+            f"on {on['reuse']}x; {on['tokens_written']:,} tokens written at {on['tokens_per_second']:,.0f} tokens/s |"]
 
 
 def _generation(g: dict) -> list[str]:
@@ -176,6 +222,7 @@ def render(report: ConvertReport, source: ModelSource) -> str:
     lines = [
         "---",
         f"base_model: {_base_model(source)}",
+        *(["base_model_relation: quantized"] if source.kind == "embedded" else []),
         *(["tags:"] if gguf else ["library_name: transformers", "tags:"]),
         "- bitnet",
         "- ternary",
@@ -197,6 +244,7 @@ def render(report: ConvertReport, source: ModelSource) -> str:
         "| quantity | value |",
         "|---|---|",
         f"| source | {source.spec} ({source.kind}{', commit ' + source.commit_sha if source.commit_sha else ''}) |",
+        *([f"| source weights | {_weights(source)} |"] if _weights(source) else []),
         *([f"| input kind | {report.input['label']} |"] if report.input else []),
         f"| ternary matrices | {summary['matrices']} ({size.quantized_params:,} weights) |",
         f"| kept in full precision | {len(report.kept_full_precision)} projections |",

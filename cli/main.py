@@ -79,10 +79,34 @@ debug_option = click.option(
 quiet_option = click.option("-q", "--quiet", is_flag=True, expose_value=False, callback=_remember("quiet"),
                             help="Show no progress on stderr (errors and the result still show).")
 
+THREADS_HELP = ("CPU threads for torch and numba (default: all cores). On a runner shared with another job, a number "
+                "that leaves it its cores avoids OpenMP oversubscription.")
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import os
+
+        import torch
+
+        os.environ["NUMBA_NUM_THREADS"] = str(threads)  # read when the kernels load numba
+        torch.set_num_threads(threads)
+
+
+def _threads_callback(ctx: click.Context, _param: click.Parameter, value: int | None) -> int | None:
+    _set_threads(value)
+    return value
+
+
+#: ``--threads`` after the subcommand (``bitquant eval ... --threads 1``), as before it.
+threads_option = click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", expose_value=False,
+                              is_eager=True, callback=_threads_callback, help=THREADS_HELP)
+
 
 def _progress(as_json: bool = False) -> bool:
-    """Whether to show progress: not with --quiet, and not with --json (stdout stays JSON)."""
-    return not (click.get_current_context().obj or {}).get("quiet") and not as_json
+    """Whether to show progress on stderr: always, unless --quiet (with --json too: stdout
+    holds the one JSON document, stderr the progress)."""
+    return not (click.get_current_context().obj or {}).get("quiet")
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
@@ -105,22 +129,18 @@ class ByteSize(click.ParamType):
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="bitquant")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N",
-              help="CPU threads for torch and numba (default: all cores). On a runner shared with another job, "
-                   "a number that leaves it its cores avoids OpenMP oversubscription.")
+@click.option("--threads", type=click.IntRange(min=1), default=None, metavar="N", help=THREADS_HELP)
 @click.pass_context
 def cli(ctx: click.Context, debug: bool, threads: int | None) -> None:
-    """Post-training ternary (BitNet b1.58) quantization of LLaMA-family checkpoints."""
-    if threads:
-        import os
-
-        import torch
-
-        os.environ["NUMBA_NUM_THREADS"] = str(threads)  # read when the kernels load numba
-        torch.set_num_threads(threads)
-    _quiet_transformers(show_warnings=debug or bool((ctx.obj or {}).get("debug")))
+    """Ternary (BitNet b1.58) models from LLaMA-family checkpoints: convert, heal, evaluate, generate."""
+    _set_threads(threads)
     ctx.ensure_object(dict)
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
+
+
+def _begin() -> None:
+    """What every command does before its work (not before --help, which imports nothing heavy)."""
+    _quiet_transformers(show_warnings=_debug(click.get_current_context()))
 
 
 def _quiet_transformers(show_warnings: bool = False) -> None:
@@ -186,7 +206,7 @@ _OUTPUT_OPTIONS = [
 ]
 
 
-@cli.command()
+@cli.command(short_help="Convert a checkpoint into a packed ternary model.")
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
 @click.option("--config", "config", default=None, metavar="NAME|FILE",
@@ -206,6 +226,7 @@ _OUTPUT_OPTIONS = [
 @click.option("--force", is_flag=True, help="Convert even when OUT is already up to date (implies --overwrite).")
 @output_options
 @quiet_option
+@threads_option
 @debug_option
 def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight, device, exclude, linear_class, revision, token, overwrite, force, max_shard_size, fmt, strict, eval_text, eval_max_tokens,
             eval_context, eval_stride, max_ppl_ratio, max_kl, push_to_hub, private, push_revision, create_pr, as_json, stream):
@@ -229,6 +250,7 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
       bitquant convert ./bitnet-2b-master-bf16 -o ./bitnet-2b-packed
       bitquant convert ./bitnet-2b-packed -o ./bitnet-2b-bitlinear --linear-class bitlinear
     """
+    _begin()
     from bitquant.convert import convert as run_convert
     from bitquant.recipe import load_recipe
 
@@ -249,7 +271,7 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
     _show(report, out, as_json)
 
 
-@cli.command("eval")
+@cli.command("eval", short_help="Measure a model's perplexity on a text.")
 @click.argument("model")
 @click.argument("text_file", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--context", type=click.IntRange(min=2), default=512, show_default=True, help="Tokens per window.")
@@ -264,6 +286,7 @@ def convert(model, out, config, calib_text, calib_tokens, target_bits_per_weight
 @click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 @quiet_option
+@threads_option
 @debug_option
 def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weights_only, stream, revision, token, as_json):
     """Perplexity of MODEL (FP16/BF16 checkpoint, bitquant output, Hub id or embedded:NAME) on TEXT_FILE.
@@ -276,6 +299,7 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
       bitquant eval ./smollm2-ternary book.txt --json
       bitquant eval ./smollm2-ternary book.txt --weights-only --max-tokens 4096
     """
+    _begin()
     from bitquant.evaluate import EvalSettings, evaluate
 
     settings = EvalSettings(context=context, stride=stride, max_tokens=max_tokens, device=device, dtype=dtype, stream=stream)
@@ -286,6 +310,30 @@ def eval_cmd(model, text_file, context, stride, max_tokens, device, dtype, weigh
         click.echo(json.dumps(result.to_dict()))
     else:
         render.eval_summary(result)
+
+
+def _bundled_heal() -> dict:
+    """The bundled heal recipe's fields, read as YAML (no torch import: for --help)."""
+    from importlib import resources
+
+    import yaml
+
+    try:
+        return yaml.safe_load(resources.files("bitquant.configs").joinpath("heal.yaml").read_text(encoding="utf-8"))
+    except (OSError, ValueError, ImportError):
+        return {}
+
+
+_HEAL = _bundled_heal()
+
+
+def _rd(field: str, unit: str = "") -> str:
+    """`` (bundled recipe: VALUE)`` for a heal option's help."""
+    value = _HEAL.get(field)
+    if value is None:
+        return ""
+    shown = f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else f"{value:g}" if isinstance(value, float) else str(value)
+    return f" (bundled recipe: {shown}{unit})"
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|sec|m|min|h)?\s*$", re.IGNORECASE)
@@ -306,27 +354,36 @@ class Duration(click.ParamType):
         return float(m.group(1)) * _SECONDS[(m.group(2) or "").lower()]
 
 
-@cli.command()
+@cli.command(short_help="Distil an FP model into its own ternary version.")
 @click.argument("model")
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path), help="Output folder (must not exist unless --overwrite).")
 @click.option("--config", "config", default=None, metavar="NAME|FILE", help="Heal recipe: a bundled name (heal) or a YAML file. Default: heal.")
 @click.option("--time", "time_budget", type=Duration(), default=None, metavar="DURATION",
               help="Wall-time budget for the whole run (e.g. 15m): the training tokens are chosen from the speed "
-                   "measured in a short probe, instead of --tokens; the report says how many.")
-@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Training tokens in all (recipe default).")
+                   "measured in a short probe, instead of --tokens; the report says how many" + _rd("time_budget", " s") + ".")
+@click.option("--tokens", type=click.IntRange(min=1), default=None, help="Training tokens in all, instead of --time (the bundled recipe sets a time budget).")
 @click.option("--block-stage", type=click.FloatRange(0, 1, max_open=True), default=None,
               help="Share of the steps spent training each decoder block on its own against the teacher's block, "
-                   "before the end-to-end stage (recipe default).")
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate.")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=None, help="Tokens per optimizer step (a multiple of the sequence length).")
-@click.option("--micro-batch-tokens", type=click.IntRange(min=1), default=None, help="Tokens per forward pass; lower it to save GPU memory.")
-@click.option("--data", "data_files", multiple=True, type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
-              help="Train on this UTF-8 text instead of teacher samples (repeatable); see --data-share.")
+                   "before the end-to-end stage" + _rd("block_stage") + ".")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=None, help="Peak learning rate" + _rd("lr") + ".")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=None, help="Tokens per optimizer step, a multiple of the sequence length" + _rd("batch_tokens") + ".")
+@click.option("--micro-batch-tokens", type=click.IntRange(min=1), default=None, help="Tokens per forward pass; lower it to save GPU memory" + _rd("micro_batch_tokens") + ".")
+@click.option("--data", "data_files", multiple=True, metavar="SOURCE",
+              help="Train on this text instead of teacher samples (repeatable): a UTF-8 text file, a .jsonl or .parquet "
+                   "file, or hf:ORG/NAME (a Hub data set, streamed); see --data-share.")
+@click.option("--data-field", default="text", show_default=True, help="The text column of .jsonl, .parquet and Hub data sets.")
+@click.option("--data-config", default=None, help="Hub data set: its configuration (subset) name.")
+@click.option("--data-split", default="train", show_default=True, help="Hub data set: the split to read.")
 @click.option("--data-share", type=click.FloatRange(0, 1), default=None, help="With --data: share of each batch from the text (rest: teacher samples). Default 1.")
-@click.option("--sample-tokens", type=click.IntRange(min=2), default=None, help="Tokens to sample from the teacher (cached).")
-@click.option("--sample-batch", type=click.IntRange(min=1), default=None, help="Sequences sampled at once; lower it to save GPU memory.")
-@click.option("--seed", type=int, default=None, help="Seed of sampling and batch order.")
-@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between resume checkpoints.")
+@click.option("--on-policy", "on_policy", type=float, default=None, metavar="X",
+              help="Share of each batch written by the student itself from prompts of the data, scored by the "
+                   "teacher (on-policy distillation), between 0 and 1" + _rd("on_policy") + ".")
+@click.option("--loss", "loss", default=None, metavar="NAME",
+              help="Divergence: forward_kl (teacher to student), reverse_kl or jsd (recipe field loss_beta)" + _rd("loss") + ".")
+@click.option("--sample-tokens", type=click.IntRange(min=2), default=None, help="Tokens to sample from the teacher, at most (cached)" + _rd("sample_tokens") + ".")
+@click.option("--sample-batch", type=click.IntRange(min=1), default=None, help="Sequences sampled at once; lower it to save GPU memory" + _rd("sample_batch") + ".")
+@click.option("--seed", type=int, default=None, help="Seed of sampling and batch order" + _rd("seed") + ".")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, help="Steps between resume checkpoints" + _rd("checkpoint_every") + ".")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--parallel", type=click.Choice(["auto", "ddp", "fsdp"]), default="auto", show_default=True,
               help="Under torchrun/accelerate launch: DDP (a full copy per GPU) or FSDP2 (sharded); auto shards when "
@@ -339,8 +396,10 @@ class Duration(click.ParamType):
 @click.option("--force", is_flag=True, help="Heal even when OUT is already up to date (implies --overwrite).")
 @output_options
 @quiet_option
+@threads_option
 @debug_option
-def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens, micro_batch_tokens, data_files, data_share, sample_tokens, sample_batch,
+def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens, micro_batch_tokens, data_files, data_field,
+         data_config, data_split, data_share, on_policy, loss, sample_tokens, sample_batch,
          seed, checkpoint_every, device, parallel, low_memory, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
          max_ppl_ratio, max_kl, revision, token, overwrite, force, max_shard_size, push_to_hub, private, push_revision,
          create_pr, as_json, stream):
@@ -361,9 +420,11 @@ def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens,
       bitquant heal ./my-llama -o ./my-llama-healed --tokens 100000000 --save-master ./my-llama-master
       torchrun --nproc-per-node 8 -m bitquant heal ./my-llama -o ./my-llama-healed
     """
+    _begin()
     from bitquant.heal import heal as run_heal
     from bitquant.training.distributed import world_from_env
     from bitquant.training.recipe import load_heal_recipe
+    from bitquant.training.texts import DataSpec
 
     if tokens is not None and time_budget is not None:
         raise UsageError("--time and --tokens both set the length of training; give one of them")
@@ -376,13 +437,14 @@ def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens,
         tokens=tokens, time_budget=time_budget, block_stage=block_stage, lr=lr, batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens, data_share=data_share,
         sample_tokens=sample_tokens, sample_batch=sample_batch, seed=seed, checkpoint_every=checkpoint_every, format=fmt,
         eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
-        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl,
+        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, on_policy=on_policy, loss=loss,
     )
+    data_specs = tuple(DataSpec(d, data_field, data_config, data_split) for d in data_files)
     main_process = world_from_env().main  # under a launcher only the main process shows progress and the report
     with render.heal_progress(enabled=_progress(as_json) and main_process) as hooks:
         report = run_heal(
             model, out, recipe=recipe, revision=revision, token=token, overwrite=overwrite, force=force,
-            data_files=tuple(data_files), eval_text=eval_text, save_master=save_master, device=device,
+            data_files=data_specs, eval_text=eval_text, save_master=save_master, device=device,
             max_shard_size=max_shard_size, strict=strict, hooks=hooks, push_to_hub=push_to_hub, push_private=private,
             push_revision=push_revision, push_create_pr=create_pr, stream_eval=stream, parallel=parallel,
             low_memory=low_memory,
@@ -393,7 +455,7 @@ def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens,
         raise click.exceptions.Exit(1)  # the main process failed and said why
 
 
-@cli.command()
+@cli.command(short_help="Complete a prompt with an FP or ternary model.")
 @click.argument("model")
 @click.argument("prompt", required=False)
 @click.option("--max-new-tokens", type=int, default=128, show_default=True, help="Tokens to generate at most.")
@@ -409,6 +471,7 @@ def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens,
 @click.option("--revision", default=None, help="Hub branch, tag or commit (Hub ids only).")
 @click.option("--token", default=None, envvar="HF_TOKEN", show_envvar=True, help="Hugging Face token.")
 @quiet_option
+@threads_option
 @debug_option
 def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, device, dtype, compile_step, revision,
              token):
@@ -424,6 +487,7 @@ def generate(model, prompt, max_new_tokens, temperature, top_p, seed, chat, devi
       echo "Once upon a time" | bitquant generate ./smollm2-ternary --max-new-tokens 64
       bitquant generate ./llama-ternary "Once upon a time" --max-new-tokens 512 --compile
     """
+    _begin()
     from bitquant.generate import Sampling, run_generate
 
     if prompt is None:

@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bitquant.evaluate import EvalResult
-from bitquant.report import ConvertReport
+if TYPE_CHECKING:  # importing them would import torch, which `bitquant --help` must not wait for
+    from bitquant.evaluate import EvalResult
+    from bitquant.report import ConvertReport
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
@@ -33,6 +33,9 @@ def _bytes(n: int) -> str:
 #: Plain progress (stderr not a live terminal): at most one line a step every this many seconds,
 #: and a line naming the current step when nothing was printed for this long.
 PLAIN_EVERY = 10.0
+#: An ETA is shown once a counted step has run this long and counted something: it is the
+#: rest at the rate measured since the step began (never a guess from a burst of updates).
+ETA_AFTER = 3.0
 
 
 class Reporter:
@@ -42,7 +45,9 @@ class Reporter:
     failure shows only its error): a counted step prints its count, rate and an ETA measured
     from its own start every ``PLAIN_EVERY`` seconds (and a last line when it ends, once it
     has printed), and whenever nothing was printed for ``PLAIN_EVERY`` seconds a line names
-    the step running and how long it has run."""
+    the step running and how long it has run. A new step ends the spinners of the steps
+    before it; ETAs come from the step's own measured rate (or the caller's, e.g. heal's
+    training), and none is shown before there is one."""
 
     def __init__(self, enabled: bool = True):
         import threading
@@ -68,7 +73,7 @@ class Reporter:
             return self
         if self.live:
             self._bar = Progress(SpinnerColumn(), TextColumn("[bold]{task.fields[label]}"), BarColumn(),
-                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+                                 MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.fields[eta]}"),
                                  TextColumn("{task.description}"), console=err, transient=True)
             self._bar.__enter__()
         else:
@@ -97,45 +102,57 @@ class Reporter:
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(min(1.0, PLAIN_EVERY / 4)):
-            now = self._time()
-            if self.current and now - self.last_line >= PLAIN_EVERY:
-                self._say(f"{self.current} ({_duration(now - self.since)})")
+            self.tick()
+
+    def tick(self) -> None:
+        """Name the running step if nothing was printed for ``PLAIN_EVERY`` seconds (called by
+        the heartbeat thread a few times an interval)."""
+        now = self._time()
+        if self.enabled and self.current and now - self.last_line >= PLAIN_EVERY:
+            self._say(f"{self.current} ({_duration(now - self.since)})")
 
     def note(self, message: str) -> None:
         self._say(f"note: {message}")
 
     def step(self, label: str) -> None:
-        """A step without a count of its own begins."""
+        """A step without a count of its own begins (and the steps before it end)."""
         if not self.enabled:
             return
         self.current, self.since = label, self._time()
         if self._bar is not None:
+            for key in [k for k in self._tasks if k != " "]:
+                self._bar.remove_task(self._tasks.pop(key))
             self._task(" ", label=label, total=None)
 
     def _task(self, key: str, **fields) -> int:
         if key not in self._tasks:
-            self._tasks[key] = self._bar.add_task("", total=None, label=fields.get("label", key))
+            self._tasks[key] = self._bar.add_task("", total=None, label=fields.get("label", key), eta="")
         self._bar.update(self._tasks[key], **fields)
         return self._tasks[key]
 
-    def count(self, label: str, unit: str, done: int, total: int, detail: str = "") -> None:
-        """A counted step's progress: ``done`` of ``total`` ``unit``."""
+    def count(self, label: str, unit: str, done: int, total: int, detail: str = "", eta: float | None = None) -> None:
+        """A counted step's progress: ``done`` of ``total`` ``unit``; ``eta``: seconds left as the
+        caller measures them (default: the rest at the rate measured since the step began)."""
         if not self.enabled:
             return
         now = self._time()
         started = self._started.setdefault(label, now)
         self.current, self.since = label, started
+        rate = done / (now - started) if now > started else 0.0
+        if eta is None and 0 < done < total and rate > 0 and now - started >= ETA_AFTER:
+            eta = (total - done) / rate
+        left = f"ETA {_duration(eta)}" if eta is not None and done < total else ""
         if self._bar is not None:
-            self._task(label, label=label, completed=done, total=total, description=detail or unit)
+            if " " in self._tasks:  # the spinner of the step that led here ends
+                self._bar.remove_task(self._tasks.pop(" "))
+            self._task(label, label=label, completed=done, total=total, description=detail or unit, eta=left)
             return
         shown = label in self._printed
         if now - self._printed.get(label, started) < PLAIN_EVERY and not (done >= total and shown):
             return
         self._printed[label] = now
-        rate = done / (now - started) if now > started else 0.0
-        eta = f", ETA {_duration((total - done) / rate)}" if 0 < done < total and rate > 0 else ""
         extra = f", {detail}" if detail else ""
-        self._say(f"{label}: {done:,}/{total:,} {unit}{extra}, {rate:,.1f} {unit}/s{eta}")
+        self._say(f"{label}: {done:,}/{total:,} {unit}{extra}, {rate:,.1f} {unit}/s{', ' + left if left else ''}")
 
     def counter(self, label: str, unit: str) -> Callable[..., None]:
         """A callback ``(done, total, *anything)`` for :meth:`count`."""
@@ -281,9 +298,10 @@ def heal_progress(enabled: bool = True):
             yield HealHooks(note=note)
             return
 
-        def train(p: dict) -> None:
+        def train(p: dict) -> None:  # heal measures its own rate (compilation excluded once it is over)
             r.count("training", "steps", p["step"], p["steps"],
-                    f"{p['tokens']:,} tokens, loss {p['loss']:.4g}, {p['tokens_per_second']:,.0f} tokens/s")
+                    f"{p['tokens']:,} tokens, loss {p['loss']:.4g}, {p['tokens_per_second']:,.0f} tokens/s",
+                    eta=p.get("eta_seconds"))
 
         yield HealHooks(sample=r.counter("sampling from the teacher", "tokens"), train=train,
                         tensors=r.counter("writing", "tensors"), windows=r.counter("evaluating", "windows"),
@@ -294,7 +312,10 @@ def _data_source(d: dict) -> str:
     if d["kind"] == "teacher samples":
         how = "cached" if d.get("cached") else f"sampled at {d['tokens_per_second']:,.0f} tokens/s"
         return f"{d['share']:.0%} teacher samples ({d['tokens']:,} tokens, {how})"
-    return f"{d['share']:.0%} text ({', '.join(Path(f['path']).name for f in d['files'])})"
+    if d["kind"] == "text":
+        names = [f"hf:{f['repo']}" if f.get("repo") else Path(f["path"]).name for f in d["files"]]
+        return f"{d['share']:.0%} text ({', '.join(names)})"
+    return f"{d['share']:.0%} {d['kind']}"
 
 
 def heal_rows(report: ConvertReport, t: Table) -> None:
@@ -304,8 +325,13 @@ def heal_rows(report: ConvertReport, t: Table) -> None:
     t.add_row("healed", f"{h['tokens']:,} tokens in {h['steps']} steps, lr {h['lr']:g}, trained {', '.join(h['trained'])}")
     t.add_row("data", data)
     gpu = f", peak GPU {h['peak_gpu_bytes'] / 2**30:.1f} GiB" if h.get("peak_gpu_bytes") else ""
+    loss = (h.get("loss") or {}).get("kind", "forward_kl").replace("_", " ")
     t.add_row("training", f"{h['seconds']:.0f} s on {h['device']}, {h['tokens_per_second']:,.0f} tokens/s{gpu}; "
-              f"final KL {h['final_loss']:.4g} nats")
+              f"final {loss} {h['final_loss']:.4g} nats")
+    op = h.get("on_policy")
+    if op:
+        t.add_row("on-policy", f"{op['share']:.0%} of each batch written by the student ({op['tokens_written']:,} "
+                  f"tokens at {op['tokens_per_second']:,.0f} tokens/s, every {op['every']} steps)")
     ex = h.get("exactness")
     if ex:
         t.add_row("exactness", f"student vs output logits: relative error {ex['relative_error']:.2e}, "

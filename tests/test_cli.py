@@ -104,6 +104,9 @@ def test_heal_command(runner, tmp_path, tiny_tokenizer_dir, monkeypatch):
     book = REPO / "bitquant" / "data" / "paradise-lost.txt"
     args = ["heal", str(src), "-o", str(tmp_path / "out"), "--device", "cpu", "--tokens", "8192", "--data", str(book),
             "--eval-text", str(DATA / "alice29.txt"), "--eval-max-tokens", "1024", "--lr", "0.01"]
+    from bitquant.cli import render
+
+    monkeypatch.setattr(render, "PLAIN_EVERY", 3600.0)  # however loaded the machine, no step outlasts it
     r = runner.invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "bitquant heal" in r.output and "healed" in r.output and "before healing" in r.output
@@ -120,9 +123,8 @@ def test_heal_command(runner, tmp_path, tiny_tokenizer_dir, monkeypatch):
 
 def test_plain_progress_names_the_running_step_at_least_every_interval(monkeypatch):
     """Without a live terminal, a step that prints nothing of its own is named every
-    PLAIN_EVERY seconds, and what ends sooner prints nothing."""
+    PLAIN_EVERY seconds, and what ends sooner prints nothing. A fake clock drives it."""
     import io
-    import time
 
     from rich.console import Console
 
@@ -131,22 +133,45 @@ def test_plain_progress_names_the_running_step_at_least_every_interval(monkeypat
 
     buf = io.StringIO()
     monkeypatch.setattr(render, "err", Console(file=buf, force_terminal=False, width=200))
-    monkeypatch.setattr(render, "PLAIN_EVERY", 0.3)
+    monkeypatch.setattr(render.Reporter, "_heartbeat", lambda self: None)  # the test ticks
+    clock = [0.0]
     with render.Reporter() as r:
+        r._time = lambda: clock[0]
+        r.since = r.last_line = 0.0
         activity.step("quick step")
+        clock[0] += 5
+        r.tick()
         activity.step("slow step")
-        time.sleep(1.1)
+        for _ in range(25):  # 25 s in ticks of a second
+            clock[0] += 1
+            r.tick()
         count = r.counter("counting", "items")
-        for i in range(1, 6):
+        for i in range(1, 6):  # items at 0, 4, 8, 12 and 16 s into the step
             count(i, 5)
-            time.sleep(0.1)
+            clock[0] += 4
     lines = buf.getvalue().splitlines()
     assert not any("quick step" in line for line in lines)
-    assert sum("slow step (" in line for line in lines) >= 2
+    assert [line for line in lines if "slow step" in line] == ["slow step (5 s)", "slow step (15 s)", "slow step (25 s)"]
+    assert lines[-2].startswith("counting: 4/5 items") and "ETA 3 s" in lines[-2]  # 4 items in 12 s: 3 s for 1 more
     assert lines[-1].startswith("counting: 5/5 items")
 
 
-def test_quiet_and_json_show_no_progress(runner, tmp_path):
+def test_json_keeps_progress_on_stderr(runner, tiny_lm, monkeypatch):
+    """`bitquant eval MODEL TEXT --json 2>err >out`: out is one JSON document, err the progress
+    (every count shown here: PLAIN_EVERY 0 takes the clock out of the test)."""
+    from bitquant.cli import render
+    from conftest import DATA
+
+    monkeypatch.setattr(render, "PLAIN_EVERY", 0.0)
+    r = runner.invoke(cli, ["eval", str(tiny_lm), str(DATA / "alice29.txt"), "--max-tokens", "2048", "--context", "256",
+                            "--json", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["tokens"] > 0 and result["bos"] == "none" and "setup_seconds" in result
+    assert "evaluating: 8/8 windows" in r.stderr and not r.stderr.lstrip().startswith("{")
+
+
+def test_quiet_shows_no_progress(runner, tmp_path):
     from conftest import make_checkpoint
 
     src = make_checkpoint(tmp_path / "src")

@@ -144,7 +144,10 @@ def test_an_uneven_split_is_refused(setup):
 
 
 def test_a_time_budget_gives_every_process_the_same_step_count(setup):
-    r = run(setup, "timed", 2, "--time", "40s", "--parallel", "ddp")
+    # 75 s less 20 s kept for export leave 55 s for starting, loading and sampling on a loaded 2-core
+    # machine; what the probe measures then only sets how many steps follow (the arithmetic itself
+    # is tested with a frozen clock in tests/test_heal.py)
+    r = run(setup, "timed", 2, "--time", "75s", "--parallel", "ddp")
     assert r.returncode == 0, r.stderr[-3000:]  # different counts would hang at the last step's all-reduce
     heal = json.loads((setup / "timed" / "report.json").read_text())["heal"]
     assert heal["world_size"] == 2 and heal["steps"] == heal["time_budget"]["steps"] >= 1
