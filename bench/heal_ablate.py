@@ -1,31 +1,38 @@
-"""heal ablation at equal wall time: each variant is a whole `bitquant heal` run of
-SmolLM2-135M with the same `--time` budget (loading, training, export, evaluation; the
-teacher samples are drawn once, before the first variant, and shared), measured on two
-held-out texts that heal never trains on.
+"""heal ablation at an equal token count, the variants side by side on one GPU: each is a
+whole ``bitquant heal`` run of SmolLM2-135M in a process of its own, all started at once
+(SmolLM2 takes a fraction of an 80 GB GPU), with the same training tokens, the same batch
+and the same cached teacher samples (drawn once before the variants start; a variant that
+changes the sampling draws its own), measured on two held-out texts.
 
-    python bench/heal_ablate.py --time 150 --variant base: --variant blocks:block_stage=0.3 \\
-        --variant emb:train=[projections,norms,embeddings] --json /tmp/ablate.json
+    python bench/heal_ablate.py --tokens 6553600 --variant base: --variant op50:on_policy=0.5 \\
+        --variant jsd:on_policy=0.5,loss=jsd --json /tmp/ablate.json
 
 Each ``--variant NAME:field=value,field=value`` overrides fields of the bundled heal recipe
-(an empty list: the recipe as it is). Prints one row per variant as it finishes:
-perplexity on alice29.txt (16,384 tokens) and on the bundled Paradise Lost (16,384
-tokens; heal's default data is teacher samples, so both are held out), each over FP,
-distinct 4-grams of the greedy completions against the FP model's, and tokens trained.
-On the GPU machine ``--gguf`` points at the staged SmolLM2 GGUF (bench/heal_gpu.py).
+(nothing: the recipe as it is); ``data=paradise-lost`` adds the bundled Paradise Lost as
+``--data`` (its own held-out figure is then not held out). Prints one row per variant:
+perplexity on alice29.txt (16,384 tokens) and on Paradise Lost (16,384 tokens), each over
+FP; the greedy completions' distinct 4-grams against the FP model's; tokens, training and
+on-policy writing speed; and each variant's first completion.
+
+``--deadline`` (seconds) stops variants still running then, so that a command with a time
+limit still prints what finished. On the GPU machine ``--gguf`` points at the staged
+SmolLM2 GGUF (bench/heal_gpu.py); ``--model`` replaces SmolLM2 (e.g. a tiny test model).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from heal_gpu import parse_set  # noqa: E402
-from source_tree import REPO, stand_in_package  # noqa: E402
+from source_tree import REPO, stand_in_package, use_source_tree  # noqa: E402
 
 ALICE = REPO / "tests" / "data" / "alice29.txt"
 MILTON = REPO / "bitquant" / "data" / "paradise-lost.txt"
@@ -60,6 +67,7 @@ def presample(model: str, recipe) -> dict:
     from bitquant import embedded, runtime
     from bitquant.fingerprint import source_fingerprint
     from bitquant.source import open_checkpoint, resolve_source
+    from bitquant.text import bos_token
     from bitquant.training import data
 
     source = resolve_source(model)
@@ -67,75 +75,130 @@ def presample(model: str, recipe) -> dict:
     cuda = torch.cuda.is_available()
     teacher = runtime.load_fp(ckpt.path, torch.bfloat16 if cuda else torch.float32, "cuda" if cuda else "cpu")
     settings = data.SampleSettings(recipe.sample_tokens, recipe.seq_len, recipe.sample_temperature, recipe.seed,
-                                   recipe.sample_batch, data.SAMPLE_SHARE * recipe.time_budget)
+                                   recipe.sample_batch, None, recipe.sample_top_p, recipe.sample_greedy_tokens,
+                                   recipe.sample_min_distinct)
+    bos = bos_token(runtime.load_tokenizer(ckpt.path))
     eos = ckpt.config.get("eos_token_id")
     _, info = data.cached_samples(teacher, settings, settings.key(source_fingerprint(source, ckpt), "cuda" if cuda else "cpu"),
-                                  embedded.cache_root() / "heal-data", ckpt.config["bos_token_id"],
+                                  embedded.cache_root() / "heal-data", bos if bos is not None else ckpt.config["bos_token_id"],
                                   [eos] if isinstance(eos, int) else list(eos or []), ckpt.config["vocab_size"])
     del teacher
     return info
 
 
-def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--time", type=float, required=True, help="seconds per variant (the heal --time budget)")
-    p.add_argument("--variant", action="append", required=True, help="NAME:field=value,...")
-    p.add_argument("--gguf", default="/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    p.add_argument("--json", default=None, help="write every variant's figures here")
-    p.add_argument("--keep", default=None, help="copy each variant's report.json into this folder")
-    args = p.parse_args()
-
+def child(args) -> None:
+    """One variant, in its own process: heal, then Paradise Lost; prints one JSON line."""
     import torch
 
     from bitquant.evaluate import EvalSettings, evaluate
     from bitquant.heal import HealHooks, heal
     from bitquant.training.recipe import load_heal_recipe
 
+    name, fields = parse_variant(args.child)
+    data_files = (MILTON,) if fields.pop("data", None) == "paradise-lost" else ()
+    recipe = load_heal_recipe().replace(**{**parse_set(args.set), **fields, "tokens": args.tokens})
+    out = Path(args.work) / f"out-{name}"
+    shutil.rmtree(out, ignore_errors=True)
+    notes: list[str] = []
+    started = time.monotonic()
+    report = heal(args.model, out, recipe=recipe, eval_text=ALICE, data_files=data_files,
+                  hooks=HealHooks(note=notes.append))
+    wall = time.monotonic() - started
+    settings = EvalSettings(max_tokens=16384)
+    milton = evaluate(str(out), MILTON, settings=settings).perplexity
+    h, ppl, g = report.heal, report.perplexity, report.generation["models"]
+    samples = next((d for d in h["data"] if d["kind"] == "teacher samples"), {})
+    row = {"variant": name, "fields": fields, "data": [str(f) for f in data_files], "tokens": h["tokens"],
+           "steps": h["steps"], "wall_seconds": round(wall, 1), "train_seconds": h["seconds"],
+           "tokens_per_second": h["tokens_per_second"], "steady_tokens_per_second": h["steady_tokens_per_second"],
+           "alice": ppl["quantized"], "alice_fp": ppl["baseline"], "alice_ratio": ppl["ratio"], "kl": ppl["kl_mean"],
+           "top1": ppl["top1_agreement"], "milton": milton, "final_loss": h["final_loss"],
+           "distinct4_healed": g["healed"]["distinct_4grams"], "distinct4_source": g["source"]["distinct_4grams"],
+           "samples_distinct4": samples.get("distinct_4grams"), "on_policy": h.get("on_policy"),
+           "loss": h.get("loss"), "completions": g["healed"]["completions"], "curve": h["curve"], "notes": notes,
+           "peak_gpu_gib": round((h["peak_gpu_bytes"] or 0) / 2**30, 2), "exactness": h.get("exactness")}
+    print("RESULT " + json.dumps(row), flush=True)
+    del torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--tokens", type=int, required=True, help="training tokens of every variant")
+    p.add_argument("--variant", action="append", default=[], help="NAME:field=value,...")
+    p.add_argument("--set", action="append", default=[], help="recipe field=value for every variant")
+    p.add_argument("--gguf", default="/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--model", default="embedded:smollm2-135m")
+    p.add_argument("--json", default=None, help="write every variant's figures here")
+    p.add_argument("--work", default="/tmp/bq-ablate")
+    p.add_argument("--deadline", type=float, default=None, help="seconds after which unfinished variants are stopped")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
     if Path(args.gguf).is_file():
         stand_in_package(Path(args.gguf), Path("/tmp/bq-site"))
-    model = "embedded:smollm2-135m"
-    base = load_heal_recipe().replace(time_budget=args.time)
+    use_source_tree()
+    if args.child:
+        return child(args)
+
+    import torch
+
+    from bitquant.evaluate import EvalSettings, evaluate
+    from bitquant.training.recipe import load_heal_recipe
+
     began = time.monotonic()
-    sampled = presample(model, base)
-    print(f"samples: {sampled['tokens']:,} tokens, {sampled.get('tokens_per_second', 0):,.0f} tokens/s "
-          f"({'cached' if sampled.get('cached') else f'{time.monotonic() - began:.0f} s'})", flush=True)
-    settings = EvalSettings(max_tokens=16384)
-    fp_milton = evaluate(model, MILTON, settings=settings).perplexity
+    Path(args.work).mkdir(parents=True, exist_ok=True)
+    base = load_heal_recipe().replace(**parse_set(args.set))
+    sampled = presample(args.model, base)
+    print(f"samples: {sampled['tokens']:,} tokens, {sampled.get('tokens_per_second', 0):,.0f} tokens/s, distinct 4-grams "
+          f"{sampled.get('distinct_4grams')} ({'cached' if sampled.get('cached') else f'{time.monotonic() - began:.0f} s'})",
+          flush=True)
+    fp_milton = evaluate(args.model, MILTON, settings=EvalSettings(max_tokens=16384)).perplexity
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    print(f"device {device}, torch {torch.__version__}; budget {args.time:.0f} s a variant; FP Paradise Lost {fp_milton:.3f}")
-    print(f"{'variant':24s} {'tokens':>11s} {'wall s':>7s} {'alice ppl':>10s} {'x FP':>6s} {'milton ppl':>10s} {'x FP':>6s} "
-          f"{'d4 healed/FP':>13s} {'tok/s':>8s}", flush=True)
-    rows = []
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the sampler's cache would stay reserved here while the variants train
+    print(f"device {device}, torch {torch.__version__}; {args.tokens:,} tokens a variant; FP Paradise Lost "
+          f"{fp_milton:.3f}; {len(args.variant)} variants at once", flush=True)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    procs = {}
     for spec in args.variant:
-        name, fields = parse_variant(spec)
-        recipe = base.replace(**fields)
-        out = Path(f"/tmp/bq-ablate-{name}")
-        shutil.rmtree(out, ignore_errors=True)
-        started = time.monotonic()
-        notes: list[str] = []
-        report = heal(model, out, recipe=recipe, eval_text=ALICE, hooks=HealHooks(note=notes.append))
-        wall = time.monotonic() - started
-        milton = evaluate(str(out), MILTON, settings=settings).perplexity
-        h, ppl, g = report.heal, report.perplexity, report.generation["models"]
-        row = {"variant": name, "fields": fields, "tokens": h["tokens"], "steps": h["steps"], "wall_seconds": round(wall, 1),
-               "train_seconds": h["seconds"], "steady_tokens_per_second": h["steady_tokens_per_second"],
-               "alice": ppl["quantized"], "alice_fp": ppl["baseline"], "alice_ratio": ppl["ratio"], "kl": ppl["kl_mean"],
-               "top1": ppl["top1_agreement"], "milton": milton, "milton_ratio": milton / fp_milton,
-               "distinct4_healed": g["healed"]["distinct_4grams"], "distinct4_source": g["source"]["distinct_4grams"],
-               "completions": g["healed"]["completions"], "curve": h["curve"], "time_budget": h["time_budget"],
-               "notes": notes, "peak_gpu_gib": round((h["peak_gpu_bytes"] or 0) / 2**30, 2)}
-        rows.append(row)
-        print(f"{name:24s} {h['tokens']:>11,} {wall:>7.0f} {ppl['quantized']:>10.2f} {ppl['ratio']:>6.2f} {milton:>10.2f} "
-              f"{row['milton_ratio']:>6.2f} {row['distinct4_healed']:>6.3f}/{row['distinct4_source']:<6.3f} "
-              f"{h['steady_tokens_per_second']:>8,.0f}", flush=True)
-        print(f"    {g['healed']['completions'][0][:100]!r}", flush=True)
-        if args.keep:
-            Path(args.keep).mkdir(parents=True, exist_ok=True)
-            shutil.copy(out / "report.json", Path(args.keep) / f"report-{name}.json")
-        shutil.rmtree(out, ignore_errors=True)
-        if args.json:
-            Path(args.json).write_text(json.dumps({"device": device, "budget_seconds": args.time, "fp_milton": fp_milton,
-                                                   "samples": sampled, "rows": rows}, indent=1))
+        name = spec.partition(":")[0]
+        log = open(Path(args.work) / f"{name}.log", "w")
+        cmd = [sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens), "--gguf", args.gguf,
+               "--model", args.model, "--work", args.work, *sum((["--set", s] for s in args.set), [])]
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env), log)
+    rows = []
+    print(f"{'variant':14s} {'tokens':>10s} {'wall s':>6s} {'alice':>8s} {'x FP':>6s} {'milton':>8s} {'x FP':>6s} "
+          f"{'d4 healed/FP':>13s} {'train tok/s':>11s} {'written tok/s':>13s}", flush=True)
+    while procs:
+        for name, (proc, log) in list(procs.items()):
+            if proc.poll() is None:
+                if args.deadline and time.monotonic() - began > args.deadline:
+                    proc.terminate()
+                    print(f"{name:14s} stopped at the deadline", flush=True)
+                else:
+                    continue
+            proc.wait()
+            log.close()
+            del procs[name]
+            lines = (Path(args.work) / f"{name}.log").read_text(errors="replace").splitlines()
+            result = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), None)
+            if result is None:
+                tail = [line for line in lines if line.strip()][-3:]
+                print(f"{name:14s} failed (exit {proc.returncode}): {' | '.join(tail)[:300]}", flush=True)
+                continue
+            result["milton_ratio"] = result["milton"] / fp_milton
+            rows.append(result)
+            op = result.get("on_policy") or {}
+            print(f"{name:14s} {result['tokens']:>10,} {result['wall_seconds']:>6.0f} {result['alice']:>8.2f} "
+                  f"{result['alice_ratio']:>6.2f} {result['milton']:>8.2f} {result['milton_ratio']:>6.2f} "
+                  f"{result['distinct4_healed']:>6.3f}/{result['distinct4_source']:<6.3f} "
+                  f"{result['steady_tokens_per_second']:>11,.0f} {op.get('tokens_per_second', 0):>13,.0f}", flush=True)
+            for c in result["completions"]:
+                print(f"    {c[:110]!r}", flush=True)
+            if args.json:
+                Path(args.json).write_text(json.dumps({"device": device, "tokens": args.tokens, "fp_milton": fp_milton,
+                                                       "samples": sampled, "rows": rows}, indent=1))
+        time.sleep(2)
+    print(f"all done in {time.monotonic() - began:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

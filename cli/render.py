@@ -101,7 +101,7 @@ class Reporter:
             (self._bar.console if self._bar is not None else err).print(text, highlight=False)
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(min(1.0, PLAIN_EVERY / 4)):
+        while not self._stop.wait(min(1.0, max(0.05, PLAIN_EVERY / 4))):
             self.tick()
 
     def tick(self) -> None:

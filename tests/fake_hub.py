@@ -39,16 +39,8 @@ class FakeHub:
             def log_message(self, *args):  # keep test output quiet
                 pass
 
-            def _send(self, code: int, body: dict | None = None, headers: dict | None = None):
-                data = json.dumps(body or {}).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
-                    self.send_header(k, v)
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+            def _send(self, code: int, body: dict | list | None = None, headers: dict | None = None):
+                self._raw(code, json.dumps({} if body is None else body).encode(), {"Content-Type": "application/json", **(headers or {})})
 
             def _body(self) -> bytes:
                 data = self.rfile.read(int(self.headers.get("Content-Length", 0)))
@@ -79,57 +71,55 @@ class FakeHub:
             def _dataset(self) -> bool:
                 """Answer a data-set request; False when the path is not one."""
                 path = unquote(self.path.split("?")[0])
-                m = re.match(r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", path)
-                if m:
-                    files = hub.datasets.get(m.group(1))
-                    if files is None:
-                        self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                    elif m.group(3) not in files:
-                        self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
-                    else:
-                        data = files[m.group(3)]
-                        self._raw(200, data, {"ETag": f'"{hashlib.sha1(data).hexdigest()}"', "X-Repo-Commit": DATASET_SHA,
-                                              "Content-Type": "application/octet-stream"})
-                    return True
-                m = re.match(r"^/api/datasets/([^/]+/[^/]+)/(tree|paths-info)/([^/]+)/?(.*)$", path)
-                if m:
-                    files = hub.datasets.get(m.group(1))
-                    if files is None:
-                        self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                        return True
-                    if m.group(2) == "paths-info":
-                        wanted = parse_qs(self._body().decode()).get("paths", [])
-                        dirs = {d for f in files for d in ("/".join(f.split("/")[:i]) for i in range(1, f.count("/") + 1))}
-                        self._send(200, [self._entry(w, files.get(w)) for w in wanted if w in files or w in dirs])
-                        return True
-                    prefix = m.group(4).strip("/")
-                    recursive = "recursive=true" in self.path.lower() or "recursive=1" in self.path
-                    out, seen = [], set()
-                    for f, data in sorted(files.items()):
-                        if prefix and not f.startswith(prefix + "/"):
-                            continue
-                        rest = f[len(prefix) + 1:] if prefix else f
-                        if "/" in rest and not recursive:
-                            d = (prefix + "/" if prefix else "") + rest.split("/")[0]
-                            if d not in seen:
-                                seen.add(d)
-                                out.append(self._entry(d, None))
+                routes = ((r"^/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)$", self._dataset_file),
+                          (r"^/api/datasets/([^/]+/[^/]+)/paths-info/([^/]+)$", self._dataset_paths),
+                          (r"^/api/datasets/([^/]+/[^/]+)/tree/([^/]+)/?(.*)$", self._dataset_tree),
+                          (r"^/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?$", self._dataset_info))
+                for pattern, answer in routes:
+                    m = re.match(pattern, path)
+                    if m:
+                        files = hub.datasets.get(m.group(1))
+                        if files is None:
+                            self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
                         else:
-                            out.append(self._entry(f, data))
-                    self._send(200, out)
-                    return True
-                m = re.match(r"^/api/datasets/([^/]+/[^/]+)(?:/revision/([^/]+))?$", path)
-                if m:
-                    files = hub.datasets.get(m.group(1))
-                    if files is None:
-                        self._send(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
-                    else:
-                        self._send(200, {"id": m.group(1), "_id": "0" * 24, "sha": DATASET_SHA, "private": False,
-                                         "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
-                                         "lastModified": "2026-01-01T00:00:00.000Z", "cardData": {},
-                                         "siblings": [{"rfilename": f} for f in sorted(files)]})
-                    return True
+                            answer(m, files)
+                        return True
                 return False
+
+            def _dataset_file(self, m, files: dict[str, bytes]) -> None:
+                if m.group(3) not in files:
+                    return self._send(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
+                data = files[m.group(3)]
+                self._raw(200, data, {"ETag": f'"{hashlib.sha1(data).hexdigest()}"', "X-Repo-Commit": DATASET_SHA,
+                                      "Content-Type": "application/octet-stream"})
+
+            def _dataset_paths(self, m, files: dict[str, bytes]) -> None:
+                wanted = parse_qs(self._body().decode()).get("paths", [])
+                dirs = {"/".join(f.split("/")[:i]) for f in files for i in range(1, f.count("/") + 1)}
+                self._send(200, [self._entry(w, files.get(w)) for w in wanted if w in files or w in dirs])
+
+            def _dataset_tree(self, m, files: dict[str, bytes]) -> None:
+                prefix = m.group(3).strip("/")
+                recursive = "recursive=true" in self.path.lower() or "recursive=1" in self.path
+                out, seen = [], set()
+                for f, data in sorted(files.items()):
+                    if prefix and not f.startswith(prefix + "/"):
+                        continue
+                    rest = f[len(prefix) + 1:] if prefix else f
+                    if "/" in rest and not recursive:
+                        d = (prefix + "/" if prefix else "") + rest.split("/")[0]
+                        if d not in seen:
+                            seen.add(d)
+                            out.append(self._entry(d, None))
+                    else:
+                        out.append(self._entry(f, data))
+                self._send(200, out)
+
+            def _dataset_info(self, m, files: dict[str, bytes]) -> None:
+                self._send(200, {"id": m.group(1), "_id": "0" * 24, "sha": DATASET_SHA, "private": False, "gated": False,
+                                 "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+                                 "lastModified": "2026-01-01T00:00:00.000Z", "cardData": {},
+                                 "siblings": [{"rfilename": f} for f in sorted(files)]})
 
             def do_GET(self):
                 hub.requests.append(("GET", self.path))

@@ -127,6 +127,27 @@ def s_fused_shape(tmp, src, hub):
     return conv(phi3), {}
 
 
+def s_heal_no_dataset(tmp, src, hub):
+    return heal(src, "--data", "hf:acme/no-such-data"), {"HF_ENDPOINT": hub, "HF_HUB_OFFLINE": "0"}
+
+
+def s_heal_field(tmp, src, hub):
+    (tmp / "docs.jsonl").write_text('{"body": "Once upon a time"}\n')
+    return heal(src, "--data", str(tmp / "docs.jsonl")), {}
+
+
+def s_heal_empty_jsonl(tmp, src, hub):
+    (tmp / "empty.jsonl").write_text("\n")
+    return heal(src, "--data", str(tmp / "empty.jsonl")), {}
+
+
+def s_bos_unnamed(tmp, src, hub):
+    from conftest import make_bos_tokenizer
+
+    make_bos_tokenizer(src, "broken")  # adds <s> before every text, but names no bos_token
+    return ["eval", str(src), TEXT], {}
+
+
 def s_heal_arch(tmp, src, hub):
     edit_config(src, architectures=["GPT2LMHeadModel"], model_type="gpt2")
     return heal(src), {}
@@ -271,6 +292,12 @@ CASES = [
     Case("heal-time", "heal --time too short for one step", lambda t, s, h: (["heal", str(s), "-o", "out", "--device", "cpu", "--time", "1s", "--data", BOOK], {}), 2, "--time 1s leaves no time to train"),
     Case("heal-time-tokens", "heal: --time and --tokens together", lambda t, s, h: (heal(s, "--time", "15m"), {}), 2, "--time and --tokens both set the length of training"),
     Case("heal-time-format", "heal --time: not a duration", lambda t, s, h: (heal(s, "--time", "soon"), {}), 2, "'soon' is not a duration"),
+    Case("heal-no-dataset", "heal --data hf:...: a data set that does not exist", s_heal_no_dataset, 2, "data set 'acme/no-such-data' was not found on the Hub"),
+    Case("heal-data-field", "heal --data: a JSON Lines file without the text field", s_heal_field, 2, "has no field 'text' (line 1 has: body); name the text column with --data-field"),
+    Case("heal-empty-jsonl", "heal --data: an empty JSON Lines file", s_heal_empty_jsonl, 2, "holds no text"),
+    Case("heal-on-policy", "heal --on-policy outside [0, 1]", lambda t, s, h: (heal(s, "--on-policy", "1.5"), {}), 2, "must be between 0 and 1, got 1.5"),
+    Case("heal-loss", "heal --loss: an unknown divergence", lambda t, s, h: (heal(s, "--loss", "kl2"), {}), 2, "'loss' is 'kl2'; choose one of forward_kl, reverse_kl, jsd"),
+    Case("eval-bos-unnamed", "a tokenizer that adds BOS but names no BOS token", s_bos_unnamed, 2, "adds token 1 before the text but names no BOS token"),
     Case("generate-no-prompt", "generate: no PROMPT and nothing on stdin", lambda t, s, h: (["generate", str(s)], {}), 2, "the prompt is empty; give PROMPT or pipe text on stdin"),
     Case("generate-zero", "generate --max-new-tokens 0", lambda t, s, h: (["generate", str(s), "Alice", "--max-new-tokens", "0"], {}), 2, "--max-new-tokens must be at least 1"),
     Case("generate-chat", "generate --chat: the tokenizer has no chat template", lambda t, s, h: (["generate", str(s), "Alice", "--chat"], {}), 2, "--chat needs a chat template"),

@@ -115,3 +115,33 @@ def test_convert_eval_text_measures_the_source_with_bos(bos_model, tmp_path):
 def test_a_model_without_bos_is_scored_as_before(tiny_lm):
     result = evaluate(str(tiny_lm), TEXT, settings=EvalSettings(context=64, max_tokens=640, device="cpu"))
     assert result.bos == "none" and result.tokens == 640 - 10  # each window's first token is not scored
+
+
+def test_heal_trains_and_measures_with_bos(bos_model, tmp_path, monkeypatch):
+    """heal on a model whose tokenizer adds BOS: its text sequences and teacher samples start
+    with the tokenizer's BOS, its --eval-text windows too, and the report says so."""
+    from bitquant.heal import heal
+    from bitquant.training import data
+    from bitquant.training.recipe import load_heal_recipe
+
+    monkeypatch.setenv("BITQUANT_CACHE", str(tmp_path / "cache"))
+    seen = []
+    real = data.Batches.__init__
+
+    def spy(self, pools, per_batch, seed):
+        seen.extend(pools)
+        real(self, pools, per_batch, seed)
+
+    monkeypatch.setattr(data.Batches, "__init__", spy)
+    recipe = load_heal_recipe().replace(tokens=4 * 4 * 32, batch_tokens=4 * 32, micro_batch_tokens=4 * 32, seq_len=32,
+                                        sample_tokens=16 * 32, sample_batch=8, min_steps=1, data_share=0.5,
+                                        eval_context=64, eval_max_tokens=1000)
+    book = DATA.parent.parent / "bitquant" / "data" / "paradise-lost.txt"
+    report = heal(str(bos_model), tmp_path / "out", recipe=recipe, data_files=(book,), eval_text=TEXT, device="cpu")
+    from transformers import AutoTokenizer
+
+    bos = AutoTokenizer.from_pretrained(bos_model).bos_token_id
+    assert len(seen) == 2 and all(bool((pool[:, 0] == bos).all()) for pool in seen)  # text, then samples
+    assert report.heal["bos"] == "per_window" and report.perplexity["bos"] == "per_window"
+    want = reference_perplexity(bos_model, 1000, 64)
+    assert abs(report.perplexity["baseline"] - want) <= 1e-4 * want

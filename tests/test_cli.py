@@ -163,6 +163,7 @@ def test_json_keeps_progress_on_stderr(runner, tiny_lm, monkeypatch):
     from conftest import DATA
 
     monkeypatch.setattr(render, "PLAIN_EVERY", 0.0)
+    monkeypatch.setattr(render.Reporter, "_heartbeat", lambda self: None)  # counts only, no thread
     r = runner.invoke(cli, ["eval", str(tiny_lm), str(DATA / "alice29.txt"), "--max-tokens", "2048", "--context", "256",
                             "--json", "--threads", "1"])
     assert r.exit_code == 0, r.output

@@ -324,3 +324,36 @@ def test_llama_cpp_runs_each_new_family(tmp_path, tiny_tokenizer_dir, arch):
     # and 91% against 8.6%, the same with a window longer than the text and one rope base.)
     noise = _rounding_noise(tmp_path / "hf", ids)
     assert rel <= 0.03 * 1.25 and top1 >= 0.92 and rel <= 1.25 * noise, (rel, top1, noise)
+
+
+def test_llama_cpp_adds_bos_as_the_gguf_asks_and_agrees_on_perplexity(tmp_path):
+    """A model whose tokenizer adds BOS: its GGUF asks llama.cpp for BOS (add_bos_token), and
+    llama.cpp's perplexity with BOS before every window (its own convention) agrees with
+    bitquant's (the same windows, scored from BOS on)."""
+    from conftest import make_bos_tokenizer
+
+    tok = make_bos_tokenizer(tmp_path / "tok", "llama")
+    src = add_tokenizer(make_checkpoint(tmp_path / "src", bos_token_id=1, eos_token_id=2, **GGUF_DIMS), tok)
+    convert(str(src), tmp_path / "gguf", recipe=Recipe(format="gguf-tq2_0"))
+    convert(str(src), tmp_path / "hf")
+    path = tmp_path / "gguf" / "model.gguf"
+    vocab = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert vocab.metadata.get("tokenizer.ggml.add_bos_token") == "true"
+    prompt = TEXT.read_text()[600:1600]
+    from transformers import AutoTokenizer
+
+    assert vocab.tokenize(prompt.encode(), add_bos=True, special=False) == AutoTokenizer.from_pretrained(src)(prompt)["input_ids"]
+    settings = EvalSettings(context=128, max_tokens=1024)
+    ours = evaluate(str(tmp_path / "hf"), TEXT, settings=settings)
+    assert ours.bos == "per_window"
+    ids = tokenize_for(src, TEXT, settings).ids
+    llm = llama(path, ctx=128)
+    nll = []
+    for begin, end, first in windows(len(ids), 128, 128, bos=True):
+        llm.reset()
+        llm.eval([1] + ids[begin:end])
+        logits = np.array(llm.scores[: end - begin + 1], dtype=np.float64)
+        logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+        nll += [-logp[t - begin, ids[t]] for t in range(first, end)]
+    assert len(nll) == ours.tokens == 1024
+    assert abs(math.exp(float(np.mean(nll))) / ours.perplexity - 1) <= 0.03

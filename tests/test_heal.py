@@ -16,6 +16,7 @@ from bitquant import evaluate, runtime
 from bitquant.convert import convert
 from bitquant.errors import UsageError
 from bitquant.evaluate import EvalSettings
+from bitquant import heal as heal_module
 from bitquant.heal import HealHooks, OutOfMemory, heal
 from bitquant.recipe import load_recipe
 from bitquant.staging import STAGING_PREFIX
@@ -130,14 +131,14 @@ def test_interrupted_heal_resumes_to_identical_weights(source, tmp_path):
 
 
 def test_a_nan_loss_stops_and_keeps_the_last_checkpoint(source, tmp_path, monkeypatch):
-    real, calls = loop.kl_loss, [0]
+    real, calls = loop.divergence, [0]
 
     def nan_later(*a, **k):
         calls[0] += 1
         value = real(*a, **k)
         return value * float("nan") if calls[0] > 2 * 6 else value  # 2 micro-batches a step: NaN at step 7
 
-    monkeypatch.setattr(loop, "kl_loss", nan_later)
+    monkeypatch.setattr(loop, "divergence", nan_later)
     out = tmp_path / "out"
     with pytest.raises(loop.Diverged, match=r"the loss became nan at step 7; the last good checkpoint is kept in .*; lower --lr"):
         heal(str(source), out, recipe=recipe(), device="cpu")
@@ -207,17 +208,53 @@ def test_block_stage_then_kl_and_what_ships_is_still_what_trained(source, tmp_pa
     assert h["exactness"]["max_abs_error"] == 0.0
 
 
-def test_a_time_budget_chooses_the_token_count_and_the_count_repeats_the_run(source, tmp_path):
+class FrozenClock:
+    """A wall clock that stands still (loading and sampling take no time) and a performance
+    counter that advances ``step`` seconds a reading, so that the probe measures exactly
+    ``step`` seconds per training step: the arithmetic of --time, without racing the machine."""
+
+    def __init__(self, step: float):
+        self.now, self.count, self.step = 1000.0, 0.0, step
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def perf_counter(self) -> float:
+        self.count += self.step
+        return self.count
+
+
+def test_a_time_budget_chooses_the_token_count_and_the_count_repeats_the_run(source, tmp_path, monkeypatch):
+    clock = FrozenClock(0.05)
+    monkeypatch.setattr(heal_module, "time", clock)
+    monkeypatch.setattr(loop, "time", clock)
     notes = []
     timed = heal(str(source), tmp_path / "timed", recipe=recipe(time_budget=25, sample_tokens=32 * 64), device="cpu",
                  hooks=HealHooks(note=notes.append))
     b = timed.heal["time_budget"]
-    assert b["seconds"] == 25 and b["steps"] >= 1 and timed.heal["tokens"] == b["tokens"] == b["steps"] * 128
-    assert any(n.startswith("time budget:") for n in notes)
+    # 25 s less the 20 s kept for export and evaluation leave 5 s: 100 steps of 0.05 s
+    assert b["seconds"] == 25 and b["probe_seconds_per_step"] == 0.05 and b["steps"] == 100
+    assert timed.heal["tokens"] == b["tokens"] == 100 * 128
+    assert any(n.startswith("time budget: 100 steps of 128 tokens fit") for n in notes)
+    monkeypatch.undo()
     again = heal(str(source), tmp_path / "count", recipe=recipe(tokens=b["tokens"], sample_tokens=32 * 64, min_steps=1),
                  device="cpu")
-    if b["steps"] >= 12:  # the same batches, schedule and data: the same weights
-        assert sha(tmp_path / "count" / "model.safetensors") != "" and again.heal["steps"] == b["steps"]
+    assert again.heal["steps"] == 100  # the same batches, schedule and data: the same weights
+    assert sha(tmp_path / "count" / "model.safetensors") == sha(tmp_path / "timed" / "model.safetensors")
+
+
+def test_a_time_budget_counts_the_on_policy_writing(source, tmp_path, monkeypatch):
+    """With on-policy steps the probe adds each step's share of a rollout (timed by the writer)."""
+    clock = FrozenClock(0.05)
+    monkeypatch.setattr(heal_module, "time", clock)
+    monkeypatch.setattr(loop, "time", clock)
+    from bitquant.training import on_policy
+
+    monkeypatch.setattr(on_policy, "time", FrozenClock(0.2))  # a rollout takes 0.2 s: 0.1 s for each of 2 steps
+    timed = heal(str(source), tmp_path / "timed", recipe=recipe(time_budget=25, on_policy=0.5, on_policy_every=2,
+                                                                on_policy_prompt=6), device="cpu")
+    b = timed.heal["time_budget"]
+    assert b["probe_seconds_per_step"] == 0.15 and b["steps"] == 33  # 5 s / 0.15 s
 
 
 def test_a_time_budget_too_short_for_one_step_is_refused(source, tmp_path):
@@ -267,3 +304,68 @@ def test_the_card_and_summary_say_what_was_not_measured_and_what_went_wrong(sour
     assert "Its greedy completions repeat themselves" in rendered and "it is not usable for generation as it is." in rendered
     assert "The training loss did not fall" in rendered
     assert dataclasses.replace(report, generation=g, heal={**h, "curve": h["curve"][::-1]}).heal_findings() == findings[:1]
+
+
+ON_POLICY = dict(on_policy=0.5, on_policy_prompt=6, on_policy_every=3)
+
+
+def test_on_policy_steps_write_score_and_lower_the_loss(source, tmp_path):
+    """Half of every batch is written by the student from prompts of the data; training on
+    them lowers the divergence on them; the report says what was chosen."""
+    report = heal(str(source), tmp_path / "out", recipe=recipe(**ON_POLICY, tokens=24 * 4 * 32), device="cpu")
+    h = report.heal
+    op = h["on_policy"]
+    assert op["share"] == 0.5 and op["rows_per_step"] == 2 and op["every"] == 3 and op["prompt_tokens"] == 6
+    assert op["rollouts"] == 8 and op["tokens_written"] == 8 * 6 * (32 - 6) and op["tokens_per_second"] > 0
+    assert [d["kind"] for d in h["data"]] == ["teacher samples", "on-policy (written by the student)"]
+    curve = [c["loss"] for c in h["curve"]]
+    assert sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4
+    assert h["exactness"]["relative_error"] == 0.0 and h["exactness"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
+def test_every_loss_trains_what_ships(source, tmp_path, loss):
+    report = heal(str(source), tmp_path / "out", recipe=recipe(loss=loss, **ON_POLICY), device="cpu")
+    assert report.heal["loss"]["kind"] == loss
+    assert report.heal["exactness"]["relative_error"] == 0.0 and report.heal["exactness"]["top1_agreement"] == 1.0
+    curve = [c["loss"] for c in report.heal["curve"]]
+    assert curve[-1] < curve[0]
+
+
+def test_on_policy_run_resumes_to_identical_weights(source, tmp_path):
+    """Stopped inside a rollout window (step 5 of windows of 3), the resumed run trains on the
+    same student-written sequences and ends with the same weights."""
+    r = recipe(**ON_POLICY)
+    whole = heal(str(source), tmp_path / "whole", recipe=r, device="cpu")
+
+    def stop_at_5(p):
+        if p["step"] == 5:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        heal(str(source), out, recipe=r, device="cpu", hooks=HealHooks(train=stop_at_5))
+    resumed = heal(str(source), out, recipe=r, device="cpu")
+    assert resumed.heal["resumed_from_step"] == 5
+    assert sha(out / "model.safetensors") == sha(tmp_path / "whole" / "model.safetensors")
+    assert resumed.heal["curve"][-1] == whole.heal["curve"][-1]
+
+
+def test_the_rollout_writer_computes_what_ships(source, tmp_path):
+    """The student's on-policy writer runs the exported model: its logits equal those of OUT
+    loaded by bitquant's runtime, for the same latent weights."""
+    from bitquant.training.on_policy import Snapshot
+
+    out = tmp_path / "out"
+    heal(str(source), out, recipe=recipe(), save_master=tmp_path / "master", device="cpu")
+    student = student_from_master(tmp_path / "master")
+    snapshot = Snapshot(student, 1e-5, torch.float32, torch.float32, "cpu")
+    exported, _ = runtime.load_model(out, torch.float32, "cpu")
+    ids = torch.tensor([IDS])
+    with torch.inference_mode():
+        assert torch.equal(snapshot.model(input_ids=ids).logits, exported(input_ids=ids).logits)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.01)
+        snapshot.update(student)  # in place: new codes, scales and norms
+        assert not torch.equal(snapshot.model(input_ids=ids).logits, exported(input_ids=ids).logits)

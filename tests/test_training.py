@@ -256,3 +256,119 @@ def test_heal_and_convert_recipes_are_not_interchangeable(tmp_path):
     f.write_text("name: x\n")
     with pytest.raises(RecipeError, match="not a heal recipe"):
         load_heal_recipe(f)
+
+
+DIVERGENCES = [("forward_kl", 0.5, 1.0), ("reverse_kl", 0.5, 1.0), ("jsd", 0.5, 1.0), ("jsd", 0.1, 2.0),
+               ("reverse_kl", 0.5, 0.7)]
+
+
+@pytest.mark.parametrize("kind,beta,temperature", DIVERGENCES)
+def test_chunked_divergences_equal_whole_logits(kind, beta, temperature):
+    """Each divergence's chunked value and gradients equal autograd through whole logits."""
+    from bitquant.training.loss import Divergence, chunked, reference
+
+    torch.manual_seed(3)
+    div = Divergence(kind, beta, temperature)
+    h_s = torch.randn(29, 12, dtype=torch.float64, requires_grad=True)
+    w_s = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(29, 12, dtype=torch.float64), torch.randn(40, 12, dtype=torch.float64)
+    value = chunked(h_s, w_s, h_t, w_t, div, budget=6 * 40)  # 6 rows a chunk
+    value.backward()
+    grads = h_s.grad.clone(), w_s.grad.clone()
+    h_s.grad = w_s.grad = None
+    ref = reference(h_s, w_s, h_t, w_t, div)
+    ref.backward()
+    assert float(ref.detach()) > 0
+    assert torch.allclose(value.double(), ref.detach().double(), rtol=1e-5)  # the logits are formed in float32
+    assert (grads[0] - h_s.grad).norm() <= 1e-5 * h_s.grad.norm()
+    assert (grads[1] - w_s.grad).norm() <= 1e-5 * w_s.grad.norm()
+
+
+def test_divergences_differ_and_vanish_for_equal_models():
+    from bitquant.training.loss import Divergence, chunked
+
+    torch.manual_seed(4)
+    h, w = torch.randn(16, 8), torch.randn(30, 8)
+    h2 = torch.randn(16, 8)
+    values = {k: float(chunked(h2, w, h, w, Divergence(k, 0.5))) for k in ("forward_kl", "reverse_kl", "jsd")}
+    assert len({round(v, 4) for v in values.values()}) == 3  # three different quantities
+    assert values["jsd"] < min(values["forward_kl"], values["reverse_kl"])  # JSD is bounded by the KLs' mixture
+    for k in values:
+        assert abs(float(chunked(h, w, h, w, Divergence(k, 0.5)))) < 1e-6
+
+
+@pytest.mark.parametrize("kind,beta,temperature", DIVERGENCES[:4])
+def test_fused_and_chunked_losses_agree(kind, beta, temperature):
+    """liger-kernel's fused kernel (run here by Triton's interpreter) and the pure-torch
+    chunked loop give the same divergence and gradients."""
+    pytest.importorskip("liger_kernel")
+    from bitquant.training.loss import Divergence, chunked, fused
+
+    torch.manual_seed(5)
+    div = Divergence(kind, beta, temperature)
+    h_s = torch.randn(21, 16, requires_grad=True)
+    w_s = torch.randn(50, 16, requires_grad=True)
+    h_t, w_t = torch.randn(21, 16), torch.randn(50, 16)
+    out = []
+    for fn in (chunked, fused):
+        h_s.grad = w_s.grad = None
+        value = fn(h_s, w_s, h_t, w_t, div)
+        value.backward()
+        out.append((float(value), h_s.grad.clone(), w_s.grad.clone()))
+    (a, ga, wa), (b, gb, wb) = out
+    assert abs(a - b) <= 1e-5 * abs(a)
+    assert (ga - gb).norm() <= 1e-5 * ga.norm() and (wa - wb).norm() <= 1e-5 * wa.norm()
+
+
+def test_recipe_refuses_bad_losses_and_on_policy_shares():
+    with pytest.raises(RecipeError, match="recipe field 'loss' is 'kl2'; choose one of forward_kl, reverse_kl, jsd"):
+        HealRecipe(loss="kl2")
+    with pytest.raises(RecipeError, match="must be between 0 and 1, got 1.5"):
+        HealRecipe(on_policy=1.5)
+    with pytest.raises(RecipeError, match="'loss_beta' must be between 0 and 1"):
+        HealRecipe(loss="jsd", loss_beta=1.0)
+    with pytest.raises(RecipeError, match="'on_policy_prompt' \\(512\\) must be shorter than 'seq_len'"):
+        HealRecipe(on_policy=0.5, on_policy_prompt=512)
+    assert HealRecipe(on_policy=0.25).on_policy_rows == 16  # of 64 sequences
+
+
+def test_row_distinct_counts_repetition():
+    ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8], [1, 2, 1, 2, 1, 2, 1, 2], [5, 5, 5, 5, 5, 5, 5, 5]])
+    d = data.row_distinct(ids)
+    assert d[0] == 1.0 and abs(float(d[1]) - 2 / 5) < 1e-6 and abs(float(d[2]) - 1 / 5) < 1e-6
+
+
+def test_choose_greedy_top_p_and_temperature():
+    from bitquant.decode import choose
+
+    logits = torch.tensor([[0.0, 3.0, 2.9, -5.0]] * 2000)
+    g = torch.Generator().manual_seed(0)
+    assert choose(logits[:3], 0.0, g).tolist() == [1, 1, 1]
+    drawn = choose(logits, 1.0, g, top_p=0.9)  # tokens 1 (0.51 of the mass) and 2 (0.46) reach 0.9
+    assert set(drawn.tolist()) == {1, 2}
+    drawn = choose(logits, 1.0, g)
+    assert set(drawn.tolist()) >= {0, 1, 2}
+
+
+def test_samples_with_a_greedy_start_and_a_repetition_filter(tmp_path):
+    """LLM-QAT's start (BOS, a uniformly drawn token, greedy tokens, then sampling) and the
+    filter that drops repetitive sequences; both keyed in the cache."""
+    model = _tiny_lm(tmp_path)
+    plain = data.SampleSettings(8 * 12, 12, 1.0, 0, 4)
+    greedy = data.SampleSettings(8 * 12, 12, 1.0, 0, 4, greedy=3)
+    strict = data.SampleSettings(8 * 12, 12, 1.0, 0, 4, min_distinct=1.0)
+    assert len({s.key("m", "cpu") for s in (plain, greedy, strict)}) == 3
+    ids = data.sample(model, greedy, 0, [1])
+    assert (ids[:, 0] == 0).all() and not (ids[:, 1] == ids[0, 1]).all()  # the second token is drawn at random
+    with torch.inference_mode():
+        logits = model(ids[:, :4]).logits
+    assert (logits[:, 1:4].argmax(-1) == ids[:, 2:5]).all()  # then three greedy tokens
+    kept, info = data.cached_samples(model, strict, "k", tmp_path / "cache", 0, [1], 96)
+    assert info["sequences"] + info["dropped_sequences"] == 8 and (data.row_distinct(kept) >= 1.0).all()
+
+
+def _tiny_lm(tmp_path):
+    from bitquant import runtime
+
+    return runtime.load_fp(make_checkpoint(tmp_path / "lm", vocab_size=96, bos_token_id=0, eos_token_id=1), torch.float32,
+                           "cpu")

@@ -164,3 +164,22 @@ def test_one_token_forward_quantizes_in_the_kernel(multiply):
     assert got.shape == (1, 1, 40) and float((got - ref).abs().max() / ref.abs().max()) < 1e-6
     with pytest.raises(ValueError, match="1 to 16 tokens"):
         w2a8.gemv(x[0].repeat(17, 1), pack_ternary(codes), scale, multiply)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])
+def test_heals_student_layer_equals_the_kernel_bit_for_bit(tokens):
+    """What heal trains is what ships on a GPU: in float32 the student's fake-ternary layer
+    (the exporter's quantizer, torch's arithmetic) gives the W2A8 kernels' output (gemv for
+    one token, the tiles for more) bit for bit, the division rounded alike."""
+    from bitquant.formats.hf_bitnet import encode
+    from bitquant.kernels import quantize_pack
+    from bitquant.training.student import fake_ternary_linear
+
+    g = torch.Generator().manual_seed(tokens)
+    latent = torch.randn(96, 128, generator=g).half()
+    x = torch.randn(tokens, 128, generator=g) * 3
+    t = quantize_pack(latent, eps=1e-5)
+    (_, packed), (_, inv) = encode("w", t.packed, t.scale, torch.float16)
+    student = fake_ternary_linear(x, latent.float(), None, 1e-5, torch.float16)
+    shipped = w2a8.forward(x, packed, inv.to(torch.float32), False)
+    assert torch.equal(student, shipped)

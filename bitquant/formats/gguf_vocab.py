@@ -60,7 +60,7 @@ def add_tokenizer(writer, folder: Path, vocab_size: int) -> None:
             vocab = SentencePieceVocab(folder)
         except ImportError:
             raise UnsupportedModelError("GGUF export of a SentencePiece tokenizer needs the sentencepiece package: "
-                                        "pip install 'bitquant[gguf]'") from None
+                                        "pip install 'bitquant-llm[gguf]'") from None
         model, pre, merges, special = "llama", "default", False, set()
     else:
         path = folder / "tokenizer.json"

@@ -131,7 +131,7 @@ def choose_low_memory(choice: bool | None, params: int, device: str, world: Worl
             raise UsageError(
                 f"training this model ({params / 1e9:.1f}B parameters) needs about {params * TRAIN_BYTES_PER_PARAM / 1e9:.0f} GB "
                 "with fp32 weights; the one-GPU low-memory road (bf16 weights, 8-bit AdamW) needs torchao: "
-                "pip install 'bitquant[low-memory]', or launch on several GPUs with torchrun (FSDP2)") from None
+                "pip install 'bitquant-llm[low-memory]', or launch on several GPUs with torchrun (FSDP2)") from None
     return wanted
 
 

@@ -82,7 +82,7 @@ class HealRecipe:
     on_policy: float = 0.0
     on_policy_temperature: float = 1.0
     on_policy_prompt: int = 16
-    on_policy_every: int = 8
+    on_policy_every: int = 32
     on_policy_reuse: int = 1
     # data
     seed: int = 0
