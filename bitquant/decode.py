@@ -186,8 +186,8 @@ def _draw(step: Callable, rows: int, length: int, bos_id: int, temperature: floa
             continue  # the prompt's tokens are given
         if on_step:
             on_step(pos, logits)
-        if ban is not None:
-            logits = logits.index_fill(1, ban, float("-inf"))
+        if ban is not None:  # in place: a fresh tensor, or a graph's output that the next replay rewrites
+            logits.index_fill_(1, ban, float("-inf"))
         out[:, pos + 1] = choose(logits, 0.0 if pos + 1 < first + greedy else temperature, generator, top_p)
     return out
 

@@ -189,15 +189,15 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
         rollouts.restore(extra)
 
     def batch_of(step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Step ``step``'s rows for this process, and where each row's scored positions start
-        (None: everywhere)."""
+        """Step ``step``'s rows for this process (on the device), and where each row's scored
+        positions start (on the CPU; None: everywhere)."""
         ids = batches.batch(step) if batches.pools else torch.empty(0, r.seq_len, dtype=torch.long)
         if rollouts is None:
             return ids[rows].to(device, non_blocking=True), None
         written = rollouts.batch(step)
         starts = torch.cat([torch.zeros(len(ids), dtype=torch.long),
                             torch.full((len(written),), rollouts.start, dtype=torch.long)])
-        return torch.cat([ids, written])[rows].to(device), starts[rows].to(device)
+        return torch.cat([ids, written])[rows].to(device, non_blocking=True), starts[rows]
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -312,14 +312,15 @@ def _extra(rollouts: Rollouts | None, step: int) -> dict:
 def _accumulate(ids, starts, micro: int, model, t_body, t_head, autocast, blockwise: bool = False) -> torch.Tensor:
     """Forward and backward over this process's micro-batches of one batch; returns their
     mean loss (gradients are averaged over the processes on the last micro-batch).
-    ``starts``: each row's first scored position (None: all positions). ``blockwise``: the
-    block-wise reconstruction loss instead of the end-to-end divergence."""
+    ``starts`` (on the CPU): each row's first scored position (None: all positions).
+    ``blockwise``: the block-wise reconstruction loss instead of the end-to-end divergence."""
     total = torch.zeros((), device=ids.device)
     n = ids.shape[0]
     firsts = list(range(0, n, micro))
     for b in firsts:
         chunk = ids[b : b + micro]
-        rows_start = None if starts is None or not bool(starts[b : b + micro].any()) else starts[b : b + micro]
+        part = None if starts is None else starts[b : b + micro]
+        rows_start = part.to(ids.device, non_blocking=True) if part is not None and bool(part.any()) else None
         with distributed.no_sync(model, last=b == firsts[-1]):
             with autocast:
                 with torch.no_grad():
