@@ -378,6 +378,9 @@ class Duration(click.ParamType):
 @click.option("--on-policy", "on_policy", type=float, default=None, metavar="X",
               help="Share of each batch written by the student itself from prompts of the data, scored by the "
                    "teacher (on-policy distillation), between 0 and 1" + _rd("on_policy") + ".")
+@click.option("--on-policy-start", "on_policy_start", type=float, default=None, metavar="X",
+              help="Share of the steps trained on the data alone before the student's own text joins the batches, "
+                   "at least 0 and below 1" + _rd("on_policy_start") + ".")
 @click.option("--loss", "loss", default=None, metavar="NAME",
               help="Divergence: forward_kl (teacher to student), reverse_kl or jsd (recipe field loss_beta)" + _rd("loss") + ".")
 @click.option("--sample-tokens", type=click.IntRange(min=2), default=None, help="Tokens to sample from the teacher, at most (cached)" + _rd("sample_tokens") + ".")
@@ -399,7 +402,7 @@ class Duration(click.ParamType):
 @threads_option
 @debug_option
 def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens, micro_batch_tokens, data_files, data_field,
-         data_config, data_split, data_share, on_policy, loss, sample_tokens, sample_batch,
+         data_config, data_split, data_share, on_policy, on_policy_start, loss, sample_tokens, sample_batch,
          seed, checkpoint_every, device, parallel, low_memory, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
          max_ppl_ratio, max_kl, revision, token, overwrite, force, max_shard_size, push_to_hub, private, push_revision,
          create_pr, as_json, stream):
@@ -437,7 +440,7 @@ def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens,
         tokens=tokens, time_budget=time_budget, block_stage=block_stage, lr=lr, batch_tokens=batch_tokens, micro_batch_tokens=micro_batch_tokens, data_share=data_share,
         sample_tokens=sample_tokens, sample_batch=sample_batch, seed=seed, checkpoint_every=checkpoint_every, format=fmt,
         eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
-        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, on_policy=on_policy, loss=loss,
+        max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, on_policy=on_policy, on_policy_start=on_policy_start, loss=loss,
     )
     data_specs = tuple(DataSpec(d, data_field, data_config, data_split) for d in data_files)
     main_process = world_from_env().main  # under a launcher only the main process shows progress and the report

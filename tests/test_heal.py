@@ -257,6 +257,22 @@ def test_a_time_budget_counts_the_on_policy_writing(source, tmp_path, monkeypatc
     assert b["probe_seconds_per_step"] == 0.15 and b["steps"] == 33  # 5 s / 0.15 s
 
 
+def test_a_time_budget_spreads_a_later_writing_over_the_steps_that_have_it(source, tmp_path, monkeypatch):
+    """With on_policy_start, the probe times a rollout written only for that (the first one
+    is due later) and adds its share to the steps after the start only."""
+    clock = FrozenClock(0.05)
+    monkeypatch.setattr(heal_module, "time", clock)
+    monkeypatch.setattr(loop, "time", clock)
+    from bitquant.training import on_policy
+
+    monkeypatch.setattr(on_policy, "time", FrozenClock(0.2))  # a rollout takes 0.2 s: 0.1 s a step, half the steps
+    timed = heal(str(source), tmp_path / "timed", recipe=recipe(time_budget=25, on_policy=0.5, on_policy_every=2,
+                                                                on_policy_prompt=6, on_policy_start=0.5), device="cpu")
+    b, op = timed.heal["time_budget"], timed.heal["on_policy"]
+    assert b["probe_seconds_per_step"] == 0.1 and b["steps"] == 50  # 5 s / (0.05 + 0.1 / 2)
+    assert op["first_step"] == 26 and op["rollouts"] == 12  # windows 13 ... 24 of 2 steps; the timing one is not counted
+
+
 def test_a_time_budget_too_short_for_one_step_is_refused(source, tmp_path):
     with pytest.raises(UsageError, match="--time 1s leaves no time to train"):
         heal(str(source), tmp_path / "out", recipe=recipe(time_budget=1), device="cpu")
@@ -321,6 +337,39 @@ def test_on_policy_steps_write_score_and_lower_the_loss(source, tmp_path):
     curve = [c["loss"] for c in h["curve"]]
     assert sum(curve[-4:]) / 4 < 0.7 * sum(curve[:4]) / 4
     assert h["exactness"]["relative_error"] == 0.0 and h["exactness"]["top1_agreement"] == 1.0
+
+
+def test_on_policy_steps_can_start_after_a_share_of_the_steps(source, tmp_path):
+    """on_policy_start: the first half of the steps trains on data rows alone (scored
+    everywhere); the first rollout comes at the first window boundary from there."""
+    from bitquant.training.on_policy import OnPolicy
+
+    assert [OnPolicy(0.5, 1.0, 16, 32, 1, s).first_step(100) for s in (0.0, 0.3, 0.32, 0.5)] == [0, 32, 32, 64]
+    report = heal(str(source), tmp_path / "out", recipe=recipe(**ON_POLICY, on_policy_start=0.5), device="cpu")
+    op = report.heal["on_policy"]
+    assert op["start"] == 0.5 and op["first_step"] == 6  # 12 steps, windows of 3
+    assert op["rollouts"] == 2 and op["tokens_written"] == 2 * 6 * (32 - 6)
+    assert report.heal["exactness"]["relative_error"] == 0.0
+    curve = [c["loss"] for c in report.heal["curve"]]
+    assert curve[5] < curve[0]
+
+
+def test_a_run_with_a_late_on_policy_start_resumes_to_identical_weights(source, tmp_path):
+    """Stopped at step 7 (data rows until step 6, then a rollout window of steps 6-8), the
+    resumed run ends with the same weights."""
+    r = recipe(**ON_POLICY, on_policy_start=0.5)
+    whole = heal(str(source), tmp_path / "whole", recipe=r, device="cpu")
+
+    def stop_at_7(p):
+        if p["step"] == 7:
+            raise KeyboardInterrupt
+
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        heal(str(source), out, recipe=r, device="cpu", hooks=HealHooks(train=stop_at_7))
+    resumed = heal(str(source), out, recipe=r, device="cpu")
+    assert resumed.heal["resumed_from_step"] == 7
+    assert sha(out / "model.safetensors") == sha(tmp_path / "whole" / "model.safetensors")
 
 
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])

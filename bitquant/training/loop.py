@@ -196,7 +196,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
             return ids[rows].to(device, non_blocking=True), None
         written = rollouts.batch(step)
         starts = torch.cat([torch.zeros(len(ids), dtype=torch.long),
-                            torch.full((len(written),), rollouts.start, dtype=torch.long)])
+                            torch.full((len(written),), rollouts.scored_from(step), dtype=torch.long)])
         return torch.cat([ids, written])[rows].to(device, non_blocking=True), starts[rows]
 
     if cuda:
@@ -213,6 +213,8 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
         if note:
             note(f"time budget: {budget['steps']:,} steps of {r.batch_tokens:,} tokens fit "
                  f"({budget['tokens']:,} tokens at {budget['probe_tokens_per_second']:,.0f} tokens/s measured)")
+    if rollouts is not None:
+        rollouts.begin_at(r.steps)
     every = max(1, r.steps // CURVE_POINTS)
     student.train()
     began = time.perf_counter()
@@ -339,14 +341,19 @@ def _fit_to_deadline(deadline: float, saved: Path, run_batch: Callable[[int], to
     """The token count that fits before ``deadline``: from ``saved`` (a resumed run), or
     from a probe of ``PROBE_STEPS`` forward and backward passes whose gradients are thrown
     away (the first one compiles; the others are timed). With on-policy steps, the first
-    rollout (which step 0 trains on) is timed too and its share added to each step."""
+    rollout (which step 0 trains on) is timed too and its share added to each step; when
+    on-policy steps start later (``on_policy_start``), a rollout written only to be timed,
+    its share spread over the steps that will have one."""
     if saved.is_file():
         return json.loads(saved.read_text(encoding="utf-8"))
     left = deadline - time.monotonic()
     if left <= 0:
         raise UsageError(no_time(r, -left))
     rollout = 0.0
-    if rollouts is not None:
+    if rollouts is not None and r.on_policy_start > 0:  # the first rollout comes later: time one, keep none
+        rollouts.first = math.ceil(PROBE_STEPS / r.on_policy_every) * r.on_policy_every  # the probe reads data rows
+        rollout = rollouts.warm_up() / r.on_policy_every * (1 - r.on_policy_start)
+    elif rollouts is not None:
         rollouts.batch(0)  # builds the writer (its graph) and writes rollout 0 with the untrained weights
         rollout = rollouts.seconds / r.on_policy_every
     times = []

@@ -18,10 +18,16 @@ rollout serve the next ``every`` steps, each trained on ``reuse`` times (DistiLL
 arXiv 2402.03898, which keeps on-policy training affordable). The loss is taken only on
 the student's tokens (the positions after the prompt); the teacher scores all of them.
 
+``start`` (a share of the steps) trains the first steps on data alone: their on-policy rows
+are whole data sequences instead, scored everywhere, and the first rollout is written at
+the first multiple of ``every`` from there. A student fresh from absmean writes noise, and
+the on-policy methods start from a trained student (GKD and MiniLLM from a fine-tuned one).
+
 Determinism: rollout ``w`` (for steps ``w * every`` ... ) draws its prompts and its
 tokens from seeds that depend on ``w`` and the recipe's seed alone, from the weights at
-step ``w * every``; a checkpoint taken inside a window keeps that window's sequences, so a
-resumed run trains on exactly the sequences the uninterrupted one did.
+step ``w * every``; the data rows before ``start`` are drawn from seeds of their step; a
+checkpoint taken inside a window keeps that window's sequences, so a resumed run trains on
+exactly the sequences the uninterrupted one did.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from bitquant.errors import UsageError
 from bitquant.training.student import FakeTernaryLinear, quantized_weight
 
 #: Seed offsets, so that prompts and draws never share a stream with the teacher's samples.
-PROMPT_SEED, DRAW_SEED = 104_729, 1_299_709
+PROMPT_SEED, DRAW_SEED, DATA_SEED = 104_729, 1_299_709, 15_485_863
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,7 @@ class OnPolicy:
     prompt: int  # tokens of a data sequence given as the prompt
     every: int  # optimizer steps between rollouts
     reuse: int  # times each written sequence is trained on
+    start: float = 0.0  # share of the steps trained on data alone before the first rollout
 
     def rows(self, batch_sequences: int) -> int:
         """Sequences of each batch written by the student."""
@@ -57,6 +64,11 @@ class OnPolicy:
     def size(self, batch_sequences: int) -> int:
         """Sequences written per rollout."""
         return max(1, math.ceil(self.rows(batch_sequences) * self.every / self.reuse))
+
+    def first_step(self, steps: int) -> int:
+        """The first step that trains on the student's own text: ``start`` of ``steps``,
+        rounded up to a rollout boundary (a multiple of ``every``)."""
+        return math.ceil(round(self.start * steps) / self.every) * self.every
 
 
 class Snapshot:
@@ -124,22 +136,37 @@ class Rollouts:
         self.build_seconds = 0.0
         self.rollouts = 0
         self.tokens = 0  # tokens written by the student
+        self.first = 0  # the first on-policy step (set by begin_at once the step count is known)
+        self.warm_seconds = 0.0  # a rollout written only to time the writer (see warm_up)
+
+    def begin_at(self, steps: int) -> None:
+        """Fix the first on-policy step for a run of ``steps`` steps (``settings.start``)."""
+        self.first = self.settings.first_step(steps)
 
     @property
     def start(self) -> int:
         """The first position whose output is scored: it predicts the student's first token."""
         return self.settings.prompt - 1
 
-    def prompts(self, window: int) -> torch.Tensor:
-        """``size`` prompts for rollout ``window``: the first tokens of data sequences drawn
-        (with a seed of their own) from all pools together."""
+    def scored_from(self, step: int) -> int:
+        """Where the scored positions of step ``step``'s rows start: 0 for the data rows
+        before the first on-policy step, else :attr:`start`."""
+        return 0 if step < self.first else self.start
+
+    def _draw(self, n: int, seed: int) -> torch.Tensor:
+        """``n`` data sequences drawn from all pools together, from ``seed``."""
         sizes = torch.tensor([len(p) for p in self.pools])
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + PROMPT_SEED + window)
-        picks = torch.randint(int(sizes.sum()), (self.size,), generator=g)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + seed)
+        picks = torch.randint(int(sizes.sum()), (n,), generator=g)
         ends = sizes.cumsum(0)
         which = torch.searchsorted(ends, picks, right=True)
         offset = picks - (ends - sizes)[which]
-        return torch.stack([self.pools[int(k)][int(i), : self.settings.prompt] for k, i in zip(which, offset)])
+        return torch.stack([self.pools[int(k)][int(i)] for k, i in zip(which, offset)])
+
+    def prompts(self, window: int) -> torch.Tensor:
+        """``size`` prompts for rollout ``window``: the first tokens of data sequences drawn
+        (with a seed of their own) from all pools together."""
+        return self._draw(self.size, PROMPT_SEED + window)[:, : self.settings.prompt]
 
     def _build(self) -> None:
         began = time.perf_counter()
@@ -148,6 +175,18 @@ class Rollouts:
         self.snapshot = Snapshot(self.student, self.eps, self.scale_dtype, dtype, device)
         self.decoder = decode.StaticDecoder(self.snapshot.model, self.size, self.seq_len)
         self.build_seconds += time.perf_counter() - began
+
+    def warm_up(self) -> float:
+        """Build the writer and write one rollout that is thrown away; return its seconds
+        (a time budget's probe needs the cost of a rollout before the first one is due)."""
+        if self.decoder is None:
+            self._build()
+        saved = (self.window, self.ids, self.seconds, self.rollouts, self.tokens)
+        self.roll(self.first // self.settings.every)
+        took = self.seconds - saved[2]
+        self.window, self.ids, self.seconds, self.rollouts, self.tokens = saved
+        self.warm_seconds += took
+        return took
 
     @torch.no_grad()
     def roll(self, window: int) -> None:
@@ -169,8 +208,15 @@ class Rollouts:
         self.rollouts += 1
         self.tokens += self.size * (self.seq_len - self.settings.prompt)
 
+    def data_rows(self, step: int) -> torch.Tensor:
+        """Before the first on-policy step, the on-policy rows are whole data sequences,
+        drawn (with a seed of the step's own) from all pools together."""
+        return self._draw(self.rows, DATA_SEED + step)
+
     def batch(self, step: int) -> torch.Tensor:
         """The on-policy rows of step ``step`` ([rows, seq_len], on the CPU)."""
+        if step < self.first:
+            return self.data_rows(step)
         window = step // self.settings.every
         if window != self.window:
             self.roll(window)
@@ -193,7 +239,8 @@ class Rollouts:
     def report(self) -> dict:
         s = self.settings
         return {"share": s.share, "rows_per_step": self.rows, "temperature": s.temperature, "prompt_tokens": s.prompt,
-                "every": s.every, "reuse": s.reuse, "sequences_per_rollout": self.size, "rollouts": self.rollouts,
+                "every": s.every, "reuse": s.reuse, "start": s.start, "first_step": self.first,
+                "sequences_per_rollout": self.size, "rollouts": self.rollouts,
                 "tokens_written": self.tokens, "seconds": round(self.seconds, 3),
-                "build_seconds": round(self.build_seconds, 3),
+                "build_seconds": round(self.build_seconds + self.warm_seconds, 3),
                 "tokens_per_second": round(self.tokens / self.seconds, 1) if self.seconds > 0 else 0.0}

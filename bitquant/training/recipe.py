@@ -84,6 +84,7 @@ class HealRecipe:
     on_policy_prompt: int = 16
     on_policy_every: int = 32
     on_policy_reuse: int = 1
+    on_policy_start: float = 0.0
     # data
     seed: int = 0
     sample_tokens: int = 4_194_304
@@ -129,7 +130,7 @@ class HealRecipe:
         from bitquant.training.on_policy import OnPolicy
 
         return OnPolicy(self.on_policy, self.on_policy_temperature, self.on_policy_prompt, self.on_policy_every,
-                        self.on_policy_reuse)
+                        self.on_policy_reuse, self.on_policy_start)
 
     @property
     def on_policy_rows(self) -> int:
@@ -187,7 +188,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "checkpoint_every": (int,), "min_steps": (int,), "block_stage": _NUMBER,
     "time_budget": (float, int, type(None)), "loss": (str,), "loss_beta": _NUMBER, "loss_temperature": _NUMBER,
     "on_policy": _NUMBER, "on_policy_temperature": _NUMBER, "on_policy_prompt": (int,), "on_policy_every": (int,),
-    "on_policy_reuse": (int,), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
+    "on_policy_reuse": (int,), "on_policy_start": _NUMBER, "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
     "sample_batch": (int,), "sample_top_p": _NUMBER, "sample_greedy_tokens": (int,), "sample_min_distinct": _NUMBER,
     "data_share": _NUMBER, "data_tokens": (int,), "eval_context": (int,), "eval_stride": (int, type(None)),
     "eval_max_tokens": (int,), "max_ppl_ratio": (float, int, type(None)), "max_kl": (float, int, type(None)),
@@ -211,6 +212,9 @@ def _validate(r: HealRecipe) -> None:
     if not 0 <= r.on_policy <= 1:
         raise RecipeError(f"the on-policy share (--on-policy, recipe field 'on_policy') must be between 0 and 1, "
                           f"got {r.on_policy:g}")
+    if not 0 <= r.on_policy_start < 1:
+        raise RecipeError(f"the share of the steps before on-policy steps begin (--on-policy-start, recipe field "
+                          f"'on_policy_start') must be at least 0 and below 1, got {r.on_policy_start:g}")
     if r.on_policy_temperature < 0 or r.sample_min_distinct < 0 or r.sample_min_distinct > 1 or r.sample_greedy_tokens < 0:
         raise RecipeError("recipe fields 'on_policy_temperature' and 'sample_greedy_tokens' must be 0 or more, and "
                           "'sample_min_distinct' between 0 and 1")
