@@ -9,13 +9,16 @@ changes the sampling draws its own), measured on two held-out texts.
 
 Each ``--variant NAME:field=value,field=value`` overrides fields of the bundled heal recipe
 (nothing: the recipe as it is); ``data=paradise-lost`` adds the bundled Paradise Lost as
-``--data`` (its own held-out figure is then not held out). Prints one row per variant:
+``--data`` (its own held-out figure is then not held out); ``data=PATH`` adds a text,
+JSON Lines or Parquet file of your own. Prints one row per variant:
 perplexity on alice29.txt (16,384 tokens) and on Paradise Lost (16,384 tokens), each over
 FP; the greedy completions' distinct 4-grams against the FP model's; tokens, training and
 on-policy writing speed; and each variant's first completion.
 
 ``--deadline`` (seconds) stops variants still running then, so that a command with a time
-limit still prints what finished. On the GPU machine ``--gguf`` points at the staged
+limit still prints what finished. ``--jobs N`` runs at most N variants at once (processes
+on one GPU take turns on it rather than sharing it, so more at once mostly adds memory;
+two or three overlap one variant's compiling and evaluation with another's training). On the GPU machine ``--gguf`` points at the staged
 SmolLM2 GGUF (bench/heal_gpu.py); ``--model`` replaces SmolLM2 (e.g. a tiny test model).
 """
 
@@ -95,7 +98,8 @@ def child(args) -> None:
     from bitquant.training.recipe import load_heal_recipe
 
     name, fields = parse_variant(args.child)
-    data_files = (MILTON,) if fields.pop("data", None) == "paradise-lost" else ()
+    data = fields.pop("data", None)
+    data_files = () if data is None else (MILTON,) if data == "paradise-lost" else (Path(data),)
     recipe = load_heal_recipe().replace(**{**parse_set(args.set), **fields, "tokens": args.tokens})
     out = Path(args.work) / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)
@@ -131,6 +135,7 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write every variant's figures here")
     p.add_argument("--work", default="/tmp/bq-ablate")
     p.add_argument("--deadline", type=float, default=None, help="seconds after which unfinished variants are stopped")
+    p.add_argument("--jobs", type=int, default=None, help="variants running at once (default: all); the others wait")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     if Path(args.gguf).is_file():
@@ -158,20 +163,28 @@ def main() -> None:
     print(f"device {device}, torch {torch.__version__}; {args.tokens:,} tokens a variant; FP Paradise Lost "
           f"{fp_milton:.3f}; {len(args.variant)} variants at once", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    procs = {}
-    for spec in args.variant:
-        name = spec.partition(":")[0]
-        log = open(Path(args.work) / f"{name}.log", "w")
-        cmd = [sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens), "--gguf", args.gguf,
-               "--model", args.model, "--work", args.work, *sum((["--set", s] for s in args.set), [])]
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env), log)
+    procs, waiting = {}, list(args.variant)
+
+    def start_next() -> None:
+        while waiting and len(procs) < (args.jobs or len(args.variant)):
+            spec = waiting.pop(0)
+            name = spec.partition(":")[0]
+            log = open(Path(args.work) / f"{name}.log", "w")
+            cmd = [sys.executable, __file__, "--child", spec, "--tokens", str(args.tokens), "--gguf", args.gguf,
+                   "--model", args.model, "--work", args.work, *sum((["--set", s] for s in args.set), [])]
+            procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env), log)
+            print(f"{name:14s} started at {time.monotonic() - began:.0f} s", flush=True)
+
+    start_next()
     rows = []
     print(f"{'variant':14s} {'tokens':>10s} {'wall s':>6s} {'alice':>8s} {'x FP':>6s} {'milton':>8s} {'x FP':>6s} "
           f"{'d4 healed/FP':>13s} {'train tok/s':>11s} {'written tok/s':>13s}", flush=True)
     while procs:
+        start_next()
         for name, (proc, log) in list(procs.items()):
             if proc.poll() is None:
                 if args.deadline and time.monotonic() - began > args.deadline:
+                    waiting.clear()
                     proc.terminate()
                     print(f"{name:14s} stopped at the deadline", flush=True)
                 else:
@@ -179,6 +192,7 @@ def main() -> None:
             proc.wait()
             log.close()
             del procs[name]
+            start_next()
             lines = (Path(args.work) / f"{name}.log").read_text(errors="replace").splitlines()
             result = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), None)
             if result is None:
