@@ -97,3 +97,44 @@ def test_report_fields_are_documented():
             assert f"`{f.name}" in docs, f.name
     for f in fields(SizeStats):
         assert f.name in docs, f.name
+
+
+#: A figure: digits with thousands commas, a decimal part and an exponent (6.34e7, 3.845e+04).
+FIGURE = re.compile(r"\d+(?:,\d{3})*(?:\.\d+)?(?:e[+-]?\d+)?")
+LINK = re.compile(r"\]\((docs/[\w.-]+\.md)")
+
+
+def _plain(text: str) -> str:
+    """One spelling of exponents (e+07, e07 -> e7), so 6.34e7 and 6.34e+07 match."""
+    return re.sub(r"e\+?0*(\d)", r"e\1", text)
+
+
+def figures_not_in_their_docs(readme: str) -> list[tuple[str, str]]:
+    """(row, figure) for every figure of a README table row whose last cell links docs that
+    do not have the same digits."""
+    missing = []
+    for line in readme.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) < 2:
+            continue
+        linked = LINK.findall(cells[-1])
+        if not linked:
+            continue
+        docs = _plain("".join((REPO / p).read_text() for p in sorted(set(linked))))
+        for figure in FIGURE.findall(_plain(" ".join(cells[:-1]))):
+            if not re.search(rf"(?<!\d)(?<!\d[.,]){re.escape(figure)}(?!\d|[.,]\d)", docs):
+                missing.append((cells[0][:50], figure))
+    return missing
+
+
+def test_every_figure_the_readme_quotes_has_the_same_digits_in_its_docs():
+    readme = README.read_text()
+    assert sum(1 for line in readme.splitlines() if LINK.search(line.rsplit("|", 2)[-2] if line.count("|") > 2 else "")) >= 10
+    assert not figures_not_in_their_docs(readme)
+
+
+def test_the_figure_check_catches_other_digits():
+    row = "| SmolLM2-135M convert | 269.1 MB → 83.3 MB, 2.0 bits per ternary weight, 1 s | [m](docs/measurements.md) |"
+    assert not figures_not_in_their_docs(row)
+    assert figures_not_in_their_docs(row.replace("269.1", "269.2")) == [("SmolLM2-135M convert", "269.2")]
+    assert figures_not_in_their_docs(row.replace("83.3", "83")) == [("SmolLM2-135M convert", "83")]
