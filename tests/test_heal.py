@@ -314,12 +314,15 @@ def test_the_card_and_summary_say_what_was_not_measured_and_what_went_wrong(sour
     h["curve"] = [{"step": 1, "tokens": 128, "loss": 11.0, "stage": "kl"}, {"step": 2, "tokens": 256, "loss": 19.1, "stage": "kl"}]
     bad = dataclasses.replace(report, generation=g, heal=h)
     findings = bad.heal_findings()
-    assert len(findings) == 2 and "repeat themselves (distinct 4-grams 0.03, the source 0.83)" in findings[0]
-    assert "did not fall (11 at step 1, 19.1 at step 2)" in findings[1]
+    assert len(findings) == 3 and "repeat themselves (distinct 4-grams 0.03, the source 0.83)" in findings[0]
+    assert "teacher's samples alone; half real text (--data FILE --data-share 0.5)" in findings[1]
+    assert "did not fall (11 at step 1, 19.1 at step 2)" in findings[2]
+    with_text = {**h, "data": [{"kind": "text", "share": 1.0, "files": []}]}  # trained on text: no such advice
+    assert dataclasses.replace(report, generation=g, heal=with_text).heal_findings() == [findings[0], findings[2]]
     rendered = card.render(bad, resolve_source(str(source)))
     assert "Its greedy completions repeat themselves" in rendered and "it is not usable for generation as it is." in rendered
     assert "The training loss did not fall" in rendered
-    assert dataclasses.replace(report, generation=g, heal={**h, "curve": h["curve"][::-1]}).heal_findings() == findings[:1]
+    assert dataclasses.replace(report, generation=g, heal={**h, "curve": h["curve"][::-1]}).heal_findings() == findings[:2]
 
 
 ON_POLICY = dict(on_policy=0.5, on_policy_prompt=6, on_policy_every=3)
