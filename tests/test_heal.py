@@ -357,24 +357,6 @@ def test_on_policy_steps_can_start_after_a_share_of_the_steps(source, tmp_path):
     assert curve[5] < curve[0]
 
 
-def test_a_run_with_a_late_on_policy_start_resumes_to_identical_weights(source, tmp_path):
-    """Stopped at step 7 (data rows until step 6, then a rollout window of steps 6-8), the
-    resumed run ends with the same weights."""
-    r = recipe(**ON_POLICY, on_policy_start=0.5)
-    whole = heal(str(source), tmp_path / "whole", recipe=r, device="cpu")
-
-    def stop_at_7(p):
-        if p["step"] == 7:
-            raise KeyboardInterrupt
-
-    out = tmp_path / "out"
-    with pytest.raises(KeyboardInterrupt):
-        heal(str(source), out, recipe=r, device="cpu", hooks=HealHooks(train=stop_at_7))
-    resumed = heal(str(source), out, recipe=r, device="cpu")
-    assert resumed.heal["resumed_from_step"] == 7
-    assert sha(out / "model.safetensors") == sha(tmp_path / "whole" / "model.safetensors")
-
-
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
 def test_every_loss_trains_what_ships(source, tmp_path, loss):
     report = heal(str(source), tmp_path / "out", recipe=recipe(loss=loss, **ON_POLICY), device="cpu")
@@ -384,21 +366,23 @@ def test_every_loss_trains_what_ships(source, tmp_path, loss):
     assert curve[-1] < curve[0]
 
 
-def test_on_policy_run_resumes_to_identical_weights(source, tmp_path):
-    """Stopped inside a rollout window (step 5 of windows of 3), the resumed run trains on the
-    same student-written sequences and ends with the same weights."""
-    r = recipe(**ON_POLICY)
+@pytest.mark.parametrize("start, stop", [(0.0, 5), (0.5, 7)])
+def test_on_policy_run_resumes_to_identical_weights(source, tmp_path, start, stop):
+    """Stopped inside a rollout window (step 5 of windows of 3; with on_policy_start 0.5,
+    step 7: data rows until step 6, then the window of steps 6-8), the resumed run trains on
+    the same student-written sequences and ends with the same weights."""
+    r = recipe(**ON_POLICY, on_policy_start=start)
     whole = heal(str(source), tmp_path / "whole", recipe=r, device="cpu")
 
-    def stop_at_5(p):
-        if p["step"] == 5:
+    def stop_there(p):
+        if p["step"] == stop:
             raise KeyboardInterrupt
 
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        heal(str(source), out, recipe=r, device="cpu", hooks=HealHooks(train=stop_at_5))
+        heal(str(source), out, recipe=r, device="cpu", hooks=HealHooks(train=stop_there))
     resumed = heal(str(source), out, recipe=r, device="cpu")
-    assert resumed.heal["resumed_from_step"] == 5
+    assert resumed.heal["resumed_from_step"] == stop
     assert sha(out / "model.safetensors") == sha(tmp_path / "whole" / "model.safetensors")
     assert resumed.heal["curve"][-1] == whole.heal["curve"][-1]
 
