@@ -161,7 +161,7 @@ def main() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the sampler's cache would stay reserved here while the variants train
     print(f"device {device}, torch {torch.__version__}; {args.tokens:,} tokens a variant; FP Paradise Lost "
-          f"{fp_milton:.3f}; {len(args.variant)} variants at once", flush=True)
+          f"{fp_milton:.3f}; {len(args.variant)} variants, {args.jobs or len(args.variant)} at once", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs, waiting = {}, list(args.variant)
 
@@ -180,7 +180,6 @@ def main() -> None:
     print(f"{'variant':14s} {'tokens':>10s} {'wall s':>6s} {'alice':>8s} {'x FP':>6s} {'milton':>8s} {'x FP':>6s} "
           f"{'d4 healed/FP':>13s} {'train tok/s':>11s} {'written tok/s':>13s}", flush=True)
     while procs:
-        start_next()
         for name, (proc, log) in list(procs.items()):
             if proc.poll() is None:
                 if args.deadline and time.monotonic() - began > args.deadline:

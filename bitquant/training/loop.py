@@ -351,8 +351,7 @@ def _fit_to_deadline(deadline: float, saved: Path, run_batch: Callable[[int], to
         raise UsageError(no_time(r, -left))
     rollout = 0.0
     if rollouts is not None and r.on_policy_start > 0:  # the first rollout comes later: time one, keep none
-        rollouts.first = math.ceil(PROBE_STEPS / r.on_policy_every) * r.on_policy_every  # the probe reads data rows
-        rollout = rollouts.warm_up() / r.on_policy_every * (1 - r.on_policy_start)
+        rollout = rollouts.warm_up(PROBE_STEPS) / r.on_policy_every * (1 - r.on_policy_start)
     elif rollouts is not None:
         rollouts.batch(0)  # builds the writer (its graph) and writes rollout 0 with the untrained weights
         rollout = rollouts.seconds / r.on_policy_every

@@ -176,9 +176,12 @@ class Rollouts:
         self.decoder = decode.StaticDecoder(self.snapshot.model, self.size, self.seq_len)
         self.build_seconds += time.perf_counter() - began
 
-    def warm_up(self) -> float:
+    def warm_up(self, probe_steps: int) -> float:
         """Build the writer and write one rollout that is thrown away; return its seconds
-        (a time budget's probe needs the cost of a rollout before the first one is due)."""
+        (a time budget's probe needs the cost of a rollout before the first one is due).
+        Until :meth:`begin_at`, the first on-policy step is the first rollout boundary after
+        the probe's ``probe_steps`` steps, so that the probe trains on data rows."""
+        self.first = math.ceil(probe_steps / self.settings.every) * self.settings.every
         if self.decoder is None:
             self._build()
         saved = (self.window, self.ids, self.seconds, self.rollouts, self.tokens)
