@@ -137,6 +137,20 @@ def test_samples_are_drawn_per_batch_seed(tmp_path):
     assert torch.equal(a + b, ids)
 
 
+@pytest.mark.parametrize("top_p,greedy", [(1.0, 0), (0.9, 3)])
+def test_samples_through_the_static_decoder_are_the_same_draws(tmp_path, top_p, greedy):
+    """On CUDA full batches go through a StaticDecoder (its step a CUDA graph); run eagerly,
+    it draws exactly what the eager loop draws, and a short last batch takes the loop."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(make_checkpoint(tmp_path / "m", bos_token_id=0, eos_token_id=1)).eval()
+    settings = data.SampleSettings(tokens=7 * 16, seq_len=16, temperature=1.0, seed=5, batch=3, top_p=top_p,
+                                   greedy=greedy)
+    static = data.sample(model, settings, 0, [1], static=True)
+    assert static.shape == (7, 16) and not (static[:, 1:] == 1).any()
+    assert torch.equal(static, data.sample(model, settings, 0, [1], static=False))
+
+
 def test_sampling_stops_at_its_time_share(tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 

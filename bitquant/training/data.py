@@ -9,7 +9,12 @@ uniformly from the vocabulary after BOS, then that many greedy tokens, then samp
 ``sample_min_distinct`` drops sequences whose share of distinct 4-grams is below it
 (repetition in the training text becomes repetition in the student's, arXiv 2310.10226).
 It runs :mod:`bitquant.decode`'s loop: a static KV cache over the model's own blocks, many
-sequences at a time. Samples are cached in bitquant's cache (``$BITQUANT_CACHE/heal-data``),
+sequences at a time; on CUDA each full batch goes through one
+:class:`bitquant.decode.StaticDecoder` (a token step is one CUDA graph replay). On an H100,
+2,048 sequences of SmolLM2: its first batch 10.1 s against the eager loop's 30.4 s (whose
+first batch warms up a kernel per length), then 103k against 114k tokens/s
+(``bench/heal_speed.py --samplers decode:2048,graph:2048``), so for fewer than about 20
+batches it is the faster of the two. Samples are cached in bitquant's cache (``$BITQUANT_CACHE/heal-data``),
 keyed by the model's fingerprint and every sampling setting, so a re-run or a resume
 never samples again. Token ids are stored as uint16 where the vocabulary fits (half the
 bytes). The user's own text is read by :mod:`bitquant.training.texts`.
@@ -33,7 +38,7 @@ from bitquant.training.distributed import World
 #: Called while sampling: (tokens sampled, tokens to sample).
 SampleProgress = Callable[[int, int], None]
 
-CACHE_FORMAT = 2  # 2: bitquant.decode's sampler (1: transformers' generate)
+CACHE_FORMAT = 3  # 3: through a StaticDecoder on CUDA; 2: bitquant.decode's eager loop; 1: transformers' generate
 #: With a time budget, sampling stops once it has used this share of the budget.
 SAMPLE_SHARE = 0.25
 
@@ -67,25 +72,33 @@ class SampleSettings:
 
 @torch.inference_mode()
 def sample(model, settings: SampleSettings, bos_id: int, eos_ids: list[int], progress: SampleProgress | None = None,
-           part: tuple[int, int] = (0, 1)) -> torch.Tensor:
+           part: tuple[int, int] = (0, 1), static: bool | None = None) -> torch.Tensor:
     """``settings.sequences`` sequences of ``settings.seq_len`` token ids (int64, on CPU),
     each starting with ``bos_id``; batch ``i`` is drawn from seed ``settings.seed + i``
-    by :func:`bitquant.decode.sample_batch` (a static KV cache over the model's own blocks).
+    by :mod:`bitquant.decode`'s loop (a static KV cache over the model's own blocks).
     ``part`` = (k, n) draws only the batches i with i % n == k (the other rows stay 0), so
     that n processes together draw exactly what one would. ``settings.seconds`` (one
-    process): stop after the batch that passes this much time, keeping whole batches."""
+    process): stop after the batch that passes this much time, keeping whole batches.
+    ``static``: full batches through a :class:`bitquant.decode.StaticDecoder` (default: on
+    CUDA, where its step is a CUDA graph; elsewhere it runs eagerly: how the tests check it)."""
     device = next(model.parameters()).device
     n, length = settings.sequences, settings.seq_len
     out = torch.zeros(n, length, dtype=torch.int64)
     stop_at = time.monotonic() + settings.seconds if settings.seconds is not None and part[1] == 1 else None
+    decoder = None
     for i, begin in enumerate(range(0, n, settings.batch)):
         if i % part[1] != part[0]:
             continue
         rows = min(settings.batch, n - begin)
         generator = torch.Generator(device=device).manual_seed(settings.seed + i)
         prompts = _random_starts(rows, bos_id, eos_ids, model.config.vocab_size, settings.seed + i) if settings.greedy else None
-        ids = decode.sample_batch(model, rows, length, bos_id, settings.temperature, eos_ids, generator, prompts=prompts,
-                                  top_p=settings.top_p, greedy=settings.greedy)
+        if rows == settings.batch and (static if static is not None else device.type == "cuda"):
+            decoder = decoder or decode.StaticDecoder(model, rows, length)
+            ids = decode.sample_graph(decoder, length, bos_id, settings.temperature, eos_ids, generator, prompts=prompts,
+                                      top_p=settings.top_p, greedy=settings.greedy)
+        else:  # the CPU, and a last batch shorter than the rest
+            ids = decode.sample_batch(model, rows, length, bos_id, settings.temperature, eos_ids, generator,
+                                      prompts=prompts, top_p=settings.top_p, greedy=settings.greedy)
         out[begin : begin + rows] = ids.cpu()
         if progress:
             progress((begin + rows) * length, n * length)
