@@ -316,6 +316,7 @@ def test_the_card_and_summary_say_what_was_not_measured_and_what_went_wrong(sour
     findings = bad.heal_findings()
     assert len(findings) == 3 and "repeat themselves (distinct 4-grams 0.03, the source 0.83)" in findings[0]
     assert "teacher's samples alone; half real text (--data FILE --data-share 0.5)" in findings[1]
+    assert "no recipe measured so far, real text included, stops the repetition" in findings[1]
     assert "did not fall (11 at step 1, 19.1 at step 2)" in findings[2]
     with_text = {**h, "data": [{"kind": "text", "share": 1.0, "files": []}]}  # trained on text: no such advice
     assert dataclasses.replace(report, generation=g, heal=with_text).heal_findings() == [findings[0], findings[2]]
