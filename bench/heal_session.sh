@@ -10,8 +10,8 @@
 # TOKENS (training tokens a variant), DEADLINE (seconds for the whole ablation), JOBS
 # (variants at once) and REAL_TEXT (a text, JSON Lines or Parquet file of your own: adds a
 # variant with half real text) may be set in the environment. Five at once ran the on-policy
-# variant out of an H100's memory (docs/heal.md); JOBS=4 leaves room for it. Files land in
-# /tmp/bq-session.
+# variant out of an H100's memory until heal gave its sampler's memory back; since then five
+# fit (at most 75.5 of 80 GB, docs/heal.md). Files land in /tmp/bq-session.
 set -u
 cd "$(dirname "$0")/.."
 W=/tmp/bq-session
