@@ -20,7 +20,8 @@ tokens, training and on-policy writing speed; and each variant's completions.
 limit still prints what finished. ``--jobs N`` runs at most N variants at once (processes
 on one GPU take turns on it rather than sharing it, so more at once mostly adds memory;
 two or three overlap one variant's compiling and evaluation with another's training). On
-the GPU machine ``--gguf`` points at the staged SmolLM2 GGUF (bench/heal_gpu.py); ``--model`` replaces SmolLM2 (e.g. a tiny test model).
+the GPU machine ``--gguf`` points at the staged SmolLM2 GGUF (bench/heal_gpu.py);
+``--model`` replaces SmolLM2 (e.g. a tiny test model).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heal_gpu import parse_set, wide_distinct  # noqa: E402
+from heal_gpu import parse_set, source_folder, wide_distinct  # noqa: E402
 from source_tree import REPO, stand_in_package, use_source_tree  # noqa: E402
 
 ALICE = REPO / "tests" / "data" / "alice29.txt"
@@ -120,8 +121,8 @@ def child(args) -> None:
            "alice": ppl["quantized"], "alice_fp": ppl["baseline"], "alice_ratio": ppl["ratio"], "kl": ppl["kl_mean"],
            "top1": ppl["top1_agreement"], "milton": milton, "final_loss": h["final_loss"],
            "distinct4_healed": g["healed"]["distinct_4grams"], "distinct4_source": g["source"]["distinct_4grams"],
-           "samples_distinct4": samples.get("distinct_4grams"),
-           "distinct4_wide": wide["distinct_4grams"], "distinct4_wide_se": wide["se"], "wide_completions": wide["completions"], "on_policy": h.get("on_policy"),
+           "samples_distinct4": samples.get("distinct_4grams"), "distinct4_wide": wide["distinct_4grams"],
+           "distinct4_wide_se": wide["se"], "wide_completions": wide["completions"], "on_policy": h.get("on_policy"),
            "loss": h.get("loss"), "completions": g["healed"]["completions"], "curve": h["curve"], "notes": notes,
            "peak_gpu_gib": round((h["peak_gpu_bytes"] or 0) / 2**30, 2), "exactness": h.get("exactness")}
     print("RESULT " + json.dumps(row), flush=True)
@@ -160,9 +161,7 @@ def main() -> None:
           f"{sampled.get('distinct_4grams')} ({'cached' if sampled.get('cached') else f'{time.monotonic() - began:.0f} s'})",
           flush=True)
     fp_milton = evaluate(args.model, MILTON, settings=EvalSettings(max_tokens=16384)).perplexity
-    from bitquant.source import open_checkpoint, resolve_source
-
-    fp_wide = wide_distinct(open_checkpoint(resolve_source(args.model).path).path)
+    fp_wide = wide_distinct(source_folder(args.model))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the sampler's cache would stay reserved here while the variants train

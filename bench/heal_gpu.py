@@ -58,10 +58,18 @@ WIDE_PROMPTS = (
 )
 
 
+def source_folder(model: str) -> Path:
+    """The Hugging Face folder of ``model`` (a Hub id, a folder or ``embedded:...``), as heal opens it."""
+    from bitquant.source import open_checkpoint, resolve_source
+
+    return open_checkpoint(resolve_source(model).path).path
+
+
 def wide_distinct(folder: Path, device: str | None = None) -> dict:
     """Greedy completions of :data:`WIDE_PROMPTS` by the model in ``folder`` (FP or ternary, its
     own tokenizer): their pooled distinct 4-grams (the report's formula), the spread of the
     per-completion figure (standard error of its mean) and the first few completions."""
+    import math
     import statistics
 
     import torch
@@ -74,8 +82,7 @@ def wide_distinct(folder: Path, device: str | None = None) -> dict:
     model, _ = runtime.load_model(Path(folder), EvalSettings().resolved_dtype(device), device)
     gens = completions(model, runtime.load_tokenizer(Path(folder)), WIDE_PROMPTS)
     del model
-    each = [distinct_ngrams([g.ids], 4) for g in gens]
-    each = [d for d in each if d == d]
+    each = [d for d in (distinct_ngrams([g.ids], 4) for g in gens) if not math.isnan(d)]  # nan: under 4 tokens
     return {"distinct_4grams": round(distinct_ngrams([g.ids for g in gens], 4), 4), "prompts": len(gens),
             "se": round(statistics.stdev(each) / len(each) ** 0.5, 4) if len(each) > 1 else None,
             "completions": [g.text for g in gens[:6]]}
@@ -199,9 +206,7 @@ def main() -> None:
             rows.append((f"  {prompt!r} FP", repr(a[:150])))
             rows.append((f"  {prompt!r} healed", repr(b[:150])))
         if args.model == "smollm2":
-            from bitquant.source import open_checkpoint, resolve_source
-
-            src = wide_distinct(open_checkpoint(resolve_source(model).path).path)
+            src = wide_distinct(source_folder(model))
             wide = wide_distinct(Path(args.out))
             rows.append((f"distinct 4-grams, {wide['prompts']} prompts", f"source {src['distinct_4grams']} (se {src['se']}) / "
                                                                          f"healed {wide['distinct_4grams']} (se {wide['se']})"))

@@ -14,8 +14,8 @@ sequences at a time; on CUDA each full batch goes through one
 2,048 sequences of SmolLM2: its first batch 10.1 s against the eager loop's 30.4 s (whose
 first batch warms up a kernel per length), then 103k against 114k tokens/s
 (``bench/heal_speed.py --samplers decode:2048,graph:2048``), so for fewer than about 20
-batches it is the faster of the two. Samples are cached in bitquant's cache (``$BITQUANT_CACHE/heal-data``),
-keyed by the model's fingerprint and every sampling setting, so a re-run or a resume
+batches it is the faster of the two. Samples are cached in bitquant's cache
+(``$BITQUANT_CACHE/heal-data``), keyed by the model's fingerprint and every sampling setting, so a re-run or a resume
 never samples again. Token ids are stored as uint16 where the vocabulary fits (half the
 bytes). The user's own text is read by :mod:`bitquant.training.texts`.
 """
