@@ -7,7 +7,7 @@
 #   setsid nohup bash bench/heal_session.sh > /dev/null 2>&1 &
 #   tail /tmp/bq-session/*.log; ls /tmp/bq-session/done
 #
-# TOKENS (training tokens a variant), DEADLINE (seconds for the whole ablation), JOBS
+# TOKENS (training tokens a variant), VARIANTS (replaces the default list), DEADLINE (seconds for the whole ablation), JOBS
 # (variants at once) and REAL_TEXT (a text, JSON Lines or Parquet file of your own: adds a
 # variant with half real text) may be set in the environment. Five at once ran the on-policy
 # variant out of an H100's memory until heal gave its sampler's memory back; since then five
@@ -17,11 +17,16 @@ cd "$(dirname "$0")/.."
 W=/tmp/bq-session
 mkdir -p "$W"
 export PYTHONUNBUFFERED=1
+# VARIANTS (space-separated NAME:field=value,... specs) replaces the default list.
+if [ -n "${VARIANTS:-}" ]; then
+  read -r -a specs <<< "$VARIANTS"
+else
+  specs=(base: rkl:loss=reverse_kl opw25:on_policy=0.25,on_policy_start=0.5 topp:sample_top_p=0.9
+         ${REAL_TEXT:+"real50:data=$REAL_TEXT,data_share=0.5"})
+fi
 python3 bench/heal_ablate.py --tokens "${TOKENS:-6291456}" --set sample_tokens=2097152 --set micro_batch_tokens=16384 \
   --jobs "${JOBS:-4}" --deadline "${DEADLINE:-560}" --work "$W/ablate" --json "$W/ablate.json" \
-  --variant base: --variant rkl:loss=reverse_kl --variant opw25:on_policy=0.25,on_policy_start=0.5 \
-  --variant topp:sample_top_p=0.9 \
-  ${REAL_TEXT:+--variant "real50:data=$REAL_TEXT,data_share=0.5"} > "$W/ablate.log" 2>&1
+  $(printf -- '--variant %s ' "${specs[@]}") > "$W/ablate.log" 2>&1
 touch "$W/ablate-done"
 # HEADLINE=if-new (default) runs the winner alone only when it is not the bundled recipe
 # (whose headline is already measured); always / never as they say. When the bundled recipe

@@ -358,6 +358,24 @@ def test_on_policy_steps_can_start_after_a_share_of_the_steps(source, tmp_path):
     assert curve[5] < curve[0]
 
 
+def test_unlikelihood_makes_the_students_own_text_repeat_less(source, tmp_path):
+    """Greedy on-policy rows, with and without the unlikelihood term on their repeated
+    4-grams: with it, the student's later rollouts repeat less (the report keeps each
+    rollout's share of repeating tokens), and the student still equals OUT."""
+    shares = {}
+    for alpha in (0.0, 10.0):
+        r = recipe(on_policy=0.5, on_policy_prompt=6, on_policy_every=2, on_policy_temperature=0.0,
+                   unlikelihood=alpha, tokens=24 * 4 * 32)
+        report = heal(str(source), tmp_path / f"out{alpha}", recipe=r, device="cpu")
+        op = report.heal["on_policy"]
+        assert op["unlikelihood"] == alpha and op["unlikelihood_n"] == 4 and len(op["repeated_shares"]) == 12
+        assert report.heal["exactness"]["relative_error"] == 0.0
+        shares[alpha] = [d["share"] for d in op["repeated_shares"]]
+    assert shares[0.0][0] == shares[10.0][0]  # the same first rollout (written before any step)
+    later = {a: sum(s[6:]) / 6 for a, s in shares.items()}
+    assert later[10.0] < 0.75 * later[0.0], later
+
+
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
 def test_every_loss_trains_what_ships(source, tmp_path, loss):
     report = heal(str(source), tmp_path / "out", recipe=recipe(loss=loss, **ON_POLICY), device="cpu")
@@ -367,12 +385,13 @@ def test_every_loss_trains_what_ships(source, tmp_path, loss):
     assert curve[-1] < curve[0]
 
 
-@pytest.mark.parametrize("start, stop", [(0.0, 5), (0.5, 7)])
-def test_on_policy_run_resumes_to_identical_weights(source, tmp_path, start, stop):
+@pytest.mark.parametrize("start, stop, unlikelihood", [(0.0, 5, 0.0), (0.5, 7, 0.0), (0.0, 5, 2.0)])
+def test_on_policy_run_resumes_to_identical_weights(source, tmp_path, start, stop, unlikelihood):
     """Stopped inside a rollout window (step 5 of windows of 3; with on_policy_start 0.5,
     step 7: data rows until step 6, then the window of steps 6-8), the resumed run trains on
-    the same student-written sequences and ends with the same weights."""
-    r = recipe(**ON_POLICY, on_policy_start=start)
+    the same student-written sequences (and, with unlikelihood, the same repeats marked in
+    them) and ends with the same weights."""
+    r = recipe(**ON_POLICY, on_policy_start=start, unlikelihood=unlikelihood)
     whole = heal(str(source), tmp_path / "whole", recipe=r, device="cpu")
 
     def stop_there(p):

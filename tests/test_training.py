@@ -298,6 +298,59 @@ def test_chunked_divergences_equal_whole_logits(kind, beta, temperature):
     assert (grads[1] - w_s.grad).norm() <= 1e-5 * w_s.grad.norm()
 
 
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd"])
+def test_unlikelihood_term_equals_whole_logits(kind):
+    """The unlikelihood term (rows with a negative token) added to each divergence: chunked
+    value and gradients equal autograd through whole logits; without negatives it is off."""
+    from bitquant.training.loss import Divergence, chunked, reference
+
+    torch.manual_seed(6)
+    div = Divergence(kind, 0.3, 1.5)
+    h_s = torch.randn(29, 12, dtype=torch.float64, requires_grad=True)
+    w_s = torch.randn(40, 12, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(29, 12, dtype=torch.float64), torch.randn(40, 12, dtype=torch.float64)
+    negative = torch.randint(-20, 40, (29,)).clamp_min(-1)
+    assert 0 < int((negative >= 0).sum()) < 29
+    value = chunked(h_s, w_s, h_t, w_t, div, budget=6 * 40, negative=negative, alpha=0.8)
+    value.backward()
+    grads = h_s.grad.clone(), w_s.grad.clone()
+    h_s.grad = w_s.grad = None
+    ref = reference(h_s, w_s, h_t, w_t, div, negative, 0.8)
+    ref.backward()
+    plain = float(reference(h_s, w_s, h_t, w_t, div))
+    assert float(ref.detach()) > plain + 1e-3  # the term is there
+    assert torch.allclose(value.double(), ref.detach().double(), rtol=1e-5)
+    assert (grads[0] - h_s.grad).norm() <= 1e-5 * h_s.grad.norm()
+    assert (grads[1] - w_s.grad).norm() <= 1e-5 * w_s.grad.norm()
+    none = torch.full((29,), -1)
+    assert abs(float(chunked(h_s, w_s, h_t, w_t, div, negative=none, alpha=0.8)) - plain) < 1e-5
+
+
+def test_unlikelihood_lowers_the_negative_tokens_probability():
+    from bitquant.training.loss import chunked
+
+    torch.manual_seed(7)
+    h = torch.randn(8, 6, requires_grad=True)
+    w = torch.randn(20, 6)
+    h_t = h.detach().clone()  # the teacher agrees: the divergence pulls nowhere, the term alone acts
+    negative = torch.full((8,), 3)
+    before = torch.softmax(h @ w.T, -1)[:, 3]
+    chunked(h, w, h_t, w, negative=negative, alpha=5.0).backward()
+    after = torch.softmax((h - 0.1 * h.grad) @ w.T, -1)[:, 3]
+    assert bool((after < before).all())
+
+
+def test_repeated_marks_the_tokens_that_repeat_an_ngram():
+    from bitquant.training.loss import repeated
+
+    ids = torch.tensor([[1, 2, 3, 1, 2, 3, 1, 2], [5, 5, 5, 5, 5, 6, 7, 8], [1, 2, 3, 4, 5, 6, 7, 8]])
+    assert repeated(ids, 2).int().tolist() == [[0, 0, 0, 0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 0, 0, 0], [0] * 8]
+    assert repeated(ids, 4).int().tolist() == [[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 0, 0, 1, 0, 0, 0], [0] * 8]
+    assert not repeated(ids[:, :3], 4).any()
+    # rows do not see each other's n-grams
+    assert not repeated(torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4]]), 4).any()
+
+
 def test_divergences_differ_and_vanish_for_equal_models():
     from bitquant.training.loss import Divergence, chunked
 
@@ -344,6 +397,12 @@ def test_recipe_refuses_bad_losses_and_on_policy_shares():
     with pytest.raises(RecipeError, match="'on_policy_prompt' \\(512\\) must be shorter than 'seq_len'"):
         HealRecipe(on_policy=0.5, on_policy_prompt=512)
     assert HealRecipe(on_policy=0.25).on_policy_rows == 16  # of 64 sequences
+    with pytest.raises(RecipeError, match="'unlikelihood' acts on the text the student writes itself"):
+        HealRecipe(unlikelihood=1.0)
+    with pytest.raises(RecipeError, match="'unlikelihood' must be 0 or more and 'unlikelihood_n' at least 2"):
+        HealRecipe(on_policy=0.25, unlikelihood=-1.0)
+    with pytest.raises(RecipeError, match="'unlikelihood_n' at least 2"):
+        HealRecipe(on_policy=0.25, unlikelihood=1.0, unlikelihood_n=1)
 
 
 def test_row_distinct_counts_repetition():

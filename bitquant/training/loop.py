@@ -108,16 +108,19 @@ class StudentLoss(torch.nn.Module):
     """The student and its loss as one module, so that DDP and FSDP2 see every trainable
     parameter used inside one forward pass (the output head included)."""
 
-    def __init__(self, student: torch.nn.Module, div: Divergence = FORWARD_KL):
+    def __init__(self, student: torch.nn.Module, div: Divergence = FORWARD_KL, unlikelihood: float = 0.0):
         super().__init__()
         self.student = student
         self.div = div
+        self.unlikelihood = unlikelihood
 
     def forward(self, ids: torch.Tensor, h_t: torch.Tensor | list[torch.Tensor], t_head: torch.Tensor,
-                weight: float, starts: torch.Tensor | None = None) -> torch.Tensor:
+                weight: float, starts: torch.Tensor | None = None,
+                negatives: torch.Tensor | None = None) -> torch.Tensor:
         """The divergence of the final hidden states ``h_t`` (end to end) at the positions from
-        each row's ``starts`` on (all of them when None), or, when ``h_t`` is the list of the
-        teacher's block inputs and last output, the block-wise reconstruction loss."""
+        each row's ``starts`` on (all of them when None), plus the unlikelihood term where
+        ``negatives`` ([rows, seq], -1: none) names a token, or, when ``h_t`` is the list of
+        the teacher's block inputs and last output, the block-wise reconstruction loss."""
         body, head = _decoder_and_head(self.student)
         if isinstance(h_t, list):
             outputs = run_blocks(body, h_t[:-1])
@@ -126,7 +129,8 @@ class StudentLoss(torch.nn.Module):
         if starts is None:
             return divergence(h_s.flatten(0, 1), head, h_t.flatten(0, 1), t_head, self.div) * weight
         keep = torch.arange(ids.shape[1], device=ids.device)[None, :] >= starts[:, None]
-        return divergence(h_s[keep], head, h_t[keep], t_head, self.div) * weight
+        negative = None if negatives is None else negatives[keep]
+        return divergence(h_s[keep], head, h_t[keep], t_head, self.div, negative, self.unlikelihood) * weight
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -177,7 +181,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     if rollouts is not None and parallel == "fsdp":
         raise UsageError("on-policy steps (--on-policy) need the whole student in every process: use --parallel ddp, "
                          "or --on-policy 0 with FSDP2")
-    model = distributed.wrap(StudentLoss(student, r.divergence), list(student.get_decoder().layers), parallel,
+    model = distributed.wrap(StudentLoss(student, r.divergence, r.unlikelihood), list(student.get_decoder().layers), parallel,
                              str(device), unused_ok=r.block_stage > 0)
     params = _trainable(model)
     optimizer = make_optimizer(list(params.values()), r, cuda, low_memory)
@@ -188,16 +192,20 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     if rollouts is not None:
         rollouts.restore(extra)
 
-    def batch_of(step: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Step ``step``'s rows for this process (on the device), and where each row's scored
-        positions start (on the CPU; None: everywhere)."""
+    def batch_of(step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Step ``step``'s rows for this process (on the device), where each row's scored
+        positions start (on the CPU; None: everywhere), and the unlikelihood term's tokens
+        (on the CPU, -1: none; None: no term this step)."""
         ids = batches.batch(step) if batches.pools else torch.empty(0, r.seq_len, dtype=torch.long)
         if rollouts is None:
-            return ids[rows].to(device, non_blocking=True), None
+            return ids[rows].to(device, non_blocking=True), None, None
         written = rollouts.batch(step)
         starts = torch.cat([torch.zeros(len(ids), dtype=torch.long),
                             torch.full((len(written),), rollouts.scored_from(step), dtype=torch.long)])
-        return torch.cat([ids, written])[rows].to(device, non_blocking=True), starts[rows]
+        negatives = rollouts.negatives(step)
+        if negatives is not None:
+            negatives = torch.cat([torch.full_like(ids, -1), negatives])[rows]
+        return torch.cat([ids, written])[rows].to(device, non_blocking=True), starts[rows], negatives
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
@@ -207,8 +215,11 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     budget = None
     if deadline is not None:
         activity.step("measuring the training speed for the time budget")
-        budget = _fit_to_deadline(deadline, state_dir / BUDGET, lambda k: _accumulate(
-            *batch_of(k), micro, model, t_body, t_head, autocast), optimizer, r, world, rollouts)
+        def probe(k: int) -> torch.Tensor:
+            ids, starts, negatives = batch_of(k)
+            return _accumulate(ids, starts, micro, model, t_body, t_head, autocast, False, negatives)
+
+        budget = _fit_to_deadline(deadline, state_dir / BUDGET, probe, optimizer, r, world, rollouts)
         r = r.replace(tokens=budget["tokens"])
         if note:
             note(f"time budget: {budget['steps']:,} steps of {r.batch_tokens:,} tokens fit "
@@ -230,10 +241,10 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                     group["lr"].fill_(lr_at(step, r))
                 else:
                     group["lr"] = lr_at(step, r)
-            ids, starts = batch_of(step)
+            ids, starts, negatives = batch_of(step)
             blockwise = step < r.block_steps
             try:
-                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise)
+                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise, negatives)
             except Exception as e:  # a compiled projection that fails on this device: run eagerly
                 if not compiled or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
@@ -243,7 +254,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 optimizer.zero_grad(set_to_none=True)
                 if note:
                     note(f"torch.compile failed here ({type(e).__name__}); training without it")
-                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise)
+                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise, negatives)
             if r.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), r.grad_clip)
             loss_value = float(world.mean(loss))
@@ -311,10 +322,12 @@ def _extra(rollouts: Rollouts | None, step: int) -> dict:
     return rollouts.state(step) if rollouts is not None else {}
 
 
-def _accumulate(ids, starts, micro: int, model, t_body, t_head, autocast, blockwise: bool = False) -> torch.Tensor:
+def _accumulate(ids, starts, micro: int, model, t_body, t_head, autocast, blockwise: bool = False,
+                negatives=None) -> torch.Tensor:
     """Forward and backward over this process's micro-batches of one batch; returns their
     mean loss (gradients are averaged over the processes on the last micro-batch).
     ``starts`` (on the CPU): each row's first scored position (None: all positions).
+    ``negatives`` (on the CPU): the unlikelihood term's token at each position (-1: none).
     ``blockwise``: the block-wise reconstruction loss instead of the end-to-end divergence."""
     total = torch.zeros((), device=ids.device)
     n = ids.shape[0]
@@ -323,6 +336,11 @@ def _accumulate(ids, starts, micro: int, model, t_body, t_head, autocast, blockw
         chunk = ids[b : b + micro]
         part = None if starts is None else starts[b : b + micro]
         rows_start = part.to(ids.device, non_blocking=True) if part is not None and bool(part.any()) else None
+        neg = None
+        if negatives is not None and bool((negatives[b : b + micro] >= 0).any()):
+            neg = negatives[b : b + micro].to(ids.device, non_blocking=True)
+            if rows_start is None:
+                rows_start = torch.zeros(chunk.shape[0], dtype=torch.long, device=ids.device)
         with distributed.no_sync(model, last=b == firsts[-1]):
             with autocast:
                 with torch.no_grad():
@@ -330,7 +348,7 @@ def _accumulate(ids, starts, micro: int, model, t_body, t_head, autocast, blockw
                         h_t = block_states(t_body, chunk)
                     else:
                         h_t = t_body(input_ids=chunk, use_cache=False).last_hidden_state
-                loss = model(chunk, h_t, t_head, chunk.shape[0] / n, rows_start)
+                loss = model(chunk, h_t, t_head, chunk.shape[0] / n, rows_start, neg)
             loss.backward()
         total += loss.detach()
     return total

@@ -11,6 +11,12 @@ divided by T), with p the teacher's distribution and q the student's:
 
 These are liger-kernel's and TRL's conventions (β = 0 and β = 1 are named as the two KLs).
 
+An optional **unlikelihood** term (Welleck et al., arXiv 1908.04319) is added on the rows
+given a ``negative`` token: α · −log(1 − q(negative)), the student pushed away from a
+token it should not have written (on-policy rows: the token that repeats an n-gram its own
+text already holds, :func:`repeated`). It is summed with the divergence and averaged over
+all rows alike; only :func:`chunked` computes it.
+
 Two implementations of the same quantity:
 
 * :func:`chunked` (pure torch, any device): rows are taken ``chunk`` at a time, both
@@ -83,9 +89,32 @@ def _rows_terms(logp: torch.Tensor, logq: torch.Tensor, mix: float) -> tuple[tor
     return total, g.sub_((q * g).sum(-1, keepdim=True)).mul_(q)
 
 
+#: 1 − q is held at least this far from 0 in the unlikelihood term (as in Welleck et al.'s code).
+UL_FLOOR = 1e-5
+
+
+def _unlikelihood(logq: torch.Tensor, negative: torch.Tensor, alpha: float):
+    """For the rows with a negative token (≥ 0): the rows, α · −log(1 − q_c) summed (float64),
+    and d/d(logits) of it, α q_c / (1 − q_c) · (e_c − q). None when no row has one. Reads
+    ``logq`` (before :func:`_rows_terms` overwrites it)."""
+    sel = (negative >= 0).nonzero().squeeze(1)
+    if not len(sel):
+        return None
+    c = negative[sel]
+    q = logq[sel].exp()
+    qc = q.gather(1, c[:, None]).squeeze(1)
+    rest = (1 - qc).clamp_min(UL_FLOOR)
+    total = -alpha * rest.log().sum(dtype=torch.float64)
+    coef = alpha * qc / rest
+    g = q.mul_(-coef[:, None])
+    g[torch.arange(len(sel), device=g.device), c] += coef
+    return sel, total, g
+
+
 class _Chunked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h_s, w_s, h_t, w_t, rows: int, mix: float, temperature: float):
+    def forward(ctx, h_s, w_s, h_t, w_t, rows: int, mix: float, temperature: float, negative=None,
+                alpha: float = 0.0):
         n = h_s.shape[0]
         grad_h = torch.empty_like(h_s)
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if ctx.needs_input_grad[1] else None
@@ -94,9 +123,13 @@ class _Chunked(torch.autograd.Function):
             hs, ht = h_s[b : b + rows], h_t[b : b + rows]
             logp = torch.log_softmax((ht @ w_t.T).float() / temperature, dim=-1)
             logq = torch.log_softmax((hs @ w_s.T).float() / temperature, dim=-1)
+            ul = None if negative is None or alpha == 0 else _unlikelihood(logq, negative[b : b + rows], alpha)
             part, g = _rows_terms(logp, logq, mix)
             del logp
             total += part
+            if ul is not None:
+                total += ul[1]
+                g[ul[0]] += ul[2]
             g = g.div_(n * temperature)  # d(mean divergence)/d(student logits)
             grad_h[b : b + rows] = g.to(w_s.dtype) @ w_s
             if grad_w is not None:
@@ -109,7 +142,7 @@ class _Chunked(torch.autograd.Function):
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
         gw = None if grad_w is None else (grad_w * grad_out).to(ctx.w_dtype)
-        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None, None
+        return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None, None, None, None
 
 
 def chunk_rows(vocab: int, budget: int = DEFAULT_BUDGET) -> int:
@@ -117,16 +150,18 @@ def chunk_rows(vocab: int, budget: int = DEFAULT_BUDGET) -> int:
 
 
 def chunked(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: torch.Tensor, head_teacher: torch.Tensor,
-            div: Divergence = FORWARD_KL, budget: int = DEFAULT_BUDGET) -> torch.Tensor:
+            div: Divergence = FORWARD_KL, budget: int = DEFAULT_BUDGET, negative: torch.Tensor | None = None,
+            alpha: float = 0.0) -> torch.Tensor:
     """Mean over rows of the divergence ``div`` between softmax(h_t W_t^T / T) and
     softmax(h_s W_s^T / T), in nats, in chunks of rows (pure torch).
 
     ``h_*``: [rows, hidden] final hidden states (after the final norm); ``head_*``: the
     output heads, [vocab, hidden]. Gradients flow to ``h_student`` and, if it requires
-    them, to ``head_student``; the teacher's inputs are constants."""
+    them, to ``head_student``; the teacher's inputs are constants. ``negative`` ([rows],
+    a token id or -1) with ``alpha`` > 0 adds the unlikelihood term on the rows that have one."""
     rows = chunk_rows(head_student.shape[0], budget)
     return _Chunked.apply(h_student, head_student, h_teacher.detach(), head_teacher.detach(), rows, div.mix,
-                          div.temperature)
+                          div.temperature, negative, alpha)
 
 
 #: Set when liger-kernel's kernel failed here once: the chunked loop is used from then on.
@@ -165,10 +200,13 @@ def fused(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: torch.
 
 
 def divergence(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: torch.Tensor,
-               head_teacher: torch.Tensor, div: Divergence = FORWARD_KL) -> torch.Tensor:
+               head_teacher: torch.Tensor, div: Divergence = FORWARD_KL, negative: torch.Tensor | None = None,
+               alpha: float = 0.0) -> torch.Tensor:
     """The mean divergence over rows: fused on CUDA where :func:`fused_available`, else chunked
     (also from the first time the fused kernel fails here: a liger-kernel built for another
-    torch or Triton)."""
+    torch or Triton). With an unlikelihood term (``negative``, ``alpha``): chunked."""
+    if negative is not None and alpha > 0:
+        return chunked(h_student, head_student, h_teacher, head_teacher, div, negative=negative, alpha=alpha)
     if fused_available(h_student.device, div):
         try:
             return fused(h_student, head_student, h_teacher, head_teacher, div)
@@ -191,7 +229,8 @@ def kl_loss(h_student, head_student, h_teacher, head_teacher, budget: int = DEFA
     return chunked(h_student, head_student, h_teacher, head_teacher, FORWARD_KL, budget)
 
 
-def reference(h_student, head_student, h_teacher, head_teacher, div: Divergence = FORWARD_KL) -> torch.Tensor:
+def reference(h_student, head_student, h_teacher, head_teacher, div: Divergence = FORWARD_KL,
+              negative: torch.Tensor | None = None, alpha: float = 0.0) -> torch.Tensor:
     """The same quantity with whole logits and autograd, for tests."""
     logp = torch.log_softmax((h_teacher @ head_teacher.T).float() / div.temperature, -1)
     logq = torch.log_softmax((h_student @ head_student.T).float() / div.temperature, -1)
@@ -203,7 +242,30 @@ def reference(h_student, head_student, h_teacher, head_teacher, div: Divergence 
     else:
         m = div.mix * p + (1 - div.mix) * q
         rows = div.mix * (p * (logp - m.log())).sum(-1) + (1 - div.mix) * (q * (logq - m.log())).sum(-1)
+    if negative is not None and alpha > 0:
+        has = negative >= 0
+        qc = q.gather(1, negative.clamp_min(0)[:, None]).squeeze(1)
+        rows = rows + torch.where(has, -alpha * (1 - qc).clamp_min(UL_FLOOR).log(), torch.zeros_like(qc))
     return rows.mean()
+
+
+def repeated(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """[rows, seq] bool: True at each token that ends an n-gram which already ended earlier
+    in its own row (the token that makes the text repeat itself). Exact (no hashing)."""
+    rows, seq = ids.shape
+    out = torch.zeros(rows, seq, dtype=torch.bool, device=ids.device)
+    if seq < n:
+        return out
+    grams = ids.unfold(1, n, 1)  # [rows, seq - n + 1, n]
+    count = grams.shape[1]
+    keyed = torch.cat([torch.arange(rows, device=ids.device).repeat_interleave(count)[:, None],
+                       grams.reshape(-1, n)], 1)
+    _, inverse = torch.unique(keyed, dim=0, return_inverse=True)
+    where = torch.arange(len(keyed), device=ids.device)
+    first = torch.full((int(inverse.max()) + 1,), len(keyed), device=ids.device).scatter_reduce(
+        0, inverse, where, "amin")
+    out[:, n - 1 :] = (where > first[inverse]).view(rows, count)
+    return out
 
 
 def kl_reference(h_student, head_student, h_teacher, head_teacher) -> torch.Tensor:

@@ -18,6 +18,14 @@ rollout serve the next ``every`` steps, each trained on ``reuse`` times (DistiLL
 arXiv 2402.03898, which keeps on-policy training affordable). The loss is taken only on
 the student's tokens (the positions after the prompt); the teacher scores all of them.
 
+Unlikelihood (``unlikelihood`` α > 0; Welleck et al., arXiv 1908.04319, sequence level):
+where the student's own text repeats itself (a token that ends an ``ngram``-gram already
+written earlier in the sequence, :func:`bitquant.training.loss.repeated`), the position
+that wrote it also gets α · −log(1 − q(token)). The teacher's targets alone do not remove a
+loop: on text that already repeats, the FP model too predicts the repeat. Every rollout's
+share of such tokens is kept for the report, with or without the term: how much the student
+repeats itself as it trains.
+
 ``start`` (a share of the steps) trains the first steps on data alone: their on-policy rows
 are whole data sequences instead, scored everywhere, and the first rollout is written at
 the first multiple of ``every`` from there. A student fresh from absmean writes noise, and
@@ -40,6 +48,7 @@ import torch
 
 from bitquant import decode, runtime
 from bitquant.errors import UsageError
+from bitquant.training.loss import repeated
 from bitquant.training.student import FakeTernaryLinear, quantized_weight
 
 #: Seed offsets, so that prompts and draws never share a stream with the teacher's samples.
@@ -56,6 +65,8 @@ class OnPolicy:
     every: int  # optimizer steps between rollouts
     reuse: int  # times each written sequence is trained on
     start: float = 0.0  # share of the steps trained on data alone before the first rollout
+    unlikelihood: float = 0.0  # weight of the unlikelihood term on tokens that repeat an n-gram
+    ngram: int = 4  # the n of those n-grams
 
     def rows(self, batch_sequences: int) -> int:
         """Sequences of each batch written by the student."""
@@ -138,6 +149,8 @@ class Rollouts:
         self.tokens = 0  # tokens written by the student
         self.first = 0  # the first on-policy step (set by begin_at once the step count is known)
         self.warm_seconds = 0.0  # a rollout written only to time the writer (see warm_up)
+        self.repeats: torch.Tensor | None = None  # [size, seq_len] bool, for ids (loss.repeated)
+        self.repeated_shares: list[dict] = []  # per rollout: the share of written tokens that repeat
 
     def begin_at(self, steps: int) -> None:
         """Fix the first on-policy step for a run of ``steps`` steps (``settings.start``)."""
@@ -184,10 +197,12 @@ class Rollouts:
         self.first = math.ceil(probe_steps / self.settings.every) * self.settings.every
         if self.decoder is None:
             self._build()
-        saved = (self.window, self.ids, self.seconds, self.rollouts, self.tokens)
+        saved = (self.window, self.ids, self.seconds, self.rollouts, self.tokens, self.repeats,
+                 list(self.repeated_shares))
         self.roll(self.first // self.settings.every)
         took = self.seconds - saved[2]
-        self.window, self.ids, self.seconds, self.rollouts, self.tokens = saved
+        (self.window, self.ids, self.seconds, self.rollouts, self.tokens, self.repeats,
+         self.repeated_shares) = saved
         self.warm_seconds += took
         return took
 
@@ -210,6 +225,15 @@ class Rollouts:
         self.window = window
         self.rollouts += 1
         self.tokens += self.size * (self.seq_len - self.settings.prompt)
+        self._mark()
+        written = self.repeats[:, self.settings.prompt :]
+        self.repeated_shares.append({"step": window * self.settings.every,
+                                     "share": round(float(written.float().mean()), 4)})
+
+    def _mark(self) -> None:
+        """Which of :attr:`ids`' written tokens repeat an n-gram of their own sequence."""
+        self.repeats = repeated(self.ids, self.settings.ngram)
+        self.repeats[:, : self.settings.prompt] = False
 
     def data_rows(self, step: int) -> torch.Tensor:
         """Before the first on-policy step, the on-policy rows are whole data sequences,
@@ -227,6 +251,20 @@ class Rollouts:
         index = torch.arange(first, first + self.rows) % self.size
         return self.ids[index]
 
+    def negatives(self, step: int) -> torch.Tensor | None:
+        """For step ``step``'s on-policy rows ([rows, seq_len], on the CPU): at each position,
+        the token it wrote that repeats an n-gram (the unlikelihood term's target), else -1.
+        None without the term, or before the first on-policy step."""
+        if self.settings.unlikelihood <= 0 or step < self.first:
+            return None
+        self.batch(step)
+        first = (step % self.settings.every) * self.rows
+        index = torch.arange(first, first + self.rows) % self.size
+        ids, marks = self.ids[index], self.repeats[index]
+        out = torch.full_like(ids, -1)
+        out[:, :-1] = torch.where(marks[:, 1:], ids[:, 1:], -1)
+        return out
+
     def state(self, step: int) -> dict[str, torch.Tensor]:
         """What a checkpoint after ``step`` steps keeps: the window in use, when the next step
         still reads it."""
@@ -238,11 +276,13 @@ class Rollouts:
         if "on_policy_ids" in saved:
             self.ids = saved["on_policy_ids"].to(torch.int64)
             self.window = int(saved["on_policy_window"][0])
+            self._mark()
 
     def report(self) -> dict:
         s = self.settings
         return {"share": s.share, "rows_per_step": self.rows, "temperature": s.temperature, "prompt_tokens": s.prompt,
                 "every": s.every, "reuse": s.reuse, "start": s.start, "first_step": self.first,
+                "unlikelihood": s.unlikelihood, "unlikelihood_n": s.ngram, "repeated_shares": self.repeated_shares,
                 "sequences_per_rollout": self.size, "rollouts": self.rollouts,
                 "tokens_written": self.tokens, "seconds": round(self.seconds, 3),
                 "build_seconds": round(self.build_seconds + self.warm_seconds, 3),

@@ -85,6 +85,8 @@ class HealRecipe:
     on_policy_every: int = 32
     on_policy_reuse: int = 1
     on_policy_start: float = 0.0
+    unlikelihood: float = 0.0
+    unlikelihood_n: int = 4
     # data
     seed: int = 0
     sample_tokens: int = 4_194_304
@@ -130,7 +132,7 @@ class HealRecipe:
         from bitquant.training.on_policy import OnPolicy
 
         return OnPolicy(self.on_policy, self.on_policy_temperature, self.on_policy_prompt, self.on_policy_every,
-                        self.on_policy_reuse, self.on_policy_start)
+                        self.on_policy_reuse, self.on_policy_start, self.unlikelihood, self.unlikelihood_n)
 
     @property
     def on_policy_rows(self) -> int:
@@ -188,7 +190,8 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "checkpoint_every": (int,), "min_steps": (int,), "block_stage": _NUMBER,
     "time_budget": (float, int, type(None)), "loss": (str,), "loss_beta": _NUMBER, "loss_temperature": _NUMBER,
     "on_policy": _NUMBER, "on_policy_temperature": _NUMBER, "on_policy_prompt": (int,), "on_policy_every": (int,),
-    "on_policy_reuse": (int,), "on_policy_start": _NUMBER, "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
+    "on_policy_reuse": (int,), "on_policy_start": _NUMBER,
+    "unlikelihood": _NUMBER, "unlikelihood_n": (int,), "seed": (int,), "sample_tokens": (int,), "sample_temperature": _NUMBER,
     "sample_batch": (int,), "sample_top_p": _NUMBER, "sample_greedy_tokens": (int,), "sample_min_distinct": _NUMBER,
     "data_share": _NUMBER, "data_tokens": (int,), "eval_context": (int,), "eval_stride": (int, type(None)),
     "eval_max_tokens": (int,), "max_ppl_ratio": (float, int, type(None)), "max_kl": (float, int, type(None)),
@@ -218,6 +221,12 @@ def _validate(r: HealRecipe) -> None:
     if r.on_policy_temperature < 0 or r.sample_min_distinct < 0 or r.sample_min_distinct > 1 or r.sample_greedy_tokens < 0:
         raise RecipeError("recipe fields 'on_policy_temperature' and 'sample_greedy_tokens' must be 0 or more, and "
                           "'sample_min_distinct' between 0 and 1")
+    if r.unlikelihood < 0 or r.unlikelihood_n < 2:
+        raise RecipeError(f"recipe field 'unlikelihood' must be 0 or more and 'unlikelihood_n' at least 2, got "
+                          f"{r.unlikelihood:g} and {r.unlikelihood_n}")
+    if r.unlikelihood > 0 and r.on_policy == 0:
+        raise RecipeError("recipe field 'unlikelihood' acts on the text the student writes itself: give on-policy "
+                          "steps too (--on-policy X, recipe field 'on_policy' above 0), or set unlikelihood: 0")
     if not 0 < r.sample_top_p <= 1:
         raise RecipeError(f"recipe field 'sample_top_p' must be in (0, 1], got {r.sample_top_p}")
     for name in ("on_policy_every", "on_policy_reuse", "on_policy_prompt", "data_tokens"):
