@@ -197,7 +197,18 @@ def _on_policy(on: dict | None) -> list[str]:
         return []
     return [f"| on-policy | {on['share']:.0%} of every batch written by the student from {on['prompt_tokens']}-token "
             f"prompts at temperature {on['temperature']:g}, rewritten every {on['every']} steps, each sequence trained "
-            f"on {on['reuse']}x; {on['tokens_written']:,} tokens written at {on['tokens_per_second']:,.0f} tokens/s |"]
+            f"on {on['reuse']}x; {on['tokens_written']:,} tokens written at {on['tokens_per_second']:,.0f} tokens/s"
+            + _unlikelihood(on) + " |"]
+
+
+def _unlikelihood(on: dict) -> str:
+    shares = on.get("repeated_shares") or []
+    n = on.get("unlikelihood_n", 4)
+    term = (f"; unlikelihood term (weight {on['unlikelihood']:g}) on the tokens that repeat a {n}-gram of the "
+            f"student's own text" if on.get("unlikelihood") else "")
+    seen = (f"; tokens of its own text repeating a {n}-gram: {shares[0]['share']:.1%} at the first rollout, "
+            f"{shares[-1]['share']:.1%} at the last" if shares else "")
+    return term + seen
 
 
 def _generation(g: dict) -> list[str]:

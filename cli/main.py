@@ -381,6 +381,9 @@ class Duration(click.ParamType):
 @click.option("--on-policy-start", "on_policy_start", type=float, default=None, metavar="X",
               help="Share of the steps trained on the data alone before the student's own text joins the batches, "
                    "at least 0 and below 1" + _rd("on_policy_start") + ".")
+@click.option("--unlikelihood", "unlikelihood", type=float, default=None, metavar="A",
+              help="Weight of the unlikelihood term on the tokens that repeat a 4-gram of the student's own "
+                   "on-policy text (needs --on-policy), 0 or more" + _rd("unlikelihood") + ".")
 @click.option("--loss", "loss", default=None, metavar="NAME",
               help="Divergence: forward_kl (teacher to student), reverse_kl or jsd (recipe field loss_beta)" + _rd("loss") + ".")
 @click.option("--sample-tokens", type=click.IntRange(min=2), default=None, help="Tokens to sample from the teacher, at most (cached)" + _rd("sample_tokens") + ".")
@@ -402,7 +405,7 @@ class Duration(click.ParamType):
 @threads_option
 @debug_option
 def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens, micro_batch_tokens, data_files, data_field,
-         data_config, data_split, data_share, on_policy, on_policy_start, loss, sample_tokens, sample_batch,
+         data_config, data_split, data_share, on_policy, on_policy_start, unlikelihood, loss, sample_tokens, sample_batch,
          seed, checkpoint_every, device, parallel, low_memory, save_master, fmt, strict, eval_text, eval_max_tokens, eval_context, eval_stride,
          max_ppl_ratio, max_kl, revision, token, overwrite, force, max_shard_size, push_to_hub, private, push_revision,
          create_pr, as_json, stream):
@@ -444,6 +447,7 @@ def heal(model, out, config, time_budget, tokens, block_stage, lr, batch_tokens,
         sample_tokens=sample_tokens, sample_batch=sample_batch, seed=seed, checkpoint_every=checkpoint_every, format=fmt,
         eval_max_tokens=eval_max_tokens, eval_context=eval_context, eval_stride=eval_stride,
         max_ppl_ratio=max_ppl_ratio, max_kl=max_kl, on_policy=on_policy, on_policy_start=on_policy_start, loss=loss,
+        unlikelihood=unlikelihood,
     )
     data_specs = tuple(DataSpec(d, data_field, data_config, data_split) for d in data_files)
     main_process = world_from_env().main  # under a launcher only the main process shows progress and the report

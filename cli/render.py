@@ -331,11 +331,21 @@ def heal_rows(report: ConvertReport, t: Table) -> None:
     op = h.get("on_policy")
     if op:
         t.add_row("on-policy", f"{op['share']:.0%} of each batch written by the student ({op['tokens_written']:,} "
-                  f"tokens at {op['tokens_per_second']:,.0f} tokens/s, every {op['every']} steps)")
+                  f"tokens at {op['tokens_per_second']:,.0f} tokens/s, every {op['every']} steps)"
+                  + _repeats(op))
     ex = h.get("exactness")
     if ex:
         t.add_row("exactness", f"student vs output logits: relative error {ex['relative_error']:.2e}, "
                   f"top-1 agreement {ex['top1_agreement']:.1%}")
+
+
+def _repeats(op: dict) -> str:
+    """The unlikelihood term, and how much the student's own text repeated at the first and last rollout."""
+    shares = op.get("repeated_shares") or []
+    seen = (f"; its text repeated a {op.get('unlikelihood_n', 4)}-gram at {shares[0]['share']:.0%} of the tokens "
+            f"at first, {shares[-1]['share']:.0%} at the last rollout" if shares else "")
+    term = f"; unlikelihood weight {op['unlikelihood']:g}" if op.get("unlikelihood") else ""
+    return term + seen
 
 
 def generation_speed(result) -> None:

@@ -297,6 +297,8 @@ CASES = [
     Case("heal-empty-jsonl", "heal --data: an empty JSON Lines file", s_heal_empty_jsonl, 2, "holds no text"),
     Case("heal-on-policy", "heal --on-policy outside [0, 1]", lambda t, s, h: (heal(s, "--on-policy", "1.5"), {}), 2, "must be between 0 and 1, got 1.5"),
     Case("heal-on-policy-start", "heal --on-policy-start outside [0, 1)", lambda t, s, h: (heal(s, "--on-policy", "0.5", "--on-policy-start", "1"), {}), 2, "must be at least 0 and below 1, got 1"),
+    Case("heal-unlikelihood", "heal --unlikelihood without on-policy steps", lambda t, s, h: (heal(s, "--unlikelihood", "1"), {}), 2, "acts on the text the student writes itself: give on-policy steps too"),
+    Case("heal-unlikelihood-negative", "heal --unlikelihood below 0", lambda t, s, h: (heal(s, "--on-policy", "0.25", "--unlikelihood", "-1"), {}), 2, "must be 0 or more and 'unlikelihood_n' at least 2, got -1 and 4"),
     Case("heal-loss", "heal --loss: an unknown divergence", lambda t, s, h: (heal(s, "--loss", "kl2"), {}), 2, "'loss' is 'kl2'; choose one of forward_kl, reverse_kl, jsd"),
     Case("eval-bos-unnamed", "a tokenizer that adds BOS but names no BOS token", s_bos_unnamed, 2, "adds token 1 before the text but names no BOS token"),
     Case("generate-no-prompt", "generate: no PROMPT and nothing on stdin", lambda t, s, h: (["generate", str(s)], {}), 2, "the prompt is empty; give PROMPT or pipe text on stdin"),

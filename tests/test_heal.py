@@ -361,7 +361,10 @@ def test_on_policy_steps_can_start_after_a_share_of_the_steps(source, tmp_path):
 def test_unlikelihood_makes_the_students_own_text_repeat_less(source, tmp_path):
     """Greedy on-policy rows, with and without the unlikelihood term on their repeated
     4-grams: with it, the student's later rollouts repeat less (the report keeps each
-    rollout's share of repeating tokens), and the student still equals OUT."""
+    rollout's share of repeating tokens; the card says both), and the student still equals OUT."""
+    from bitquant import card
+    from bitquant.source import resolve_source
+
     shares = {}
     for alpha in (0.0, 10.0):
         r = recipe(on_policy=0.5, on_policy_prompt=6, on_policy_every=2, on_policy_temperature=0.0,
@@ -371,6 +374,9 @@ def test_unlikelihood_makes_the_students_own_text_repeat_less(source, tmp_path):
         assert op["unlikelihood"] == alpha and op["unlikelihood_n"] == 4 and len(op["repeated_shares"]) == 12
         assert report.heal["exactness"]["relative_error"] == 0.0
         shares[alpha] = [d["share"] for d in op["repeated_shares"]]
+        rendered = card.render(report, resolve_source(str(source)))
+        assert ("unlikelihood term (weight 10)" in rendered) == (alpha > 0)
+        assert "tokens of its own text repeating a 4-gram:" in rendered
     assert shares[0.0][0] == shares[10.0][0]  # the same first rollout (written before any step)
     later = {a: sum(s[6:]) / 6 for a, s in shares.items()}
     assert later[10.0] < 0.75 * later[0.0], later

@@ -397,9 +397,9 @@ def test_recipe_refuses_bad_losses_and_on_policy_shares():
     with pytest.raises(RecipeError, match="'on_policy_prompt' \\(512\\) must be shorter than 'seq_len'"):
         HealRecipe(on_policy=0.5, on_policy_prompt=512)
     assert HealRecipe(on_policy=0.25).on_policy_rows == 16  # of 64 sequences
-    with pytest.raises(RecipeError, match="'unlikelihood' acts on the text the student writes itself"):
+    with pytest.raises(RecipeError, match="recipe field 'unlikelihood'\\) acts on the text the student writes itself"):
         HealRecipe(unlikelihood=1.0)
-    with pytest.raises(RecipeError, match="'unlikelihood' must be 0 or more and 'unlikelihood_n' at least 2"):
+    with pytest.raises(RecipeError, match="recipe field 'unlikelihood'\\) must be 0 or more and 'unlikelihood_n' at least 2"):
         HealRecipe(on_policy=0.25, unlikelihood=-1.0)
     with pytest.raises(RecipeError, match="'unlikelihood_n' at least 2"):
         HealRecipe(on_policy=0.25, unlikelihood=1.0, unlikelihood_n=1)

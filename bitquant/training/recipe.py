@@ -222,11 +222,11 @@ def _validate(r: HealRecipe) -> None:
         raise RecipeError("recipe fields 'on_policy_temperature' and 'sample_greedy_tokens' must be 0 or more, and "
                           "'sample_min_distinct' between 0 and 1")
     if r.unlikelihood < 0 or r.unlikelihood_n < 2:
-        raise RecipeError(f"recipe field 'unlikelihood' must be 0 or more and 'unlikelihood_n' at least 2, got "
-                          f"{r.unlikelihood:g} and {r.unlikelihood_n}")
+        raise RecipeError(f"the unlikelihood weight (--unlikelihood, recipe field 'unlikelihood') must be 0 or more "
+                          f"and 'unlikelihood_n' at least 2, got {r.unlikelihood:g} and {r.unlikelihood_n}")
     if r.unlikelihood > 0 and r.on_policy == 0:
-        raise RecipeError("recipe field 'unlikelihood' acts on the text the student writes itself: give on-policy "
-                          "steps too (--on-policy X, recipe field 'on_policy' above 0), or set unlikelihood: 0")
+        raise RecipeError("the unlikelihood term (--unlikelihood, recipe field 'unlikelihood') acts on the text the "
+                          "student writes itself: give on-policy steps too (--on-policy X, above 0), or drop it")
     if not 0 < r.sample_top_p <= 1:
         raise RecipeError(f"recipe field 'sample_top_p' must be in (0, 1], got {r.sample_top_p}")
     for name in ("on_policy_every", "on_policy_reuse", "on_policy_prompt", "data_tokens"):
