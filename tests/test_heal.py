@@ -411,6 +411,7 @@ def test_on_policy_run_resumes_to_identical_weights(source, tmp_path, start, sto
     assert resumed.heal["resumed_from_step"] == stop
     assert sha(out / "model.safetensors") == sha(tmp_path / "whole" / "model.safetensors")
     assert resumed.heal["curve"][-1] == whole.heal["curve"][-1]
+    assert resumed.heal["on_policy"]["repeated_shares"] == whole.heal["on_policy"]["repeated_shares"]
 
 
 def test_the_rollout_writer_computes_what_ships(source, tmp_path):

@@ -267,12 +267,19 @@ class Rollouts:
 
     def state(self, step: int) -> dict[str, torch.Tensor]:
         """What a checkpoint after ``step`` steps keeps: the window in use, when the next step
-        still reads it."""
+        still reads it, and the rollouts' repeated shares so far (for the report)."""
+        out = {}
+        if self.repeated_shares:
+            out["on_policy_repeated"] = torch.tensor([[d["step"], d["share"]] for d in self.repeated_shares],
+                                                     dtype=torch.float64)
         if self.window is None or step // self.settings.every != self.window or step % self.settings.every == 0:
-            return {}
-        return {"on_policy_ids": self.ids, "on_policy_window": torch.tensor([self.window])}
+            return out
+        return {**out, "on_policy_ids": self.ids, "on_policy_window": torch.tensor([self.window])}
 
     def restore(self, saved: dict[str, torch.Tensor]) -> None:
+        if "on_policy_repeated" in saved:
+            self.repeated_shares = [{"step": int(a), "share": round(float(b), 4)}
+                                    for a, b in saved["on_policy_repeated"].tolist()]
         if "on_policy_ids" in saved:
             self.ids = saved["on_policy_ids"].to(torch.int64)
             self.window = int(saved["on_policy_window"][0])
