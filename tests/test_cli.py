@@ -178,3 +178,23 @@ def test_quiet_shows_no_progress(runner, tmp_path):
     src = make_checkpoint(tmp_path / "src")
     r = runner.invoke(cli, ["convert", str(src), "-o", str(tmp_path / "out"), "--quiet"])
     assert r.exit_code == 0 and "ternary matrices" in r.output
+
+
+def test_heal_summary_names_the_unlikelihood_term_and_the_students_repeats():
+    from types import SimpleNamespace
+
+    from rich.table import Table
+
+    from bitquant.cli import render
+
+    op = {"share": 0.25, "tokens_written": 1000, "tokens_per_second": 500.0, "every": 32, "unlikelihood": 4,
+          "unlikelihood_n": 4, "repeated_shares": [{"step": 0, "share": 0.955}, {"step": 32, "share": 0.945}]}
+    assert render._repeats(op) == ("; unlikelihood weight 4; its text repeated a 4-gram at 96% of the tokens at "
+                                   "first, 94% at the last rollout")
+    assert render._repeats({**op, "unlikelihood": 0.0, "repeated_shares": []}) == ""
+    t = Table("what", "value")
+    report = SimpleNamespace(heal={"tokens": 1, "steps": 1, "lr": 1e-3, "trained": ["projections"], "data": [],
+                                   "seconds": 1.0, "device": "cpu", "tokens_per_second": 1.0, "final_loss": 1.0,
+                                   "on_policy": op})
+    render.heal_rows(report, t)
+    assert "unlikelihood weight 4" in "".join(str(c) for c in t.columns[1]._cells)
