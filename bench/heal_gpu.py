@@ -69,22 +69,18 @@ def wide_distinct(folder: Path, device: str | None = None) -> dict:
     """Greedy completions of :data:`WIDE_PROMPTS` by the model in ``folder`` (FP or ternary, its
     own tokenizer): their pooled distinct 4-grams (the report's formula), the spread of the
     per-completion figure (standard error of its mean) and the first few completions."""
-    import math
-    import statistics
-
     import torch
 
     from bitquant import runtime
     from bitquant.evaluate import EvalSettings
-    from bitquant.generate import completions, distinct_ngrams
+    from bitquant.generate import completions, distinct_ngrams, distinct_se
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = runtime.load_model(Path(folder), EvalSettings().resolved_dtype(device), device)
     gens = completions(model, runtime.load_tokenizer(Path(folder)), WIDE_PROMPTS)
     del model
-    each = [d for d in (distinct_ngrams([g.ids], 4) for g in gens) if not math.isnan(d)]  # nan: under 4 tokens
     return {"distinct_4grams": round(distinct_ngrams([g.ids for g in gens], 4), 4), "prompts": len(gens),
-            "se": round(statistics.stdev(each) / len(each) ** 0.5, 4) if len(each) > 1 else None,
+            "se": distinct_se([g.ids for g in gens], 4),
             "completions": [g.text for g in gens[:6]]}
 
 

@@ -219,6 +219,9 @@ def _generation(g: dict) -> list[str]:
     for prompt, a, b in zip(g["prompts"], src["completions"], healed["completions"]):
         lines.append(f"| {_cell(prompt)} | {_cell(a)} | {_cell(b)} |")
     lines.append(f"| distinct 4-grams (1 = no repetition) | {_fmt(src['distinct_4grams'])} | {_fmt(healed['distinct_4grams'])} |")
+    if src.get("distinct_4grams_se") is not None and healed.get("distinct_4grams_se") is not None:
+        lines.append(f"| its standard error over {len(g['prompts'])} completions | {_fmt(src['distinct_4grams_se'])} "
+                     f"| {_fmt(healed['distinct_4grams_se'])} |")
     return lines
 
 

@@ -269,8 +269,8 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
         t.add_row("[yellow]warning", finding)
     if report.generation:
         g = report.generation["models"]
-        t.add_row("distinct 4-grams", f"{_fmt(g['healed']['distinct_4grams'])} healed, {_fmt(g['source']['distinct_4grams'])} "
-                  "source (greedy completions; 1 = no repetition)")
+        t.add_row("distinct 4-grams", f"{_fmt(g['healed']['distinct_4grams'])}{_se(g['healed'])} healed, "
+                  f"{_fmt(g['source']['distinct_4grams'])}{_se(g['source'])} source (greedy completions; 1 = no repetition)")
     for g in report.gates or []:
         t.add_row("gate", ("[green]" if g["passed"] else "[red]") + gate_line(g))
     if report.published:
@@ -337,6 +337,11 @@ def heal_rows(report: ConvertReport, t: Table) -> None:
     if ex:
         t.add_row("exactness", f"student vs output logits: relative error {ex['relative_error']:.2e}, "
                   f"top-1 agreement {ex['top1_agreement']:.1%}")
+
+
+def _se(model: dict) -> str:
+    se = model.get("distinct_4grams_se")
+    return f" ± {_fmt(se)}" if se is not None else ""
 
 
 def _repeats(op: dict) -> str:

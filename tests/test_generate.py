@@ -113,3 +113,15 @@ def test_next_token_is_argmax_or_a_top_p_draw():
     assert abs(float(freq[0]) - 0.625) < 0.03
     draws = torch.stack([next_token(logits, Sampling(temperature=1.0), g) for _ in range(4000)])
     assert torch.allclose(torch.bincount(draws, minlength=4).float() / len(draws), logits.exp()[0], atol=0.03)
+
+
+def test_distinct_se_is_the_spread_of_each_completions_own_figure():
+    from bitquant.generate import distinct_ngrams, distinct_se
+
+    loops = [5, 6, 7, 8] * 4  # 16 tokens, 13 4-grams, 4 distinct
+    fresh = list(range(16))  # 13 4-grams, all distinct
+    assert distinct_ngrams([loops], 4) == 4 / 13 and distinct_ngrams([fresh], 4) == 1.0
+    # two completions 4/13 and 1: standard deviation |1 - 4/13| / sqrt(2), over sqrt(2)
+    assert distinct_se([loops, fresh]) == round((1 - 4 / 13) / 2, 4)
+    assert distinct_se([fresh, fresh]) == 0.0
+    assert distinct_se([fresh, [1, 2]]) is None  # one completion of 4 tokens or more: no spread

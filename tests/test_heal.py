@@ -294,8 +294,10 @@ def test_the_report_has_both_models_greedy_completions(source, tmp_path):
     for label in ("source", "healed"):
         m = g["models"][label]
         assert len(m["completions"]) == 4 and 0 < m["distinct_4grams"] <= 1
+        assert 0 <= m["distinct_4grams_se"] < 0.5  # every completion here runs to 64 tokens
     card = (tmp_path / "out" / "README.md").read_text()
     assert "distinct 4-grams" in card and g["prompts"][0] in card
+    assert "its standard error over 4 completions" in card
 
 
 def test_the_card_and_summary_say_what_was_not_measured_and_what_went_wrong(source, tmp_path):
