@@ -171,6 +171,11 @@ class ConvertReport:
                                  "0.5) gave SmolLM2-135M 1.6x lower perplexity on alice29.txt (not on Paradise Lost) at an "
                                  "equal token count, but no recipe measured so far, real text included, stops the "
                                  "repetition (bitquant's docs/heal.md)")
+        op = self.heal.get("on_policy")
+        if op and not op.get("rollouts") and op.get("first_step", 0) >= self.heal.get("steps", 0):
+            found.append(f"no on-policy step ran: the run's {self.heal.get('steps', 0):,} steps ended before the first "
+                         f"rollout at step {op['first_step']:,}; train longer, or lower --on-policy-start or "
+                         "on_policy_every")
         last_stage = [c for c in self.heal.get("curve") or [] if c.get("stage", "kl") == "kl"]
         if len(last_stage) >= 2 and last_stage[-1]["loss"] >= last_stage[0]["loss"]:
             found.append(f"the training loss did not fall ({last_stage[0]['loss']:.4g} at step {last_stage[0]['step']}, "

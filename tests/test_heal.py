@@ -384,6 +384,23 @@ def test_unlikelihood_makes_the_students_own_text_repeat_less(source, tmp_path):
     assert later[10.0] < 0.75 * later[0.0], later
 
 
+def test_a_run_too_short_for_its_first_rollout_says_so(source, tmp_path):
+    """12 steps, rollouts every 16 from half-way: the first would come at step 16, after the
+    run; the user is told while it runs, and the summary and card say it too."""
+    notes = []
+    r = recipe(on_policy=0.5, on_policy_prompt=6, on_policy_every=16, on_policy_start=0.5)
+    report = heal(str(source), tmp_path / "out", recipe=r, device="cpu", hooks=HealHooks(note=notes.append))
+    op = report.heal["on_policy"]
+    assert op["rollouts"] == 0 and op["first_step"] == 16 and report.heal["steps"] == 12
+    said = "no on-policy step in this run: its 12 steps end before the first rollout at step 16"
+    assert any(n.startswith(said) for n in notes), notes
+    assert any("no on-policy step ran: the run's 12 steps ended before the first rollout at step 16" in f
+               for f in report.heal_findings())
+    ran = heal(str(source), tmp_path / "ran", recipe=r.replace(on_policy_every=4), device="cpu")
+    assert ran.heal["on_policy"]["rollouts"] > 0
+    assert not any("no on-policy step" in f for f in ran.heal_findings())
+
+
 @pytest.mark.parametrize("loss", ["reverse_kl", "jsd"])
 def test_every_loss_trains_what_ships(source, tmp_path, loss):
     report = heal(str(source), tmp_path / "out", recipe=recipe(loss=loss, **ON_POLICY), device="cpu")

@@ -226,6 +226,8 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                  f"({budget['tokens']:,} tokens at {budget['probe_tokens_per_second']:,.0f} tokens/s measured)")
     if rollouts is not None:
         rollouts.begin_at(r.steps)
+        if rollouts.first >= r.steps and note:
+            note(rollouts.never_message(r.steps))
     every = max(1, r.steps // CURVE_POINTS)
     student.train()
     began = time.perf_counter()

@@ -156,6 +156,12 @@ class Rollouts:
         """Fix the first on-policy step for a run of ``steps`` steps (``settings.start``)."""
         self.first = self.settings.first_step(steps)
 
+    def never_message(self, steps: int) -> str:
+        """What to tell the user when the run ends before its first on-policy step."""
+        return (f"no on-policy step in this run: its {steps:,} steps end before the first rollout at step "
+                f"{self.first:,} (on_policy_start {self.settings.start:g} of the steps, rounded up to a multiple of "
+                f"on_policy_every {self.settings.every}); train longer, or lower --on-policy-start or on_policy_every")
+
     @property
     def start(self) -> int:
         """The first position whose output is scored: it predicts the student's first token."""
