@@ -206,8 +206,12 @@ def _unlikelihood(on: dict) -> str:
     n = on.get("unlikelihood_n", 4)
     term = (f"; unlikelihood term (weight {on['unlikelihood']:g}) on the tokens that repeat a {n}-gram of the "
             f"student's own text" if on.get("unlikelihood") else "")
-    seen = (f"; tokens of its own text repeating a {n}-gram: {shares[0]['share']:.1%} at the first rollout, "
-            f"{shares[-1]['share']:.1%} at the last" if shares else "")
+    seen = ""
+    if len(shares) == 1:
+        seen = f"; tokens of its own text repeating a {n}-gram: {shares[0]['share']:.1%} (one rollout)"
+    elif shares:
+        seen = (f"; tokens of its own text repeating a {n}-gram: {shares[0]['share']:.1%} at the first rollout, "
+                f"{shares[-1]['share']:.1%} at the last")
     return term + seen
 
 

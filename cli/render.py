@@ -347,8 +347,13 @@ def _se(model: dict) -> str:
 def _repeats(op: dict) -> str:
     """The unlikelihood term, and how much the student's own text repeated at the first and last rollout."""
     shares = op.get("repeated_shares") or []
-    seen = (f"; its text repeated a {op.get('unlikelihood_n', 4)}-gram at {shares[0]['share']:.0%} of the tokens "
-            f"at first, {shares[-1]['share']:.0%} at the last rollout" if shares else "")
+    n = op.get("unlikelihood_n", 4)
+    seen = ""
+    if len(shares) == 1:
+        seen = f"; its text repeated a {n}-gram at {shares[0]['share']:.0%} of the tokens (one rollout)"
+    elif shares:
+        seen = (f"; its text repeated a {n}-gram at {shares[0]['share']:.0%} of the tokens at first, "
+                f"{shares[-1]['share']:.0%} at the last rollout")
     term = f"; unlikelihood weight {op['unlikelihood']:g}" if op.get("unlikelihood") else ""
     return term + seen
 

@@ -192,6 +192,8 @@ def test_heal_summary_names_the_unlikelihood_term_and_the_students_repeats():
     assert render._repeats(op) == ("; unlikelihood weight 4; its text repeated a 4-gram at 96% of the tokens at "
                                    "first, 94% at the last rollout")
     assert render._repeats({**op, "unlikelihood": 0.0, "repeated_shares": []}) == ""
+    one = {**op, "unlikelihood": 0.0, "repeated_shares": op["repeated_shares"][:1]}
+    assert render._repeats(one) == "; its text repeated a 4-gram at 96% of the tokens (one rollout)"
     t = Table("what", "value")
     report = SimpleNamespace(heal={"tokens": 1, "steps": 1, "lr": 1e-3, "trained": ["projections"], "data": [],
                                    "seconds": 1.0, "device": "cpu", "tokens_per_second": 1.0, "final_loss": 1.0,
