@@ -250,12 +250,16 @@ class Rollouts:
         """The on-policy rows of step ``step`` ([rows, seq_len], on the CPU)."""
         if step < self.first:
             return self.data_rows(step)
+        index = self._rows_of(step)  # first: it may write the rollout that self.ids then holds
+        return self.ids[index]
+
+    def _rows_of(self, step: int) -> torch.Tensor:
+        """Which sequences of the current rollout (written now if due) step ``step`` trains on."""
         window = step // self.settings.every
         if window != self.window:
             self.roll(window)
         first = (step % self.settings.every) * self.rows
-        index = torch.arange(first, first + self.rows) % self.size
-        return self.ids[index]
+        return torch.arange(first, first + self.rows) % self.size
 
     def negatives(self, step: int) -> torch.Tensor | None:
         """For step ``step``'s on-policy rows ([rows, seq_len], on the CPU): at each position,
@@ -263,9 +267,7 @@ class Rollouts:
         None without the term, or before the first on-policy step."""
         if self.settings.unlikelihood <= 0 or step < self.first:
             return None
-        self.batch(step)
-        first = (step % self.settings.every) * self.rows
-        index = torch.arange(first, first + self.rows) % self.size
+        index = self._rows_of(step)
         ids, marks = self.ids[index], self.repeats[index]
         out = torch.full_like(ids, -1)
         out[:, :-1] = torch.where(marks[:, 1:], ids[:, 1:], -1)
