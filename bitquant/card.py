@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitquant.report import ConvertReport
+from bitquant.report import ConvertReport, own_repeats
 from bitquant.source import ModelSource
 
 
@@ -202,17 +202,10 @@ def _on_policy(on: dict | None) -> list[str]:
 
 
 def _unlikelihood(on: dict) -> str:
-    shares = on.get("repeated_shares") or []
     n = on.get("unlikelihood_n", 4)
     term = (f"; unlikelihood term (weight {on['unlikelihood']:g}) on the tokens that repeat a {n}-gram of the "
             f"student's own text" if on.get("unlikelihood") else "")
-    seen = ""
-    if len(shares) == 1:
-        seen = f"; tokens of its own text repeating a {n}-gram: {shares[0]['share']:.1%} (one rollout)"
-    elif shares:
-        seen = (f"; tokens of its own text repeating a {n}-gram: {shares[0]['share']:.1%} at the first rollout, "
-                f"{shares[-1]['share']:.1%} at the last")
-    return term + seen
+    return term + own_repeats(on, 1)
 
 
 def _generation(g: dict) -> list[str]:

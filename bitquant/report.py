@@ -16,6 +16,16 @@ from typing import Any
 LOOPING = 0.8
 
 
+def own_repeats(on_policy: dict, digits: int = 0) -> str:
+    """The on-policy rollouts' share of tokens that repeat an n-gram of their own sequence, in
+    words for the card and the summary ("" when no rollout was written)."""
+    shares = on_policy.get("repeated_shares") or []
+    if not shares:
+        return ""
+    said = f"; its own text repeated a {on_policy.get('unlikelihood_n', 4)}-gram at {shares[0]['share']:.{digits}%} of its tokens"
+    return said + (" (one rollout)" if len(shares) == 1 else f" at the first rollout, {shares[-1]['share']:.{digits}%} at the last")
+
+
 @dataclass(frozen=True)
 class LayerStats:
     """One ternarized weight matrix."""

@@ -346,16 +346,10 @@ def _se(model: dict) -> str:
 
 def _repeats(op: dict) -> str:
     """The unlikelihood term, and how much the student's own text repeated at the first and last rollout."""
-    shares = op.get("repeated_shares") or []
-    n = op.get("unlikelihood_n", 4)
-    seen = ""
-    if len(shares) == 1:
-        seen = f"; its text repeated a {n}-gram at {shares[0]['share']:.0%} of the tokens (one rollout)"
-    elif shares:
-        seen = (f"; its text repeated a {n}-gram at {shares[0]['share']:.0%} of the tokens at first, "
-                f"{shares[-1]['share']:.0%} at the last rollout")
+    from bitquant.report import own_repeats
+
     term = f"; unlikelihood weight {op['unlikelihood']:g}" if op.get("unlikelihood") else ""
-    return term + seen
+    return term + own_repeats(op)
 
 
 def generation_speed(result) -> None:

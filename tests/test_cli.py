@@ -189,11 +189,11 @@ def test_heal_summary_names_the_unlikelihood_term_and_the_students_repeats():
 
     op = {"share": 0.25, "tokens_written": 1000, "tokens_per_second": 500.0, "every": 32, "unlikelihood": 4,
           "unlikelihood_n": 4, "repeated_shares": [{"step": 0, "share": 0.955}, {"step": 32, "share": 0.945}]}
-    assert render._repeats(op) == ("; unlikelihood weight 4; its text repeated a 4-gram at 96% of the tokens at "
-                                   "first, 94% at the last rollout")
+    assert render._repeats(op) == ("; unlikelihood weight 4; its own text repeated a 4-gram at 96% of its tokens at "
+                                   "the first rollout, 94% at the last")
     assert render._repeats({**op, "unlikelihood": 0.0, "repeated_shares": []}) == ""
     one = {**op, "unlikelihood": 0.0, "repeated_shares": op["repeated_shares"][:1]}
-    assert render._repeats(one) == "; its text repeated a 4-gram at 96% of the tokens (one rollout)"
+    assert render._repeats(one) == "; its own text repeated a 4-gram at 96% of its tokens (one rollout)"
     t = Table("what", "value")
     report = SimpleNamespace(heal={"tokens": 1, "steps": 1, "lr": 1e-3, "trained": ["projections"], "data": [],
                                    "seconds": 1.0, "device": "cpu", "tokens_per_second": 1.0, "final_loss": 1.0,

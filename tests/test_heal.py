@@ -378,7 +378,7 @@ def test_unlikelihood_makes_the_students_own_text_repeat_less(source, tmp_path):
         shares[alpha] = [d["share"] for d in op["repeated_shares"]]
         rendered = card.render(report, resolve_source(str(source)))
         assert ("unlikelihood term (weight 10)" in rendered) == (alpha > 0)
-        assert "tokens of its own text repeating a 4-gram:" in rendered
+        assert "its own text repeated a 4-gram at " in rendered
     assert shares[0.0][0] == shares[10.0][0]  # the same first rollout (written before any step)
     later = {a: sum(s[6:]) / 6 for a, s in shares.items()}
     assert later[10.0] < 0.75 * later[0.0], later
