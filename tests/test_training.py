@@ -364,6 +364,33 @@ def test_divergences_differ_and_vanish_for_equal_models():
         assert abs(float(chunked(h, w, h, w, Divergence(k, 0.5)))) < 1e-6
 
 
+@pytest.mark.parametrize("kind,beta,temperature", [("forward_kl", 0.5, 1.0), ("jsd", 0.1, 2.0)])
+def test_compiled_chunks_equal_whole_logits(kind, beta, temperature, monkeypatch):
+    """The chunked loss with each chunk torch.compile'd (heal's road on CUDA, forced here on
+    the CPU) gives autograd's value and gradient through whole logits, and is the road taken."""
+    from bitquant.training import loss
+    from bitquant.training.loss import Divergence, chunked, reference
+
+    monkeypatch.setenv("BITQUANT_COMPILED_LOSS", "1")
+    torch.manual_seed(4)
+    div = Divergence(kind, beta, temperature)
+    h_s = torch.randn(29, 12, requires_grad=True)
+    w_s = torch.randn(40, 12)  # the head is not trained, as in the bundled recipe
+    h_t, w_t = torch.randn(29, 12), torch.randn(40, 12)
+    compiled, calls = loss._compiled_terms(), []
+    monkeypatch.setattr(loss, "_compiled_terms", lambda: lambda *a: calls.append(1) or compiled(*a))
+    value = chunked(h_s, w_s, h_t, w_t, div, budget=6 * 40)  # 6 rows a chunk, the last one 5
+    value.backward()
+    assert not loss._COMPILED_FAILED
+    assert len(calls) == 5  # five chunks went through the compiled function
+    grad = h_s.grad.clone()
+    h_s.grad = None
+    ref = reference(h_s, w_s, h_t, w_t, div)
+    ref.backward()
+    assert abs(float(value) - float(ref)) <= 1e-5 * abs(float(ref))
+    assert (grad - h_s.grad).norm() <= 1e-5 * h_s.grad.norm()
+
+
 @pytest.mark.parametrize("kind,beta,temperature", DIVERGENCES[:4])
 def test_fused_and_chunked_losses_agree(kind, beta, temperature):
     """liger-kernel's fused kernel (run here by Triton's interpreter) and the pure-torch

@@ -111,6 +111,38 @@ def _unlikelihood(logq: torch.Tensor, negative: torch.Tensor, alpha: float):
     return sel, total, g
 
 
+def _logit_terms(lt: torch.Tensor, ls: torch.Tensor, mix: float, temperature: float, scale: torch.Tensor,
+                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """One chunk's divergence (float64 sum) and d(mean divergence)/d(student logits) in
+    ``dtype``, from both models' logits ``lt``, ``ls`` (any float dtype); ``scale`` (a 0-d
+    tensor) is 1 / (rows of the batch x T). What :func:`_compiled_terms` compiles."""
+    logp = torch.log_softmax(lt.float() / temperature, dim=-1)
+    logq = torch.log_softmax(ls.float() / temperature, dim=-1)
+    total, g = _rows_terms(logp, logq, mix)
+    return total, g.mul_(scale).to(dtype)
+
+
+#: Set when the compiled chunk failed here once: the eager chunk is used from then on.
+_COMPILED_FAILED: list[str] = []
+_COMPILED: list = []
+
+
+def compiled_available(device: torch.device | str) -> bool:
+    """True where :func:`chunked` runs each chunk's softmaxes, divergence and gradient as one
+    ``torch.compile``d function (a few fused kernels over the bf16 logits, no float32 copies):
+    CUDA by default (``BITQUANT_COMPILED_LOSS=1``: every device; ``0``: never)."""
+    choice = os.environ.get("BITQUANT_COMPILED_LOSS", "auto")
+    if choice == "0" or _COMPILED_FAILED:
+        return False
+    return choice == "1" or torch.device(device).type == "cuda"
+
+
+def _compiled_terms():
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_logit_terms, dynamic=None))
+    return _COMPILED[0]
+
+
 class _Chunked(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h_s, w_s, h_t, w_t, rows: int, mix: float, temperature: float, negative=None,
@@ -119,6 +151,18 @@ class _Chunked(torch.autograd.Function):
         grad_h = torch.empty_like(h_s)
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        if grad_w is None and (negative is None or alpha == 0) and n and compiled_available(h_s.device):
+            try:
+                _compiled_chunks(h_s, w_s, h_t, w_t, rows, mix, temperature, grad_h, total)
+            except Exception as e:  # a compiler that fails here: the eager chunks from now on
+                if isinstance(e, torch.cuda.OutOfMemoryError):
+                    raise
+                _COMPILED_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                total.zero_()
+            else:
+                ctx.save_for_backward(grad_h, grad_w)
+                ctx.w_dtype = w_s.dtype
+                return (total / n).to(torch.float32)
         for b in range(0, n, rows):
             hs, ht = h_s[b : b + rows], h_t[b : b + rows]
             logp = torch.log_softmax((ht @ w_t.T).float() / temperature, dim=-1)
@@ -143,6 +187,22 @@ class _Chunked(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gw = None if grad_w is None else (grad_w * grad_out).to(ctx.w_dtype)
         return grad_h * grad_out.to(grad_h.dtype), gw, None, None, None, None, None, None, None
+
+
+def _compiled_chunks(h_s, w_s, h_t, w_t, rows: int, mix: float, temperature: float, grad_h: torch.Tensor,
+                     total: torch.Tensor) -> None:
+    """:class:`_Chunked`'s loop with each chunk's terms compiled (no head gradient, no
+    unlikelihood term): fills ``grad_h`` and adds the divergence's sum to ``total``."""
+    n = h_s.shape[0]
+    terms = _compiled_terms()
+    cuda_autocast = h_s.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    dtype = torch.get_autocast_dtype("cuda") if cuda_autocast else w_s.dtype  # what the matmul below takes
+    scale = torch.tensor(1.0 / (n * temperature), dtype=torch.float32, device=h_s.device)
+    w_back = w_s.to(dtype)
+    for b in range(0, n, rows):
+        part, g = terms(h_t[b : b + rows] @ w_t.T, h_s[b : b + rows] @ w_s.T, mix, temperature, scale, dtype)
+        total += part
+        grad_h[b : b + rows] = g @ w_back
 
 
 def chunk_rows(vocab: int, budget: int = DEFAULT_BUDGET) -> int:
