@@ -11,7 +11,12 @@ optimizer step of --batch-tokens (default 32,768), timed after --warmup steps:
 * ``projections``: each fake-ternary projection compiled (quantizers fused);
 * ``blocks``: every decoder block of teacher and student compiled (what heal does), the
   loss as heal chooses it (forward KL: the chunked loop);
-* ``blocks-chunked``: the same with heal's pure-torch chunked loss (``BITQUANT_FUSED_LOSS=0``).
+* ``blocks-chunked``: the same with heal's pure-torch chunked loss (``BITQUANT_FUSED_LOSS=0``);
+* ``blocks-eagerloss``: the same with each chunk of the chunked loss run eagerly
+  (``BITQUANT_COMPILED_LOSS=0``; heal compiles it on CUDA);
+* ``blocks-held``: ``blocks`` with the teacher's hidden states held
+  (``bitquant.training.teacher_states``: gathered each step instead of the teacher's forward
+  pass, as heal does where they fit); ``-eagerloss`` and ``-held`` combine.
 
 ``--profile`` prints the CUDA kernels that take the most time in one step of ``blocks``
 and in one step of each sampler.
@@ -85,8 +90,10 @@ def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: 
 
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    os.environ["BITQUANT_FUSED_LOSS"] = "0" if mode.endswith("-chunked") else "auto"
-    student, teacher = models(config, mode.removesuffix("-chunked"), torch.bfloat16 if low_memory else torch.float32)
+    os.environ["BITQUANT_FUSED_LOSS"] = "0" if "-chunked" in mode else "auto"
+    os.environ["BITQUANT_COMPILED_LOSS"] = "0" if "-eagerloss" in mode else "auto"
+    compile_mode = mode.split("-")[0]
+    student, teacher = models(config, compile_mode, torch.bfloat16 if low_memory else torch.float32)
     params = [p for p in student.parameters() if p.requires_grad]
     opt = make_optimizer(params, load_heal_recipe().replace(lr=1e-4), True, low_memory)
     model = StudentLoss(student)
@@ -94,12 +101,19 @@ def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: 
     seqs = batch_tokens // 512
     ids = torch.randint(0, config.vocab_size, (seqs, 512), device="cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    held = picks = None
+    if "-held" in mode:
+        from bitquant.training.teacher_states import TeacherStates
+
+        held = TeacherStates(t_body, [ids.cpu()], micro_tokens // 512, torch.device("cuda"), autocast)
+        picks = [(0, i) for i in range(seqs)]
     began = time.perf_counter()
     for step in range(warmup + steps):
         if step == warmup:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-        _accumulate(ids, None, micro_tokens // 512, model, t_body, t_head, autocast)
+        _accumulate(ids, None, micro_tokens // 512, model, t_body, t_head, autocast,
+                    h_all=None if held is None else held.rows(picks))
         for group in opt.param_groups:  # as heal's loop sets it (torchao keeps lr as a tensor)
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(1e-4)
@@ -111,9 +125,10 @@ def train_speed(config, mode: str, batch_tokens: int, micro_tokens: int, steps: 
     warm = t0 - began
     peak = torch.cuda.max_memory_allocated() / 2**30
     if profile:
-        top_kernels(lambda: (_accumulate(ids, None, micro_tokens // 512, model, t_body, t_head, autocast),
+        top_kernels(lambda: (_accumulate(ids, None, micro_tokens // 512, model, t_body, t_head, autocast,
+                                         h_all=None if held is None else held.rows(picks)),
                              opt.step(), opt.zero_grad(set_to_none=True)), f"one training step ({mode})")
-    del student, teacher, opt, model
+    del student, teacher, opt, model, held
     return rate, warm, peak
 
 
@@ -211,13 +226,13 @@ def main() -> None:
     for mode in filter(None, args.modes.split(",")):
         try:
             rate, warm, peak = train_speed(config, mode, args.batch_tokens, args.micro_batch_tokens, args.steps, args.warmup,
-                                           profile=args.profile and mode == "blocks")
+                                           profile=args.profile and mode.startswith("blocks"))
         except Exception as e:  # a variant that fails here is reported, the others still run
             rows.append((f"train {mode}", f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"))
             print(*rows[-1], flush=True)
             continue
         base = base or rate
-        rows.append((f"train {mode}", f"{rate:,.0f} tokens/s ({rate / base:.2f}x eager), first {args.warmup} steps {warm:.1f} s, peak {peak:.1f} GiB"))
+        rows.append((f"train {mode}", f"{rate:,.0f} tokens/s ({rate / base:.2f}x the first), first {args.warmup} steps {warm:.1f} s, peak {peak:.1f} GiB"))
         print(*rows[-1], flush=True)
     if not args.no_sampling:
         base_rate = None

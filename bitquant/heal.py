@@ -318,7 +318,7 @@ def _train(ckpt: Checkpoint, plan, recipe: HealRecipe, conv, text_ids, text_info
         "loss": {"kind": recipe.loss, "beta": recipe.loss_beta if recipe.loss == "jsd" else None,
                  "temperature": recipe.loss_temperature,
                  "implementation": loss_module.implementation(device, recipe.divergence)},
-        "on_policy": result.on_policy, "bos": convention(bos),
+        "on_policy": result.on_policy, "teacher_states": result.teacher_states, "bos": convention(bos),
         "training_tokens_per_second": _without_writing(result),
         "data": sources, "passes_over_data": [round(x, 3) for x in batches.passes(result.steps)],
         "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,

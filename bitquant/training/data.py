@@ -205,13 +205,16 @@ class Batches:
             self._orders[key] = torch.randperm(len(self.pools[pool]), generator=g)
         return self._orders[key]
 
-    def batch(self, step: int) -> torch.Tensor:
-        rows = []
+    def picks(self, step: int) -> list[tuple[int, int]]:
+        """Batch ``step``'s sequences as (pool, row in that pool), in the batch's order."""
+        out = []
         for i, (pool, k) in enumerate(zip(self.pools, self.per_batch)):
             n = len(pool)
-            for j in range(step * k, (step + 1) * k):
-                rows.append(pool[self._order(i, j // n)[j % n]])
-        return torch.stack(rows)
+            out += [(i, int(self._order(i, j // n)[j % n])) for j in range(step * k, (step + 1) * k)]
+        return out
+
+    def batch(self, step: int) -> torch.Tensor:
+        return torch.stack([self.pools[i][row] for i, row in self.picks(step)])
 
     def passes(self, steps: int) -> list[float]:
         """How many times each pool is read in ``steps`` steps."""

@@ -27,8 +27,7 @@ import torch
 
 from bitquant import activity
 from bitquant.errors import BitquantError, UsageError
-from bitquant.training import distributed
-from bitquant.training import checkpoint
+from bitquant.training import checkpoint, distributed, teacher_states
 from bitquant.training.data import Batches
 from bitquant.training.distributed import World
 from bitquant.training.loss import FORWARD_KL, Divergence, block_loss, divergence
@@ -71,6 +70,7 @@ class TrainResult:
     compiled: bool = False
     parallel: str | None = None  # "ddp" or "fsdp" under a launcher
     on_policy: dict | None = None  # the rollouts' report (Rollouts.report)
+    teacher_states: dict | None = None  # whether the teacher's hidden states were held (teacher_states)
     # with a time budget: the probe's speed and the token count chosen from it
     budget: dict | None = None
     # fsdp only: the trained parameters, gathered in full on the main process (module names
@@ -192,6 +192,26 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     if rollouts is not None:
         rollouts.restore(extra)
 
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    t_body, t_head = _decoder_and_head(teacher)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+    micro = max(1, r.micro_batch_tokens // r.seq_len)
+    held = None
+    states_report = teacher_states.plan(batches.pools if rollouts is None else [], t_head.shape[1], device, cuda)
+    if rollouts is not None:
+        states_report["why"] = "on-policy rows go through the teacher every step"
+    if states_report["held"]:
+        activity.step("computing the teacher's hidden states of the data once")
+        try:
+            held = teacher_states.TeacherStates(t_body, batches.pools, micro, device, autocast)
+        except Exception as e:  # a compiled teacher that fails on this device: as the loop below does
+            if not compiled or isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            uncompile(teacher)
+            held = teacher_states.TeacherStates(t_body, batches.pools, micro, device, autocast)
+        states_report = held.report()
+
     def batch_of(step: int) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Step ``step``'s rows for this process (on the device), where each row's scored
         positions start (on the CPU; None: everywhere), and the unlikelihood term's tokens
@@ -207,17 +227,16 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
             negatives = torch.cat([torch.full_like(ids, -1), negatives])[rows]
         return torch.cat([ids, written])[rows].to(device, non_blocking=True), starts[rows], negatives
 
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    t_body, t_head = _decoder_and_head(teacher)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
-    micro = max(1, r.micro_batch_tokens // r.seq_len)
+    def states_of(step: int) -> torch.Tensor | None:
+        """The teacher's held hidden states of step ``step``'s rows for this process (None: not held)."""
+        return None if held is None else held.rows(batches.picks(step)[rows])
+
     budget = None
     if deadline is not None:
         activity.step("measuring the training speed for the time budget")
         def probe(k: int) -> torch.Tensor:
             ids, starts, negatives = batch_of(k)
-            return _accumulate(ids, starts, micro, model, t_body, t_head, autocast, False, negatives)
+            return _accumulate(ids, starts, micro, model, t_body, t_head, autocast, False, negatives, states_of(k))
 
         budget = _fit_to_deadline(deadline, state_dir / BUDGET, probe, optimizer, r, world, rollouts)
         r = r.replace(tokens=budget["tokens"])
@@ -245,8 +264,9 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                     group["lr"] = lr_at(step, r)
             ids, starts, negatives = batch_of(step)
             blockwise = step < r.block_steps
+            h_all = None if blockwise else states_of(step)
             try:
-                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise, negatives)
+                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise, negatives, h_all)
             except Exception as e:  # a compiled projection that fails on this device: run eagerly
                 if not compiled or isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
@@ -256,7 +276,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                 optimizer.zero_grad(set_to_none=True)
                 if note:
                     note(f"torch.compile failed here ({type(e).__name__}); training without it")
-                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise, negatives)
+                loss = _accumulate(ids, starts, micro, model, t_body, t_head, autocast, blockwise, negatives, h_all)
             if r.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(params.values()), r.grad_clip)
             loss_value = float(world.mean(loss))
@@ -316,7 +336,7 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
         peak_gpu_bytes=torch.cuda.max_memory_allocated(device) if cuda else None,
         final_loss=round(loss_value, 6) if step > start else (curve[-1]["loss"] if curve else float("nan")),
         curve=curve, resumed_from_step=start, compiled=compiled, parallel=parallel, full_state=full_state,
-        budget=budget, on_policy=rollouts.report() if rollouts is not None else None,
+        budget=budget, on_policy=rollouts.report() if rollouts is not None else None, teacher_states=states_report,
     )
 
 
@@ -325,12 +345,13 @@ def _extra(rollouts: Rollouts | None, step: int) -> dict:
 
 
 def _accumulate(ids, starts, micro: int, model, t_body, t_head, autocast, blockwise: bool = False,
-                negatives=None) -> torch.Tensor:
+                negatives=None, h_all: torch.Tensor | None = None) -> torch.Tensor:
     """Forward and backward over this process's micro-batches of one batch; returns their
     mean loss (gradients are averaged over the processes on the last micro-batch).
     ``starts`` (on the CPU): each row's first scored position (None: all positions).
     ``negatives`` (on the CPU): the unlikelihood term's token at each position (-1: none).
-    ``blockwise``: the block-wise reconstruction loss instead of the end-to-end divergence."""
+    ``blockwise``: the block-wise reconstruction loss instead of the end-to-end divergence.
+    ``h_all``: the teacher's final hidden states of ``ids``, held (None: the teacher runs)."""
     total = torch.zeros((), device=ids.device)
     n = ids.shape[0]
     firsts = list(range(0, n, micro))
@@ -346,7 +367,9 @@ def _accumulate(ids, starts, micro: int, model, t_body, t_head, autocast, blockw
         with distributed.no_sync(model, last=b == firsts[-1]):
             with autocast:
                 with torch.no_grad():
-                    if blockwise:
+                    if h_all is not None and not blockwise:
+                        h_t = h_all[b : b + micro]
+                    elif blockwise:
                         h_t = block_states(t_body, chunk)
                     else:
                         h_t = t_body(input_ids=chunk, use_cache=False).last_hidden_state
