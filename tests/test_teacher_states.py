@@ -53,3 +53,7 @@ def test_states_are_held_only_where_they_fit(monkeypatch):
     assert not refused["held"] and "would exceed the CPU's cap" in refused["why"]
     assert teacher_states.plan(pools, 576, torch.device("cpu"), True)["bytes"] == 64 * 512 * 576 * 2  # bf16 on CUDA
     assert not teacher_states.plan([], 576, torch.device("cpu"), False)["held"]
+    once = teacher_states.plan(pools, 576, torch.device("cpu"), False, passes=[0.5])
+    assert not once["held"] and "reads its data 0.5 times over" in once["why"]
+    monkeypatch.setattr(teacher_states, "CPU_BYTES", 1 << 30)
+    assert teacher_states.plan(pools, 576, torch.device("cpu"), False, passes=[1.0])["held"]

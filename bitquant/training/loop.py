@@ -198,7 +198,9 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
     micro = max(1, r.micro_batch_tokens // r.seq_len)
     held = None
-    states_report = teacher_states.plan(batches.pools if rollouts is None else [], t_head.shape[1], device, cuda)
+    # (with a time budget, the recipe's token count stands in for the one the probe chooses)
+    states_report = teacher_states.plan(batches.pools if rollouts is None else [], t_head.shape[1], device, cuda,
+                                        batches.passes(r.steps) if batches.pools else None)
     if rollouts is not None:
         states_report["why"] = "on-policy rows go through the teacher every step"
     if states_report["held"]:

@@ -10,7 +10,8 @@ teacher's head is applied in the loss as before, so the loss is the same quantit
 They are computed in micro-batches of the run's own size, in pool order, before the first
 step (and again, identically, by a resumed run). Built only where they fit
 (:func:`plan`): at most :data:`GPU_SHARE` of the free GPU memory, :data:`CPU_BYTES` on the
-CPU. ``BITQUANT_TEACHER_STATES=0`` turns them off (the teacher then runs every step, as
+CPU, and only when the run reads every pool at least once over.
+``BITQUANT_TEACHER_STATES=0`` turns them off (the teacher then runs every step, as
 before); on-policy rows, which are new every rollout, always go through the teacher.
 """
 
@@ -27,15 +28,20 @@ GPU_SHARE = 0.25
 CPU_BYTES = 1 << 30
 
 
-def plan(pools: list[torch.Tensor], hidden: int, device: torch.device, cuda_autocast: bool) -> dict:
+def plan(pools: list[torch.Tensor], hidden: int, device: torch.device, cuda_autocast: bool,
+         passes: list[float] | None = None) -> dict:
     """Whether the states of ``pools`` ([sequences, seq_len] each) are held, and why not:
-    ``{"held": bool, "bytes": int, "why": str | None}``."""
+    ``{"held": bool, "bytes": int, "why": str | None}``. ``passes``: how many times the run
+    reads each pool; below one pass, computing a whole pool costs more than it saves."""
     tokens = sum(p.numel() for p in pools)
     nbytes = tokens * hidden * (2 if cuda_autocast else 4)
     if os.environ.get("BITQUANT_TEACHER_STATES", "auto") == "0":
         return {"held": False, "bytes": nbytes, "why": "BITQUANT_TEACHER_STATES=0"}
     if not tokens:
         return {"held": False, "bytes": 0, "why": "no data pools (every row is written on-policy)"}
+    if passes and min(passes) < 1:
+        return {"held": False, "bytes": nbytes, "why": f"the run reads its data {min(passes):.2g} times over: "
+                                                       "computing every sequence's states once would cost more than it saves"}
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cap, where = int(GPU_SHARE * free), f"{GPU_SHARE:.0%} of the GPU's free memory"
