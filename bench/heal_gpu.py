@@ -165,7 +165,8 @@ def main() -> None:
                                   f" (compiled: {h['compiled']})"),
             ("training seconds", f"{h['seconds']:.1f}"),
             ("peak GPU memory", f"{(h['peak_gpu_bytes'] or 0) / 2**30:.2f} GiB"),
-            ("final KL", f"{h['final_loss']:.4f}")]
+            ("final KL", f"{h['final_loss']:.4f}"),
+            ("teacher states", json.dumps(h.get("teacher_states")))]
     for d in h["data"]:
         if d["kind"] == "teacher samples":
             rows.append(("sampling", f"{d['tokens']:,} tokens, {d['seconds']:.1f} s, {d['tokens_per_second']:,.0f} tokens/s"

@@ -20,16 +20,20 @@ all rows alike; only :func:`chunked` computes it.
 Two implementations of the same quantity:
 
 * :func:`chunked` (pure torch, any device): rows are taken ``chunk`` at a time, both
-  models' float32 logits are formed for those rows, the chunk's divergence is summed and
-  its gradient with respect to the student's logits is formed on the spot and pushed
-  through the student's head; the backward pass only scales those stored gradients. Rows
-  per chunk keep a chunk's float32 logits near ``budget`` values whatever the vocabulary.
+  models' logits are formed for those rows, the chunk's divergence is summed and its
+  gradient with respect to the student's logits is formed on the spot and pushed through
+  the student's head; the backward pass only scales those stored gradients. Rows per chunk
+  keep a chunk's float32 logits near ``budget`` values whatever the vocabulary. On CUDA each
+  chunk's softmaxes, divergence and gradient are one ``torch.compile``d function
+  (:func:`_logit_terms`) over the bf16 logits, with no float32 copies.
 * liger-kernel's ``LigerFusedLinearJSD`` (Triton, CUDA only, when ``liger-kernel`` is
   installed): the same computation with the per-element divergence and gradient fused in
-  one kernel. ``bench/heal_loss.py`` measured the two on an H200 (SmolLM2's head, 32,768
-  rows): the fused kernel is 1.30x faster for the JSD, and slower for the two KLs (0.92x
-  forward, 0.87x reverse), in 38% less memory; so :func:`divergence` takes it on CUDA for
-  the JSD only (``BITQUANT_FUSED_LOSS=1``: for every divergence; ``0``: never).
+  one kernel. ``bench/heal_loss.py`` on an H100 (SmolLM2's head, 32,768 rows, the head not
+  trained), milliseconds per forward and backward: eager chunks 95.9 / 88.0 / 160.7
+  (forward KL / reverse KL / JSD), compiled chunks 30.9 / 27.0 / 28.0, liger 105.7 / 105.9 /
+  106.7. So :func:`divergence` takes the compiled chunks for all three, and liger only with
+  ``BITQUANT_FUSED_LOSS=1`` (on an H200 before the chunks were compiled, liger had been
+  1.30x the eager chunks for the JSD, and heal took it there).
 """
 
 from __future__ import annotations
@@ -226,8 +230,9 @@ def chunked(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: torc
 
 #: Set when liger-kernel's kernel failed here once: the chunked loop is used from then on.
 _FUSED_FAILED: list[str] = []
-#: Divergences for which the fused kernel measured faster than the chunked loop (bench/heal_loss.py, H200).
-FUSED_FASTER = ("jsd",)
+#: Divergences for which the fused kernel measured faster than the chunked loop: none since the
+#: chunks are compiled (bench/heal_loss.py, H100, 2026-12-07: 3.8x slower for the JSD).
+FUSED_FASTER: tuple[str, ...] = ()
 
 
 def fused_available(device: torch.device | str, div: Divergence | None = None) -> bool:
@@ -279,9 +284,14 @@ def divergence(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: t
 
 def implementation(device: torch.device | str, div: Divergence = FORWARD_KL) -> str:
     """What :func:`divergence` runs on ``device`` for ``div``, for the report."""
+    if fused_available(device, div):
+        return "liger-kernel fused"
+    what = "chunked (torch, each chunk compiled)" if compiled_available(device) else "chunked (torch)"
+    if _COMPILED_FAILED:
+        what += f"; the compiled chunks failed here: {_COMPILED_FAILED[0][:200]}"
     if _FUSED_FAILED:
-        return f"chunked (torch); liger-kernel failed here: {_FUSED_FAILED[0][:200]}"
-    return "liger-kernel fused" if fused_available(device, div) else "chunked (torch)"
+        what += f"; liger-kernel failed here: {_FUSED_FAILED[0][:200]}"
+    return what
 
 
 def kl_loss(h_student, head_student, h_teacher, head_teacher, budget: int = DEFAULT_BUDGET) -> torch.Tensor:
