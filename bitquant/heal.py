@@ -191,7 +191,8 @@ def _heal_main(work, source, out: Path, fingerprint: str, tokens, tokenizer, mas
         except torch.cuda.OutOfMemoryError:
             raise OutOfMemory(
                 f"the GPU ran out of memory; lower --micro-batch-tokens (now {recipe.micro_batch_tokens}) or "
-                f"--batch-tokens (now {recipe.batch_tokens}), or --sample-batch (now {recipe.sample_batch}) while sampling"
+                f"--batch-tokens (now {recipe.batch_tokens}), or --sample-batch (now {recipe.sample_batch}) while sampling; "
+                "BITQUANT_TEACHER_STATES=0 stops holding the teacher's hidden states"
             ) from None
         uncompile(student)  # the checks below compare the plain forward pass with OUT's
         activity.step("writing the trained weights")
