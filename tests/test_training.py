@@ -389,6 +389,9 @@ def test_compiled_chunks_equal_whole_logits(kind, beta, temperature, monkeypatch
     ref.backward()
     assert abs(float(value) - float(ref)) <= 1e-5 * abs(float(ref))
     assert (grad - h_s.grad).norm() <= 1e-5 * h_s.grad.norm()
+    assert loss.implementation("cpu", div) == "chunked (torch, each chunk compiled)"
+    monkeypatch.setenv("BITQUANT_COMPILED_LOSS", "0")
+    assert loss.implementation("cpu", div) == "chunked (torch)"
 
 
 @pytest.mark.parametrize("kind,beta,temperature", DIVERGENCES[:4])
