@@ -181,6 +181,7 @@ def test_low_memory_road_trains_bf16_weights_with_8bit_adamw(source, tmp_path):
     report = heal(str(source), out, recipe=recipe(), device="cpu", low_memory=True, save_master=master)
     h = report.heal
     assert h["road"].startswith("low memory") and h["compute_dtype"] == "bfloat16"
+    assert h["teacher_states"]["why"] == "the low-memory road keeps the memory for training"
     assert h["curve"][-1]["loss"] < h["curve"][0]["loss"]
     assert h["exactness"]["relative_error"] <= 1e-6  # still exactly what ships
     # what is trained is what ships: the master converts to OUT byte for byte

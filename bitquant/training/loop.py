@@ -203,6 +203,9 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
                                         batches.passes(r.steps) if batches.pools else None)
     if rollouts is not None:
         states_report["why"] = "on-policy rows go through the teacher every step"
+    elif low_memory and states_report["held"]:  # that road is taken because memory is short
+        states_report = {"held": False, "bytes": states_report["bytes"],
+                         "why": "the low-memory road keeps the memory for training"}
     if states_report["held"]:
         activity.step("computing the teacher's hidden states of the data once")
         try:
