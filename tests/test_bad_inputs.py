@@ -314,6 +314,9 @@ RUNNER = """
 import os, signal, sys
 sig = os.environ.get("BQ_TEST_SIGNAL")
 if sig:
+    # as a terminal's Ctrl-C finds it: a suite started in the background (`cmd &`, nohup)
+    # hands its processes SIGINT ignored, and Python then keeps ignoring it
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     import bitquant.export as c
     real = c.quantize_pack
     def dying(*a, **k):

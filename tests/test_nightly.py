@@ -73,6 +73,9 @@ def test_same_inputs_give_identical_files(tiny_lm, tmp_path):
 
 KILLER = """
 import os, signal, sys
+# as a terminal's Ctrl-C finds it: a suite started in the background (`cmd &`, nohup) hands
+# its processes SIGINT ignored, and Python then keeps ignoring it
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import bitquant.export as c
 real = c.quantize_pack
 calls = {{"n": 0}}
