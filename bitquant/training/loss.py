@@ -155,33 +155,32 @@ class _Chunked(torch.autograd.Function):
         grad_h = torch.empty_like(h_s)
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float64, device=h_s.device)
+        done = False
         if grad_w is None and (negative is None or alpha == 0) and n and compiled_available(h_s.device):
             try:
                 _compiled_chunks(h_s, w_s, h_t, w_t, rows, mix, temperature, grad_h, total)
+                done = True
             except Exception as e:  # a compiler that fails here: the eager chunks from now on
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
                 _COMPILED_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
                 total.zero_()
-            else:
-                ctx.save_for_backward(grad_h, grad_w)
-                ctx.w_dtype = w_s.dtype
-                return (total / n).to(torch.float32)
-        for b in range(0, n, rows):
-            hs, ht = h_s[b : b + rows], h_t[b : b + rows]
-            logp = torch.log_softmax((ht @ w_t.T).float() / temperature, dim=-1)
-            logq = torch.log_softmax((hs @ w_s.T).float() / temperature, dim=-1)
-            ul = None if negative is None or alpha == 0 else _unlikelihood(logq, negative[b : b + rows], alpha)
-            part, g = _rows_terms(logp, logq, mix)
-            del logp
-            total += part
-            if ul is not None:
-                total += ul[1]
-                g[ul[0]] += ul[2]
-            g = g.div_(n * temperature)  # d(mean divergence)/d(student logits)
-            grad_h[b : b + rows] = g.to(w_s.dtype) @ w_s
-            if grad_w is not None:
-                grad_w.addmm_(g.T, hs.float())
+        if not done:  # the eager chunks
+            for b in range(0, n, rows):
+                hs, ht = h_s[b : b + rows], h_t[b : b + rows]
+                logp = torch.log_softmax((ht @ w_t.T).float() / temperature, dim=-1)
+                logq = torch.log_softmax((hs @ w_s.T).float() / temperature, dim=-1)
+                ul = None if negative is None or alpha == 0 else _unlikelihood(logq, negative[b : b + rows], alpha)
+                part, g = _rows_terms(logp, logq, mix)
+                del logp
+                total += part
+                if ul is not None:
+                    total += ul[1]
+                    g[ul[0]] += ul[2]
+                g = g.div_(n * temperature)  # d(mean divergence)/d(student logits)
+                grad_h[b : b + rows] = g.to(w_s.dtype) @ w_s
+                if grad_w is not None:
+                    grad_w.addmm_(g.T, hs.float())
         ctx.save_for_backward(grad_h, grad_w)
         ctx.w_dtype = w_s.dtype
         return (total / max(n, 1)).to(torch.float32)
