@@ -57,3 +57,7 @@ def test_states_are_held_only_where_they_fit(monkeypatch):
     assert not once["held"] and "reads its data 0.5 times over" in once["why"]
     monkeypatch.setattr(teacher_states, "CPU_BYTES", 1 << 30)
     assert teacher_states.plan(pools, 576, torch.device("cpu"), False, passes=[1.0])["held"]
+    on = teacher_states.plan(pools, 576, torch.device("cpu"), False, on_policy=True)
+    assert on == {"held": False, "bytes": 0, "why": "on-policy rows go through the teacher every step"}
+    low = teacher_states.plan(pools, 576, torch.device("cpu"), False, low_memory=True)
+    assert not low["held"] and low["why"] == "the low-memory road keeps the memory for training"

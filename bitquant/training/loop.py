@@ -199,13 +199,9 @@ def train(student, teacher, batches: Batches, r: HealRecipe, state_dir: Path, *,
     micro = max(1, r.micro_batch_tokens // r.seq_len)
     held = None
     # (with a time budget, the recipe's token count stands in for the one the probe chooses)
-    states_report = teacher_states.plan(batches.pools if rollouts is None else [], t_head.shape[1], device, cuda,
-                                        batches.passes(r.steps) if batches.pools else None)
-    if rollouts is not None:
-        states_report["why"] = "on-policy rows go through the teacher every step"
-    elif low_memory and states_report["held"]:  # that road is taken because memory is short
-        states_report = {"held": False, "bytes": states_report["bytes"],
-                         "why": "the low-memory road keeps the memory for training"}
+    states_report = teacher_states.plan(batches.pools, t_head.shape[1], device, cuda,
+                                        batches.passes(r.steps) if batches.pools else None,
+                                        on_policy=rollouts is not None, low_memory=low_memory)
     if states_report["held"]:
         activity.step("computing the teacher's hidden states of the data once")
         try:

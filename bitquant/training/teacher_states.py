@@ -29,10 +29,14 @@ CPU_BYTES = 1 << 30
 
 
 def plan(pools: list[torch.Tensor], hidden: int, device: torch.device, cuda_autocast: bool,
-         passes: list[float] | None = None) -> dict:
+         passes: list[float] | None = None, *, on_policy: bool = False, low_memory: bool = False) -> dict:
     """Whether the states of ``pools`` ([sequences, seq_len] each) are held, and why not:
     ``{"held": bool, "bytes": int, "why": str | None}``. ``passes``: how many times the run
-    reads each pool; below one pass, computing a whole pool costs more than it saves."""
+    reads each pool; below one pass, computing a whole pool costs more than it saves.
+    ``on_policy``: the run writes rows of its own, which the teacher must see every step;
+    ``low_memory``: the low-memory road, taken because memory is short, keeps it for training."""
+    if on_policy:
+        return {"held": False, "bytes": 0, "why": "on-policy rows go through the teacher every step"}
     tokens = sum(p.numel() for p in pools)
     nbytes = tokens * hidden * (2 if cuda_autocast else 4)
     if os.environ.get("BITQUANT_TEACHER_STATES", "auto") == "0":
@@ -50,6 +54,8 @@ def plan(pools: list[torch.Tensor], hidden: int, device: torch.device, cuda_auto
     if nbytes > cap:
         return {"held": False, "bytes": nbytes, "why": f"{nbytes / 2**30:.1f} GiB would exceed {where} "
                                                        f"({cap / 2**30:.1f} GiB); the teacher runs every step"}
+    if low_memory:
+        return {"held": False, "bytes": nbytes, "why": "the low-memory road keeps the memory for training"}
     return {"held": True, "bytes": nbytes, "why": None}
 
 
@@ -60,14 +66,16 @@ class TeacherStates:
         began = time.perf_counter()
         self.states: list[torch.Tensor] = []
         with torch.no_grad():
-            for pool in pools:
-                parts = []
+            for pool in pools:  # each written into one tensor in place: never held twice
+                held = None
                 for b in range(0, len(pool), micro):
                     ids = pool[b : b + micro].to(device, non_blocking=True)
                     with autocast:
-                        parts.append(body(input_ids=ids, use_cache=False).last_hidden_state)
-                self.states.append(torch.cat(parts) if parts else torch.empty(0))
-                del parts
+                        h = body(input_ids=ids, use_cache=False).last_hidden_state
+                    if held is None:
+                        held = torch.empty((len(pool), *h.shape[1:]), dtype=h.dtype, device=h.device)
+                    held[b : b + len(h)] = h
+                self.states.append(held if held is not None else torch.empty(0))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         self.seconds = time.perf_counter() - began
