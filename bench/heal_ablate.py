@@ -19,7 +19,9 @@ tokens, training and on-policy writing speed; and each variant's completions.
 ``--deadline`` (seconds) stops variants still running then, so that a command with a time
 limit still prints what finished. ``--jobs N`` runs at most N variants at once (processes
 on one GPU take turns on it rather than sharing it, so more at once mostly adds memory;
-two or three overlap one variant's compiling and evaluation with another's training). On
+two or three overlap one variant's compiling and evaluation with another's training; with more
+than two at once the variants do not hold the teacher's states, whose memory rule each process
+applies alone: four holding them at once ran an H100 out of memory). On
 the GPU machine ``--gguf`` points at the staged SmolLM2 GGUF (bench/heal_gpu.py);
 ``--model`` replaces SmolLM2 (e.g. a tiny test model).
 """
@@ -169,6 +171,11 @@ def main() -> None:
           f"{fp_milton:.3f}; FP distinct 4-grams over {fp_wide['prompts']} prompts {fp_wide['distinct_4grams']} "
           f"(se {fp_wide['se']}); {len(args.variant)} variants, {args.jobs or len(args.variant)} at once", flush=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if (args.jobs or len(args.variant)) > 2:
+        # each child decides to hold the teacher's states (4.8 GB for SmolLM2) from the free memory
+        # it sees when it starts, before its siblings allocate theirs: four at once ran an H100
+        # out of memory, so more than two at once run the teacher every step (quality is unchanged)
+        env.setdefault("BITQUANT_TEACHER_STATES", "0")
     procs, waiting = {}, list(args.variant)
 
     def start_next() -> None:
