@@ -293,6 +293,7 @@ CASES = [
     Case("heal-time-tokens", "heal: --time and --tokens together", lambda t, s, h: (heal(s, "--time", "15m"), {}), 2, "--time and --tokens both set the length of training"),
     Case("heal-time-format", "heal --time: not a duration", lambda t, s, h: (heal(s, "--time", "soon"), {}), 2, "'soon' is not a duration"),
     Case("heal-no-dataset", "heal --data hf:...: a data set that does not exist", s_heal_no_dataset, 2, "data set 'acme/no-such-data' was not found on the Hub"),
+    Case("heal-hub-down", "heal --data hf:...: the Hub cannot be reached", lambda t, s, h: (heal(s, "--data", "hf:acme/books"), {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"}), 2, "data set acme/books cannot be reached at http://127.0.0.1:9"),
     Case("heal-data-field", "heal --data: a JSON Lines file without the text field", s_heal_field, 2, "has no field 'text' (line 1 has: body); name the text column with --data-field"),
     Case("heal-empty-jsonl", "heal --data: an empty JSON Lines file", s_heal_empty_jsonl, 2, "holds no text"),
     Case("heal-on-policy", "heal --on-policy outside [0, 1]", lambda t, s, h: (heal(s, "--on-policy", "1.5"), {}), 2, "must be between 0 and 1, got 1.5"),

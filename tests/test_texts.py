@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -153,6 +154,21 @@ def test_a_missing_hub_data_set_or_field_is_one_line(hub, tmp_path, tiny_tokeniz
     out = in_process_with_hub(code, hub, tmp_path)
     assert "data set 'acme/nothing' was not found on the Hub" in out["missing"]["error"]
     assert "has no field 'text' (row 1 has: body)" in out["field"]["error"]
+
+
+def test_an_unreachable_hub_is_one_line(tmp_path, tiny_tokenizer_dir):
+    """Nothing listens at HF_ENDPOINT (a closed local port): a one-line error, not the HTTP
+    client's traceback."""
+    import socket
+
+    with socket.socket() as s:  # a port that was free a moment ago, and is closed now
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = LOAD.format(tok=str(tiny_tokenizer_dir), specs=[("down", "hf:acme/books")], cache=str(tmp_path / "cache"))
+    out = in_process_with_hub(code, SimpleNamespace(url=f"http://127.0.0.1:{port}"), tmp_path)
+    message = out["down"]["error"]
+    assert f"data set acme/books cannot be reached at http://127.0.0.1:{port}" in message
+    assert "check the network or HF_ENDPOINT" in message and "\n" not in message
 
 
 def test_heal_trains_on_jsonl_parquet_and_a_hub_data_set(hub, tmp_path, tiny_tokenizer_dir):

@@ -133,9 +133,20 @@ def hub_commit(spec: DataSpec, token: str | None) -> str:
     except OfflineModeIsEnabled:
         raise UsageError(f"data set {spec.repo} cannot be streamed with HF_HUB_OFFLINE=1; connect, or pass a local "
                          "file") from None
-    except OSError as e:
-        raise UsageError(f"reaching data set {spec.repo} failed: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise UsageError(f"data set {spec.repo} cannot be reached at {endpoint} ({type(e).__name__}: "
+                         f"{(str(e).splitlines() or [''])[0]}); check the network or HF_ENDPOINT, or pass a local "
+                         ".jsonl or .parquet file") from None
     return info.sha or "unknown"
+
+
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` is a failure to reach a server: the OS's, or a transport error of the HTTP
+    client huggingface_hub uses (httpx or httpx2, by version; neither is an OSError)."""
+    return isinstance(e, OSError) or any(c.__name__ in ("TransportError", "TimeoutException") for c in type(e).__mro__)
 
 
 def _hub(spec: DataSpec, token: str | None) -> Iterator[str]:
