@@ -21,6 +21,13 @@ EXIT_USAGE = 2
 EXIT_GATE = 3
 
 
+def unreachable(e: BaseException) -> bool:
+    """Whether ``e`` is a failure to reach a server: an ``OSError`` (which huggingface_hub's
+    HTTP errors also are), or a transport error of the HTTP client huggingface_hub uses
+    (httpx or httpx2, by version: a refused connection or a timeout is not an ``OSError``)."""
+    return isinstance(e, OSError) or any(c.__name__ in ("TransportError", "TimeoutException") for c in type(e).__mro__)
+
+
 class BitquantError(Exception):
     """Base class: a message for the user and the exit code that goes with it."""
 

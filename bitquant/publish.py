@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitquant.errors import BitquantError, SourceError
+from bitquant.errors import BitquantError, SourceError, unreachable
 
 
 class PublishError(BitquantError):
@@ -45,6 +45,8 @@ def push_folder(folder: Path, repo_id: str, *, token: str | None = None, private
                 f"the output in {folder} is complete"
             ) from None
         raise PublishError(f"uploading to {repo_id} failed: {str(e).splitlines()[0]}; the output in {folder} is complete") from None
-    except OSError as e:
+    except Exception as e:
+        if not unreachable(e):
+            raise
         raise PublishError(f"uploading to {repo_id} failed: {e}; the output in {folder} is complete") from None
     return info.pr_url or info.commit_url

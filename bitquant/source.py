@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import torch
 
 from bitquant import embedded, families, inputs
-from bitquant.errors import SourceError
+from bitquant.errors import SourceError, unreachable
 from bitquant.inputs import Layout
 from bitquant.recipe import PROJECTIONS
 from bitquant.tensorfile import SafetensorsReader, TensorSpec
@@ -116,8 +116,10 @@ def _download(repo_id: str, revision: str | None, token: str | None) -> ModelSou
             f"model {repo_id} is not in the local Hub cache and the Hub cannot be reached "
             "(offline, or HF_HUB_OFFLINE=1); connect once, or pass a local folder"
         ) from None
-    except OSError as e:  # network errors and HfHubHTTPError are OSErrors
-        raise SourceError(f"downloading {repo_id} failed: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        raise SourceError(f"downloading {repo_id} failed: {(str(e).splitlines() or [type(e).__name__])[0]}") from None
     path = Path(folder)
     sha = path.name if _COMMIT_RE.match(path.name) else None
     return ModelSource(repo_id, path, "hub", revision or "main", sha)

@@ -189,6 +189,17 @@ def test_push_without_write_token_and_after_a_failed_gate(tiny_lm, tmp_path):
         assert p.returncode == 3 and "acme/y" not in hub.repos
 
 
+def test_push_to_an_unreachable_hub_is_one_line_and_keeps_the_output(tiny_lm, tmp_path):
+    """Nothing listens at HF_ENDPOINT: huggingface_hub's client raises a transport error that
+    is not an OSError; it is still one line, and the converted output stays."""
+    env = dict(os.environ, HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="0",
+               HF_TOKEN="hf_write", HF_HUB_DISABLE_TELEMETRY="1")
+    p = cli_proc(["convert", str(tiny_lm), "-o", "out", "--push-to-hub", "acme/x"], env, tmp_path)
+    assert p.returncode == 1, p.stderr
+    assert "uploading to acme/x failed" in p.stderr and "the output in" in p.stderr and p.stderr.count("\n") == 1
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize(
     "repo,token,message",
     [

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bitquant.errors import TextError, UsageError
+from bitquant.errors import TextError, UsageError, unreachable
 from bitquant.text import sequences, tokenize_file
 
 HUB_PREFIX = "hf:"
@@ -118,7 +118,7 @@ def _parquet(spec: DataSpec) -> Iterator[str]:
 
 def hub_commit(spec: DataSpec, token: str | None) -> str:
     """The commit of the Hub data set (also: whether it exists, as a one-line error)."""
-    from huggingface_hub import HfApi
+    from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import GatedRepoError, OfflineModeIsEnabled, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
@@ -136,17 +136,10 @@ def hub_commit(spec: DataSpec, token: str | None) -> str:
     except Exception as e:
         if not unreachable(e):
             raise
-        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-        raise UsageError(f"data set {spec.repo} cannot be reached at {endpoint} ({type(e).__name__}: "
+        raise UsageError(f"data set {spec.repo} cannot be reached at {constants.ENDPOINT} ({type(e).__name__}: "
                          f"{(str(e).splitlines() or [''])[0]}); check the network or HF_ENDPOINT, or pass a local "
                          ".jsonl or .parquet file") from None
     return info.sha or "unknown"
-
-
-def unreachable(e: BaseException) -> bool:
-    """Whether ``e`` is a failure to reach a server: the OS's, or a transport error of the HTTP
-    client huggingface_hub uses (httpx or httpx2, by version; neither is an OSError)."""
-    return isinstance(e, OSError) or any(c.__name__ in ("TransportError", "TimeoutException") for c in type(e).__mro__)
 
 
 def _hub(spec: DataSpec, token: str | None) -> Iterator[str]:
