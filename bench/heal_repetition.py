@@ -40,9 +40,11 @@ ALICE = REPO / "tests" / "data" / "alice29.txt"
 
 
 def projections(model):
-    names = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """The decoder projections, by the family table's leaf names (as convert and heal find them)."""
+    from bitquant.families import PROJECTIONS
+
     for name, module in model.model.layers.named_modules():
-        if name.rsplit(".", 1)[-1] in names:
+        if name.rsplit(".", 1)[-1] in PROJECTIONS:
             yield module
 
 
