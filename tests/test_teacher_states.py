@@ -61,3 +61,6 @@ def test_states_are_held_only_where_they_fit(monkeypatch):
     assert on == {"held": False, "bytes": 0, "why": "on-policy rows go through the teacher every step"}
     low = teacher_states.plan(pools, 576, torch.device("cpu"), False, low_memory=True)
     assert not low["held"] and low["why"] == "the low-memory road keeps the memory for training"
+    monkeypatch.setattr(teacher_states, "CPU_BYTES", 1 << 20)  # too big too: the road's own reason is the one given
+    low = teacher_states.plan(pools, 576, torch.device("cpu"), False, low_memory=True)
+    assert low["why"] == "the low-memory road keeps the memory for training"

@@ -46,6 +46,8 @@ def plan(pools: list[torch.Tensor], hidden: int, device: torch.device, cuda_auto
     if passes and min(passes) < 1:
         return {"held": False, "bytes": nbytes, "why": f"the run reads its data {min(passes):.2g} times over: "
                                                        "computing every sequence's states once would cost more than it saves"}
+    if low_memory:
+        return {"held": False, "bytes": nbytes, "why": "the low-memory road keeps the memory for training"}
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         cap, where = int(GPU_SHARE * free), f"{GPU_SHARE:.0%} of the GPU's free memory"
@@ -54,8 +56,6 @@ def plan(pools: list[torch.Tensor], hidden: int, device: torch.device, cuda_auto
     if nbytes > cap:
         return {"held": False, "bytes": nbytes, "why": f"{nbytes / 2**30:.1f} GiB would exceed {where} "
                                                        f"({cap / 2**30:.1f} GiB); the teacher runs every step"}
-    if low_memory:
-        return {"held": False, "bytes": nbytes, "why": "the low-memory road keeps the memory for training"}
     return {"held": True, "bytes": nbytes, "why": None}
 
 
