@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -196,3 +197,35 @@ except SystemExit as e:
     assert [f["format"] for f in files] == ["jsonl", "parquet", "hub"] and files[2]["repo"] == "acme/books"
     assert env_out["heal"]["exactness"]["relative_error"] == 0.0
     assert "hf:acme/books" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_connection_lost_mid_stream_is_one_line(monkeypatch):
+    import datasets
+    httpx = pytest.importorskip("httpx2") if importlib.util.find_spec("httpx2") else pytest.importorskip("httpx")
+
+    def stream():
+        yield {"text": "the first row"}
+        yield {"text": "the second row"}
+        raise httpx.ReadTimeout("The read operation timed out")
+
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: stream())
+    docs = texts.documents(DataSpec("hf:acme/books"))
+    assert [next(docs), next(docs)] == ["the first row", "the second row"]
+    with pytest.raises(UsageError, match=r"acme/books stopped streaming after 2 rows \(ReadTimeout: The read operation "
+                                         r"timed out\); check the network"):
+        next(docs)
+
+    def refused(*a, **k):
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(datasets, "load_dataset", refused)
+    with pytest.raises(UsageError, match="stopped streaming after 0 rows"):
+        list(texts.documents(DataSpec("hf:acme/books")))
+
+    def broken(*a, **k):  # anything else is a bug and keeps its traceback
+        yield {"text": "x"}
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(datasets, "load_dataset", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        list(texts.documents(DataSpec("hf:acme/books")))

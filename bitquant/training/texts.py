@@ -156,8 +156,30 @@ def _hub(spec: DataSpec, token: str | None) -> Iterator[str]:
                          f"{str(e).splitlines()[0]}") from None
     except datasets.exceptions.DatasetNotFoundError:
         raise UsageError(f"data set {spec.repo!r} was not found on the Hub; check the id after hf:") from None
-    for n, row in enumerate(stream, start=1):
+    except Exception as e:
+        if not unreachable(e):
+            raise
+        raise _lost(spec, 0, e) from None
+    n, rows = 0, iter(stream)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            return
+        except Exception as e:  # the connection dropped mid-stream: the partial text is not cached
+            if not unreachable(e):
+                raise
+            raise _lost(spec, n, e) from None
+        n += 1
         yield _field(row, spec, f"row {n}")
+
+
+def _lost(spec: DataSpec, rows: int, e: BaseException) -> UsageError:
+    from huggingface_hub import constants
+
+    return UsageError(f"data set {spec.repo} stopped streaming after {rows:,} rows ({type(e).__name__}: "
+                      f"{(str(e).splitlines() or [''])[0]}); check the network or HF_ENDPOINT and run again "
+                      f"({constants.ENDPOINT}), or pass a local .jsonl or .parquet file")
 
 
 def documents(spec: DataSpec, token: str | None = None) -> Iterator[str]:
