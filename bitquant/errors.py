@@ -21,6 +21,11 @@ EXIT_USAGE = 2
 EXIT_GATE = 3
 
 
+def describe(e: BaseException) -> str:
+    """``e`` in one line for a message: its type and the first line of its text."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+
+
 def unreachable(e: BaseException) -> bool:
     """Whether ``e`` is a failure to reach a server: an ``OSError`` (which huggingface_hub's
     HTTP errors also are), or a transport error of the HTTP client huggingface_hub uses

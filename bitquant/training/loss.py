@@ -44,6 +44,8 @@ from dataclasses import dataclass
 
 import torch
 
+from bitquant.errors import describe
+
 #: Float32 logits held per chunk (per model): 2^26 values = 256 MiB.
 DEFAULT_BUDGET = 1 << 26
 
@@ -163,7 +165,7 @@ class _Chunked(torch.autograd.Function):
             except Exception as e:  # a compiler that fails here: the eager chunks from now on
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
-                _COMPILED_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                _COMPILED_FAILED.append(describe(e))
                 total.zero_()
         if not done:  # the eager chunks
             for b in range(0, n, rows):
@@ -277,7 +279,7 @@ def divergence(h_student: torch.Tensor, head_student: torch.Tensor, h_teacher: t
         except (RuntimeError, ImportError, AttributeError, TypeError, ValueError) as e:
             if isinstance(e, torch.cuda.OutOfMemoryError):
                 raise
-            _FUSED_FAILED.append(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            _FUSED_FAILED.append(describe(e))
     return chunked(h_student, head_student, h_teacher, head_teacher, div)
 
 

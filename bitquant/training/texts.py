@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bitquant.errors import TextError, UsageError, unreachable
+from bitquant.errors import TextError, UsageError, describe, unreachable
 from bitquant.text import sequences, tokenize_file
 
 HUB_PREFIX = "hf:"
@@ -136,9 +136,8 @@ def hub_commit(spec: DataSpec, token: str | None) -> str:
     except Exception as e:
         if not unreachable(e):
             raise
-        raise UsageError(f"data set {spec.repo} cannot be reached at {constants.ENDPOINT} ({type(e).__name__}: "
-                         f"{(str(e).splitlines() or [''])[0]}); check the network or HF_ENDPOINT, or pass a local "
-                         ".jsonl or .parquet file") from None
+        raise UsageError(f"data set {spec.repo} cannot be reached at {constants.ENDPOINT} ({describe(e)}); "
+                         "check the network or HF_ENDPOINT, or pass a local .jsonl or .parquet file") from None
     return info.sha or "unknown"
 
 
@@ -177,9 +176,8 @@ def _hub(spec: DataSpec, token: str | None) -> Iterator[str]:
 def _lost(spec: DataSpec, rows: int, e: BaseException) -> UsageError:
     from huggingface_hub import constants
 
-    return UsageError(f"data set {spec.repo} stopped streaming after {rows:,} rows ({type(e).__name__}: "
-                      f"{(str(e).splitlines() or [''])[0]}); check the network or HF_ENDPOINT and run again "
-                      f"({constants.ENDPOINT}), or pass a local .jsonl or .parquet file")
+    return UsageError(f"data set {spec.repo} stopped streaming after {rows:,} rows ({describe(e)}); "
+                      f"check the network or HF_ENDPOINT and run again ({constants.ENDPOINT}), or pass a local .jsonl or .parquet file")
 
 
 def documents(spec: DataSpec, token: str | None = None) -> Iterator[str]:
