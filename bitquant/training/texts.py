@@ -148,29 +148,22 @@ def _hub(spec: DataSpec, token: str | None) -> Iterator[str]:
         raise UsageError("--data hf:... streams through the datasets library: pip install 'bitquant-llm[data]'") from None
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    try:
-        stream = datasets.load_dataset(spec.repo, name=spec.config, split=spec.split, streaming=True, token=token)
-    except (ValueError, FileNotFoundError) as e:  # a bad config or split, no data files
-        raise UsageError(f"--data {spec.source} (config {spec.config!r}, split {spec.split!r}) cannot be read: "
-                         f"{str(e).splitlines()[0]}") from None
-    except datasets.exceptions.DatasetNotFoundError:
-        raise UsageError(f"data set {spec.repo!r} was not found on the Hub; check the id after hf:") from None
+    n = 0
+    try:  # an unreachable Hub, when the stream opens or mid-way, is one line; the partial text is not cached
+        try:
+            stream = datasets.load_dataset(spec.repo, name=spec.config, split=spec.split, streaming=True, token=token)
+        except (ValueError, FileNotFoundError) as e:  # a bad config or split, no data files
+            raise UsageError(f"--data {spec.source} (config {spec.config!r}, split {spec.split!r}) cannot be read: "
+                             f"{str(e).splitlines()[0]}") from None
+        except datasets.exceptions.DatasetNotFoundError:
+            raise UsageError(f"data set {spec.repo!r} was not found on the Hub; check the id after hf:") from None
+        for row in stream:
+            n += 1
+            yield _field(row, spec, f"row {n}")
     except Exception as e:
         if not unreachable(e):
             raise
-        raise _lost(spec, 0, e) from None
-    n, rows = 0, iter(stream)
-    while True:
-        try:
-            row = next(rows)
-        except StopIteration:
-            return
-        except Exception as e:  # the connection dropped mid-stream: the partial text is not cached
-            if not unreachable(e):
-                raise
-            raise _lost(spec, n, e) from None
-        n += 1
-        yield _field(row, spec, f"row {n}")
+        raise _lost(spec, n, e) from None
 
 
 def _lost(spec: DataSpec, rows: int, e: BaseException) -> UsageError:
