@@ -67,21 +67,27 @@ def source_folder(model: str) -> Path:
 
 def wide_distinct(folder: Path, device: str | None = None) -> dict:
     """Greedy completions of :data:`WIDE_PROMPTS` by the model in ``folder`` (FP or ternary, its
-    own tokenizer): their pooled distinct 4-grams (the report's formula), the spread of the
-    per-completion figure (standard error of its mean) and the first few completions."""
+    own tokenizer), as :func:`wide_figures` gives them."""
     import torch
 
     from bitquant import runtime
     from bitquant.evaluate import EvalSettings
-    from bitquant.generate import completions, distinct_ngrams, distinct_se
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = runtime.load_model(Path(folder), EvalSettings().resolved_dtype(device), device)
-    gens = completions(model, runtime.load_tokenizer(Path(folder)), WIDE_PROMPTS)
-    del model
-    return {"distinct_4grams": round(distinct_ngrams([g.ids for g in gens], 4), 4), "prompts": len(gens),
-            "se": distinct_se([g.ids for g in gens], 4),
-            "completions": [g.text for g in gens[:6]]}
+    return wide_figures(model, runtime.load_tokenizer(Path(folder)))
+
+
+def wide_figures(model, tokenizer, keep: int = 6) -> dict:
+    """Greedy completions of :data:`WIDE_PROMPTS` by ``model``: their pooled distinct 4-grams
+    (the report's formula), the spread of the per-completion figure (standard error of its
+    mean) and the first ``keep`` completions."""
+    from bitquant.generate import completions, distinct_ngrams, distinct_se
+
+    gens = completions(model, tokenizer, WIDE_PROMPTS)
+    ids = [g.ids for g in gens]
+    return {"distinct_4grams": round(distinct_ngrams(ids, 4), 4), "prompts": len(gens), "se": distinct_se(ids, 4),
+            "completions": [g.text for g in gens[:keep]]}
 
 
 def parse_set(items: list[str]) -> dict:

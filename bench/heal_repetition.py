@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heal_gpu import WIDE_PROMPTS, source_folder  # noqa: E402
+from heal_gpu import WIDE_PROMPTS, source_folder, wide_figures  # noqa: E402
 from source_tree import REPO, use_source_tree  # noqa: E402
 
 use_source_tree()
@@ -83,18 +83,16 @@ def int_round(model, bits: int) -> None:
 def measure(folder: Path, name: str, change, tokens, fp_ppl: float | None, device: str) -> dict:
     from bitquant import runtime
     from bitquant.evaluate import EvalSettings, perplexity_of
-    from bitquant.generate import completions, distinct_ngrams, distinct_se
 
     started = time.monotonic()
     settings = EvalSettings(max_tokens=len(tokens.ids), device=device)
     model, _ = runtime.load_model(folder, settings.resolved_dtype(device), device)
     change(model)
     ppl = perplexity_of(model, tokens, settings, device)["perplexity"]
-    gens = completions(model, runtime.load_tokenizer(folder), WIDE_PROMPTS)
-    ids = [g.ids for g in gens]
+    wide = wide_figures(model, runtime.load_tokenizer(folder), keep=4)
     row = {"variant": name, "alice_ppl": round(ppl, 3), "alice_ratio": round(ppl / fp_ppl, 3) if fp_ppl else 1.0,
-           "distinct4_wide": round(distinct_ngrams(ids, 4), 4), "se": distinct_se(ids, 4),
-           "completions": [g.text for g in gens[:4]], "seconds": round(time.monotonic() - started, 1)}
+           "distinct4_wide": wide["distinct_4grams"], "se": wide["se"], "completions": wide["completions"],
+           "seconds": round(time.monotonic() - started, 1)}
     print(f"{name:>10s}  alice {row['alice_ppl']:>10.3f} ({row['alice_ratio']:>7.3f}x FP)  "
           f"d4 over 32 prompts {row['distinct4_wide']:.4f} (se {row['se']})  {row['seconds']:.0f} s", flush=True)
     for text in row["completions"][:2]:
