@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import os
@@ -201,7 +202,7 @@ except SystemExit as e:
 
 def test_a_connection_lost_mid_stream_is_one_line(monkeypatch):
     import datasets
-    httpx = pytest.importorskip("httpx2") if importlib.util.find_spec("httpx2") else pytest.importorskip("httpx")
+    httpx = importlib.import_module("httpx2") if importlib.util.find_spec("httpx2") else pytest.importorskip("httpx")
 
     def stream():
         yield {"text": "the first row"}
