@@ -3,13 +3,15 @@ chunk ``torch.compile``d as heal runs it on CUDA) against liger-kernel's fused
 ``LigerFusedLinearJSD``, same inputs, same run. SmolLM2-135M's head shape (49,152 x 576),
 32,768 rows (one heal micro-batch), under bf16 autocast with the dtypes heal has there
 (the teacher's hidden states and head in bf16, the student's in float32; the student's
-head is not trained, as in heal's bundled recipe, unless --head-grad):
+head is not trained, as in heal's bundled recipe, unless --head-grad, as with
+``train: [projections, norms, embeddings]``):
 
     python bench/heal_loss.py                 # forward_kl, reverse_kl, jsd(0.5)
     python bench/heal_loss.py --rows 16384 --head-grad
 
 For each divergence: the losses and their relative difference to the eager chunks, the
-relative difference of the gradients (hidden states), milliseconds per forward and backward
+relative difference of the gradients (hidden states; with --head-grad the head's too),
+milliseconds per forward and backward
 (median of --reps after a warm-up) and the speed-up over the eager chunks, and peak memory
 above the inputs.
 """
@@ -63,7 +65,7 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=49152)
     p.add_argument("--hidden", type=int, default=576)
     p.add_argument("--reps", type=int, default=5)
-    p.add_argument("--head-grad", action="store_true", help="train the student's head too (the compiled chunks then do not apply)")
+    p.add_argument("--head-grad", action="store_true", help="train the student's head too")
     args = p.parse_args()
     HEAD_GRAD[0] = args.head_grad
     import os
@@ -90,24 +92,25 @@ def main() -> None:
 
     variants = {"eager chunks": chunks(False), "compiled chunks": chunks(True),
                 "liger fused": lambda a, b, c, d, e: loss.fused(a, b, c, d, e)}
-    print(f"{'divergence':22s} {'variant':16s} {'loss':>10s} {'rel diff':>9s} {'grad h':>9s} {'ms':>8s} "
-          f"{'speed-up':>8s} {'MiB':>6s}", flush=True)
+    print(f"{'divergence':22s} {'variant':16s} {'loss':>10s} {'rel diff':>9s} {'grad h':>9s} {'grad W':>9s} "
+          f"{'ms':>8s} {'speed-up':>8s} {'MiB':>6s}", flush=True)
     for div in (loss.Divergence("forward_kl"), loss.Divergence("reverse_kl"), loss.Divergence("jsd", 0.5)):
         args_ = (h_s, w_s, h_t, w_t, div)
         base = None
         for name, fn in variants.items():
             try:
-                value, gh, _, mem = run(fn, *args_)
+                value, gh, gw, mem = run(fn, *args_)
                 ms = timed(fn, args_, args.reps)
             except Exception as e:  # reported, the others still run
                 print(f"{div.label():22s} {name:16s} failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
                 continue
             if base is None:
-                base = (value, gh, ms)
+                base = (value, gh, ms, gw)
             rel = abs(value - base[0]) / abs(base[0])
             dg = float((gh - base[1]).norm() / base[1].norm())
-            print(f"{div.label():22s} {name:16s} {value:10.5f} {rel:9.2e} {dg:9.2e} {ms:8.1f} {base[2] / ms:8.2f} "
-                  f"{mem / 2**20:6.0f}", flush=True)
+            dw = "-" if gw is None else f"{float((gw - base[3]).norm() / base[3].norm()):.2e}"
+            print(f"{div.label():22s} {name:16s} {value:10.5f} {rel:9.2e} {dg:9.2e} {dw:>9s} {ms:8.1f} "
+                  f"{base[2] / ms:8.2f} {mem / 2**20:6.0f}", flush=True)
         if loss._COMPILED_FAILED:
             print("the compiled chunks failed:", loss._COMPILED_FAILED[0][:300])
 

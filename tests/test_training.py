@@ -364,10 +364,12 @@ def test_divergences_differ_and_vanish_for_equal_models():
         assert abs(float(chunked(h, w, h, w, Divergence(k, 0.5)))) < 1e-6
 
 
-@pytest.mark.parametrize("kind,beta,temperature", [("forward_kl", 0.5, 1.0), ("jsd", 0.1, 2.0)])
-def test_compiled_chunks_equal_whole_logits(kind, beta, temperature, monkeypatch):
+@pytest.mark.parametrize("kind,beta,temperature,head", [("forward_kl", 0.5, 1.0, False), ("jsd", 0.1, 2.0, False),
+                                                         ("forward_kl", 0.5, 1.0, True)])
+def test_compiled_chunks_equal_whole_logits(kind, beta, temperature, head, monkeypatch):
     """The chunked loss with each chunk torch.compile'd (heal's road on CUDA, forced here on
-    the CPU) gives autograd's value and gradient through whole logits, and is the road taken."""
+    the CPU) gives autograd's value and gradients through whole logits, the head's too where it
+    is trained (``train: [..., embeddings]``), and is the road taken."""
     from bitquant.training import loss
     from bitquant.training.loss import Divergence, chunked, reference
 
@@ -375,7 +377,7 @@ def test_compiled_chunks_equal_whole_logits(kind, beta, temperature, monkeypatch
     torch.manual_seed(4)
     div = Divergence(kind, beta, temperature)
     h_s = torch.randn(29, 12, requires_grad=True)
-    w_s = torch.randn(40, 12)  # the head is not trained, as in the bundled recipe
+    w_s = torch.randn(40, 12, requires_grad=head)  # not trained in the bundled recipe
     h_t, w_t = torch.randn(29, 12), torch.randn(40, 12)
     compiled, calls = loss._compiled_terms(), []
     monkeypatch.setattr(loss, "_compiled_terms", lambda: lambda *a: calls.append(1) or compiled(*a))
@@ -383,12 +385,14 @@ def test_compiled_chunks_equal_whole_logits(kind, beta, temperature, monkeypatch
     value.backward()
     assert not loss._COMPILED_FAILED
     assert len(calls) == 5  # five chunks went through the compiled function
-    grad = h_s.grad.clone()
-    h_s.grad = None
+    grad, grad_w = h_s.grad.clone(), None if w_s.grad is None else w_s.grad.clone()
+    h_s.grad = w_s.grad = None
     ref = reference(h_s, w_s, h_t, w_t, div)
     ref.backward()
     assert abs(float(value) - float(ref)) <= 1e-5 * abs(float(ref))
     assert (grad - h_s.grad).norm() <= 1e-5 * h_s.grad.norm()
+    if head:
+        assert (grad_w - w_s.grad).norm() <= 1e-5 * w_s.grad.norm()
     assert loss.implementation("cpu", div) == "chunked (torch, each chunk compiled)"
     monkeypatch.setenv("BITQUANT_COMPILED_LOSS", "0")
     assert loss.implementation("cpu", div) == "chunked (torch)"

@@ -25,7 +25,9 @@ Two implementations of the same quantity:
   the student's head; the backward pass only scales those stored gradients. Rows per chunk
   keep a chunk's float32 logits near ``budget`` values whatever the vocabulary. On CUDA each
   chunk's softmaxes, divergence and gradient are one ``torch.compile``d function
-  (:func:`_logit_terms`) over the bf16 logits, with no float32 copies.
+  (:func:`_logit_terms`) over the bf16 logits, with no float32 copies; a trained head
+  (``train: [..., embeddings]``) takes the same road, its gradient formed from each chunk's
+  (only the unlikelihood term keeps the eager chunks).
 * liger-kernel's ``LigerFusedLinearJSD`` (Triton, CUDA only, when ``liger-kernel`` is
   installed): the same computation with the per-element divergence and gradient fused in
   one kernel. ``bench/heal_loss.py`` on an H100 (SmolLM2's head, 32,768 rows, the head not
@@ -158,15 +160,17 @@ class _Chunked(torch.autograd.Function):
         grad_w = torch.zeros(w_s.shape, dtype=torch.float32, device=w_s.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float64, device=h_s.device)
         done = False
-        if grad_w is None and (negative is None or alpha == 0) and n and compiled_available(h_s.device):
+        if (negative is None or alpha == 0) and n and compiled_available(h_s.device):
             try:
-                _compiled_chunks(h_s, w_s, h_t, w_t, rows, mix, temperature, grad_h, total)
+                _compiled_chunks(h_s, w_s, h_t, w_t, rows, mix, temperature, grad_h, total, grad_w)
                 done = True
             except Exception as e:  # a compiler that fails here: the eager chunks from now on
                 if isinstance(e, torch.cuda.OutOfMemoryError):
                     raise
                 _COMPILED_FAILED.append(describe(e))
                 total.zero_()
+                if grad_w is not None:
+                    grad_w.zero_()
         if not done:  # the eager chunks
             for b in range(0, n, rows):
                 hs, ht = h_s[b : b + rows], h_t[b : b + rows]
@@ -195,9 +199,11 @@ class _Chunked(torch.autograd.Function):
 
 
 def _compiled_chunks(h_s, w_s, h_t, w_t, rows: int, mix: float, temperature: float, grad_h: torch.Tensor,
-                     total: torch.Tensor) -> None:
-    """:class:`_Chunked`'s loop with each chunk's terms compiled (no head gradient, no
-    unlikelihood term): fills ``grad_h`` and adds the divergence's sum to ``total``."""
+                     total: torch.Tensor, grad_w: torch.Tensor | None = None) -> None:
+    """:class:`_Chunked`'s loop with each chunk's terms compiled (no unlikelihood term): fills
+    ``grad_h``, adds the divergence's sum to ``total`` and, where the head is trained, each
+    chunk's head gradient to the float32 ``grad_w`` (formed in the logits' dtype, as the
+    matmuls of mixed-precision training are)."""
     n = h_s.shape[0]
     terms = _compiled_terms()
     cuda_autocast = h_s.device.type == "cuda" and torch.is_autocast_enabled("cuda")
@@ -205,9 +211,12 @@ def _compiled_chunks(h_s, w_s, h_t, w_t, rows: int, mix: float, temperature: flo
     scale = torch.tensor(1.0 / (n * temperature), dtype=torch.float32, device=h_s.device)
     w_back = w_s.to(dtype)
     for b in range(0, n, rows):
-        part, g = terms(h_t[b : b + rows] @ w_t.T, h_s[b : b + rows] @ w_s.T, mix, temperature, scale, dtype)
+        hs = h_s[b : b + rows]
+        part, g = terms(h_t[b : b + rows] @ w_t.T, hs @ w_s.T, mix, temperature, scale, dtype)
         total += part
         grad_h[b : b + rows] = g @ w_back
+        if grad_w is not None:
+            grad_w += g.T @ hs.to(dtype)
 
 
 def chunk_rows(vocab: int, budget: int = DEFAULT_BUDGET) -> int:
