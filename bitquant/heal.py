@@ -43,7 +43,7 @@ from bitquant.report import ConvertReport
 from bitquant.source import CARRIED_FILES, Checkpoint, open_checkpoint, resolve_source
 from bitquant.staging import check_target, staged_output, staging_path
 from bitquant.text import bos_token, convention
-from bitquant.training import checkpoint, data, distributed, loop, texts
+from bitquant.training import budget, checkpoint, data, distributed, loop, texts
 from bitquant.training import loss as loss_module
 from bitquant.training.on_policy import Rollouts
 from bitquant.training.recipe import MIN_RESERVE, RESERVE_SHARE, HealRecipe, load_heal_recipe
@@ -159,7 +159,7 @@ def heal(
     if recipe.time_budget is not None:  # keep back time for export, the checks and evaluation
         deadline = started + recipe.time_budget - max(MIN_RESERVE, RESERVE_SHARE * recipe.time_budget)
         if deadline <= time.monotonic():
-            raise UsageError(loop.no_time(recipe, time.monotonic() - deadline))
+            raise UsageError(budget.no_time(recipe, time.monotonic() - deadline))
     work = (ckpt, plan, recipe, conv, text_ids, text_info, source_fp, low_memory, deadline, bos)
     if not world.main:
         world.barrier()  # the main process has made the staging folder

@@ -20,7 +20,7 @@ from bitquant import heal as heal_module
 from bitquant.heal import HealHooks, OutOfMemory, heal
 from bitquant.recipe import load_recipe
 from bitquant.staging import STAGING_PREFIX
-from bitquant.training import checkpoint, loop
+from bitquant.training import budget, checkpoint, loop
 from bitquant.training.recipe import load_heal_recipe
 from bitquant.training.student import make_student
 from conftest import DATA, REPO, make_heal_source, run_clean
@@ -229,6 +229,7 @@ def test_a_time_budget_chooses_the_token_count_and_the_count_repeats_the_run(sou
     clock = FrozenClock(0.05)
     monkeypatch.setattr(heal_module, "time", clock)
     monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(budget, "time", clock)
     notes = []
     timed = heal(str(source), tmp_path / "timed", recipe=recipe(time_budget=25, sample_tokens=32 * 64), device="cpu",
                  hooks=HealHooks(note=notes.append))
@@ -249,6 +250,7 @@ def test_a_time_budget_counts_the_on_policy_writing(source, tmp_path, monkeypatc
     clock = FrozenClock(0.05)
     monkeypatch.setattr(heal_module, "time", clock)
     monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(budget, "time", clock)
     from bitquant.training import on_policy
 
     monkeypatch.setattr(on_policy, "time", FrozenClock(0.2))  # a rollout takes 0.2 s: 0.1 s for each of 2 steps
@@ -264,6 +266,7 @@ def test_a_time_budget_spreads_a_later_writing_over_the_steps_that_have_it(sourc
     clock = FrozenClock(0.05)
     monkeypatch.setattr(heal_module, "time", clock)
     monkeypatch.setattr(loop, "time", clock)
+    monkeypatch.setattr(budget, "time", clock)
     from bitquant.training import on_policy
 
     monkeypatch.setattr(on_policy, "time", FrozenClock(0.2))  # a rollout takes 0.2 s: 0.1 s a step, half the steps
