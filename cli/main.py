@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from bitquant import __version__
-from bitquant.errors import EXIT_GATE, EXIT_RUNTIME, BitquantError, UsageError
+from bitquant.errors import EXIT_GATE, EXIT_RUNTIME, BitquantError, UsageError, describe
 
 from bitquant.cli import render
 
@@ -45,8 +45,7 @@ class _Group(click.Group):
                 what += "; nothing was written under the output name, and the same command resumes from the last checkpoint"
             _fail(ctx, what, EXIT_INTERRUPTED, e)
         except Exception as e:  # an internal failure: still one line, unless --debug
-            first = str(e).splitlines()[0] if str(e) else ""
-            _fail(ctx, f"internal error: {type(e).__name__}: {first} (rerun with --debug for the traceback)", EXIT_RUNTIME, e)
+            _fail(ctx, f"internal error: {describe(e)} (rerun with --debug for the traceback)", EXIT_RUNTIME, e)
 
 
 def _debug(ctx: click.Context) -> bool:
