@@ -160,6 +160,18 @@ def add_tokenizer(model_dir: Path, tokenizer_dir: Path) -> Path:
 
 
 @pytest.fixture
+def compiled_loss_calls(monkeypatch) -> list:
+    """heal's loss forced onto its compiled chunks (``BITQUANT_COMPILED_LOSS=1``, CUDA's road)
+    on the CPU; the list gets one item for each chunk that goes through the compiled function."""
+    from bitquant.training import loss
+
+    monkeypatch.setenv("BITQUANT_COMPILED_LOSS", "1")
+    compiled, calls = loss._compiled_terms(), []
+    monkeypatch.setattr(loss, "_compiled_terms", lambda: lambda *a: calls.append(1) or compiled(*a))
+    return calls
+
+
+@pytest.fixture
 def tiny_llama(tmp_path: Path) -> Path:
     return make_checkpoint(tmp_path / "tiny-llama")
 

@@ -414,7 +414,7 @@ def test_every_loss_trains_what_ships(source, tmp_path, loss):
     assert curve[-1] < curve[0]
 
 
-def test_trained_embeddings_take_the_compiled_loss_and_ship_what_trained(source, tmp_path, monkeypatch):
+def test_trained_embeddings_take_the_compiled_loss_and_ship_what_trained(source, tmp_path, compiled_loss_calls):
     """``train: [projections, norms, embeddings]``: the head's gradient goes through the
     compiled chunks (forced on the CPU, as on CUDA), the embeddings and head move, and OUT is
     still the student bit for bit."""
@@ -422,13 +422,9 @@ def test_trained_embeddings_take_the_compiled_loss_and_ship_what_trained(source,
 
     from bitquant.training import loss
 
-    monkeypatch.setenv("BITQUANT_COMPILED_LOSS", "1")
-    calls = []
-    compiled = loss._compiled_terms()
-    monkeypatch.setattr(loss, "_compiled_terms", lambda: lambda *a: calls.append(1) or compiled(*a))
     r = recipe(train=("projections", "norms", "embeddings"), lr=5e-3)  # 2e-2 shakes the embeddings (loss up 1.2x)
     report = heal(str(source), tmp_path / "out", recipe=r, device="cpu")
-    assert calls and not loss._COMPILED_FAILED
+    assert compiled_loss_calls and not loss._COMPILED_FAILED
     assert report.heal["loss"]["implementation"] == "chunked (torch, each chunk compiled)"
     assert report.heal["exactness"]["relative_error"] == 0.0 and report.heal["exactness"]["top1_agreement"] == 1.0
     curve = [c["loss"] for c in report.heal["curve"]]

@@ -366,25 +366,22 @@ def test_divergences_differ_and_vanish_for_equal_models():
 
 @pytest.mark.parametrize("kind,beta,temperature,head", [("forward_kl", 0.5, 1.0, False), ("jsd", 0.1, 2.0, False),
                                                          ("forward_kl", 0.5, 1.0, True)])
-def test_compiled_chunks_equal_whole_logits(kind, beta, temperature, head, monkeypatch):
+def test_compiled_chunks_equal_whole_logits(kind, beta, temperature, head, monkeypatch, compiled_loss_calls):
     """The chunked loss with each chunk torch.compile'd (heal's road on CUDA, forced here on
     the CPU) gives autograd's value and gradients through whole logits, the head's too where it
     is trained (``train: [..., embeddings]``), and is the road taken."""
     from bitquant.training import loss
     from bitquant.training.loss import Divergence, chunked, reference
 
-    monkeypatch.setenv("BITQUANT_COMPILED_LOSS", "1")
     torch.manual_seed(4)
     div = Divergence(kind, beta, temperature)
     h_s = torch.randn(29, 12, requires_grad=True)
     w_s = torch.randn(40, 12, requires_grad=head)  # not trained in the bundled recipe
     h_t, w_t = torch.randn(29, 12), torch.randn(40, 12)
-    compiled, calls = loss._compiled_terms(), []
-    monkeypatch.setattr(loss, "_compiled_terms", lambda: lambda *a: calls.append(1) or compiled(*a))
     value = chunked(h_s, w_s, h_t, w_t, div, budget=6 * 40)  # 6 rows a chunk, the last one 5
     value.backward()
     assert not loss._COMPILED_FAILED
-    assert len(calls) == 5  # five chunks went through the compiled function
+    assert len(compiled_loss_calls) == 5  # five chunks went through the compiled function
     grad, grad_w = h_s.grad.clone(), None if w_s.grad is None else w_s.grad.clone()
     h_s.grad = w_s.grad = None
     ref = reference(h_s, w_s, h_t, w_t, div)
