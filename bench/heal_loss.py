@@ -11,9 +11,8 @@ head is not trained, as in heal's bundled recipe, unless --head-grad, as with
 
 For each divergence: the losses and their relative difference to the eager chunks, the
 relative difference of the gradients (hidden states; with --head-grad the head's too),
-milliseconds per forward and backward
-(median of --reps after a warm-up) and the speed-up over the eager chunks, and peak memory
-above the inputs.
+milliseconds per forward and backward (median of --reps after a warm-up) and the speed-up
+over the eager chunks, and peak memory above the inputs.
 """
 
 from __future__ import annotations
