@@ -12,8 +12,8 @@ Each ``--variant NAME:field=value,field=value`` overrides fields of the bundled 
 ``--data`` (its own held-out figure is then not held out); ``data=PATH`` adds a text,
 JSON Lines or Parquet file of your own. Prints one row per variant:
 perplexity on alice29.txt (16,384 tokens) and on Paradise Lost (16,384 tokens), each over
-FP; the greedy completions' distinct 4-grams against the FP model's, for the report's four
-prompts and for the 32 of ``heal_gpu.WIDE_PROMPTS`` (steadier; the pick rule uses them);
+FP; the greedy completions' distinct 4-grams against the FP model's, over the report's 32
+prompts (until 2026-12-08 the report had four, and the 32 were completed here besides);
 tokens, training and on-policy writing speed; and each variant's completions.
 
 ``--deadline`` (seconds) stops variants still running then, so that a command with a time
@@ -114,7 +114,6 @@ def child(args) -> None:
     wall = time.monotonic() - started
     settings = EvalSettings(max_tokens=16384)
     milton = evaluate(str(out), MILTON, settings=settings).perplexity
-    wide = wide_distinct(out)
     h, ppl, g = report.heal, report.perplexity, report.generation["models"]
     samples = next((d for d in h["data"] if d["kind"] == "teacher samples"), {})
     row = {"variant": name, "fields": fields, "data": [str(f) for f in data_files], "tokens": h["tokens"],
@@ -123,8 +122,8 @@ def child(args) -> None:
            "alice": ppl["quantized"], "alice_fp": ppl["baseline"], "alice_ratio": ppl["ratio"], "kl": ppl["kl_mean"],
            "top1": ppl["top1_agreement"], "milton": milton, "final_loss": h["final_loss"],
            "distinct4_healed": g["healed"]["distinct_4grams"], "distinct4_source": g["source"]["distinct_4grams"],
-           "samples_distinct4": samples.get("distinct_4grams"), "distinct4_wide": wide["distinct_4grams"],
-           "distinct4_wide_se": wide["se"], "wide_completions": wide["completions"], "on_policy": h.get("on_policy"),
+           "samples_distinct4": samples.get("distinct_4grams"), "distinct4_wide": g["healed"]["distinct_4grams"],
+           "distinct4_wide_se": g["healed"]["distinct_4grams_se"], "on_policy": h.get("on_policy"),
            "loss": h.get("loss"), "completions": g["healed"]["completions"], "curve": h["curve"], "notes": notes,
            "peak_gpu_gib": round((h["peak_gpu_bytes"] or 0) / 2**30, 2), "exactness": h.get("exactness")}
     print("RESULT " + json.dumps(row), flush=True)
@@ -191,7 +190,7 @@ def main() -> None:
     start_next()
     rows = []
     print(f"{'variant':14s} {'tokens':>10s} {'wall s':>6s} {'alice':>8s} {'x FP':>6s} {'milton':>8s} {'x FP':>6s} "
-          f"{'d4 healed/FP':>13s} {'d4 wide':>7s} {'train tok/s':>11s} {'written tok/s':>13s}", flush=True)
+          f"{'d4 healed/FP':>13s} {'d4 se':>7s} {'train tok/s':>11s} {'written tok/s':>13s}", flush=True)
     while procs:
         for name, (proc, log) in list(procs.items()):
             if proc.poll() is None:
@@ -216,9 +215,9 @@ def main() -> None:
             op = result.get("on_policy") or {}
             print(f"{name:14s} {result['tokens']:>10,} {result['wall_seconds']:>6.0f} {result['alice']:>8.2f} "
                   f"{result['alice_ratio']:>6.2f} {result['milton']:>8.2f} {result['milton_ratio']:>6.2f} "
-                  f"{result['distinct4_healed']:>6.3f}/{result['distinct4_source']:<6.3f} {result['distinct4_wide']:>7.3f} "
+                  f"{result['distinct4_healed']:>6.3f}/{result['distinct4_source']:<6.3f} {result['distinct4_wide_se']:>7.3f} "
                   f"{result['steady_tokens_per_second']:>11,.0f} {op.get('tokens_per_second', 0):>13,.0f}", flush=True)
-            for c in result["completions"]:
+            for c in result["completions"][:4]:
                 print(f"    {c[:110]!r}", flush=True)
             if args.json:
                 Path(args.json).write_text(json.dumps({"device": device, "tokens": args.tokens, "fp_milton": fp_milton,

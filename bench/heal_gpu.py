@@ -12,7 +12,7 @@
 ``--pick-from ABLATE.json`` takes the recipe fields of the winner of a ``bench/heal_ablate.py``
 run (rule fixed before the run: among the variants trained on teacher samples alone whose
 alice29.txt perplexity is within 1.25x of the ``base`` variant's, the most distinct 4-grams
-of the greedy completions, over the 32 :data:`WIDE_PROMPTS` where the ablation measured them;
+of the greedy completions over the report's 32 prompts (the ablation's ``distinct4_wide``);
 ties go to the lower perplexity), so an ablation and the headline run can follow each other
 on one machine. ``--data FILE`` (``--set data_share=0.5``) trains on a text of your own.
 
@@ -40,24 +40,6 @@ from source_tree import REPO, stand_in_package, use_source_tree  # noqa: E402
 use_source_tree()
 
 
-#: Openings of many kinds of text (none from alice29.txt or Paradise Lost) for a steadier
-#: distinct-4-grams figure than the report's four prompts: 32 greedy completions of 64 tokens.
-WIDE_PROMPTS = (
-    "The history of the printing press begins", "She opened the letter and read", "To change a flat tire, first",
-    "The main causes of the First World War were", "In the middle of the night, the old dog", "Photosynthesis is the process by which",
-    "My favourite recipe for bread uses", "The meeting was postponed because", "Dear Sir, I am writing to complain about",
-    "The river flows through the valley and", "When the train finally arrived at the station,", "A good night's sleep helps",
-    "The scientist looked at the results and said", "There are many reasons to learn a second language.",
-    "The city council voted on Tuesday to", "He had never seen the sea before, so", "The best way to learn to program is",
-    "In 1969, astronauts", "The recipe calls for two eggs, a cup of flour and", "Once the snow had melted, the farmers",
-    "The museum's new exhibition shows", "Water boils at a lower temperature on a mountain because",
-    "The detective examined the room and noticed", "Our team won the match after", "The internet has changed the way people",
-    "Every morning, the baker", "The theory of evolution explains", "I remember the summer when my grandmother",
-    "The old castle on the hill", "To keep a garden healthy, you should", "The company announced that its profits",
-    "Music has the power to",
-)
-
-
 def source_folder(model: str) -> Path:
     """The Hugging Face folder of ``model`` (a Hub id, a folder or ``embedded:...``), as heal opens it."""
     from bitquant.source import open_checkpoint, resolve_source
@@ -66,8 +48,8 @@ def source_folder(model: str) -> Path:
 
 
 def wide_distinct(folder: Path, device: str | None = None) -> dict:
-    """Greedy completions of :data:`WIDE_PROMPTS` by the model in ``folder`` (FP or ternary, its
-    own tokenizer), as :func:`wide_figures` gives them."""
+    """Greedy completions of the report's prompts (:data:`bitquant.generate.PROMPTS`) by the
+    model in ``folder`` (FP or ternary, its own tokenizer), as :func:`wide_figures` gives them."""
     import torch
 
     from bitquant import runtime
@@ -79,12 +61,12 @@ def wide_distinct(folder: Path, device: str | None = None) -> dict:
 
 
 def wide_figures(model, tokenizer, keep: int = 6) -> dict:
-    """Greedy completions of :data:`WIDE_PROMPTS` by ``model``: their pooled distinct 4-grams
+    """Greedy completions of the report's 32 prompts by ``model``: their pooled distinct 4-grams
     (the report's formula), the spread of the per-completion figure (standard error of its
     mean) and the first ``keep`` completions."""
     from bitquant.generate import completions, distinct_ngrams, distinct_se
 
-    gens = completions(model, tokenizer, WIDE_PROMPTS)
+    gens = completions(model, tokenizer)
     ids = [g.ids for g in gens]
     return {"distinct_4grams": round(distinct_ngrams(ids, 4), 4), "prompts": len(gens), "se": distinct_se(ids, 4),
             "completions": [g.text for g in gens[:keep]]}
@@ -204,16 +186,12 @@ def main() -> None:
             rows.append((f"held-out {Path(text).name}", f"FP {fp:.3f}, healed {healed:.3f} (ratio {healed / fp:.3f})"))
     if report.generation:
         g = report.generation["models"]
-        rows.append(("distinct 4-grams, source / healed", f"{g['source']['distinct_4grams']} / {g['healed']['distinct_4grams']}"))
-        for prompt, a, b in zip(report.generation["prompts"], g["source"]["completions"], g["healed"]["completions"]):
+        rows.append((f"distinct 4-grams, {len(report.generation['prompts'])} prompts, source / healed",
+                     f"{g['source']['distinct_4grams']} (se {g['source']['distinct_4grams_se']}) / "
+                     f"{g['healed']['distinct_4grams']} (se {g['healed']['distinct_4grams_se']})"))
+        for prompt, a, b in list(zip(report.generation["prompts"], g["source"]["completions"], g["healed"]["completions"]))[:6]:
             rows.append((f"  {prompt!r} FP", repr(a[:150])))
             rows.append((f"  {prompt!r} healed", repr(b[:150])))
-        if args.model == "smollm2":
-            src = wide_distinct(source_folder(model))
-            wide = wide_distinct(Path(args.out))
-            rows.append((f"distinct 4-grams, {wide['prompts']} prompts", f"source {src['distinct_4grams']} (se {src['se']}) / "
-                                                                         f"healed {wide['distinct_4grams']} (se {wide['se']})"))
-            rows += [("  healed", repr(c[:150])) for c in wide["completions"][:3]]
     curve = h["curve"]
     rows.append(("curve", " ".join(f"{c['tokens'] / 1e6:.1f}M:{c['loss']:.3f}{'b' if c.get('stage') == 'blocks' else ''}"
                                    for c in curve[:: max(1, len(curve) // 16)])))

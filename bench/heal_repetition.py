@@ -1,7 +1,7 @@
 """Where does a degraded model's repetition come from? SmolLM2-135M (FP), its decoder
 projections changed in controlled ways, each measured by perplexity on alice29.txt and by
-the distinct 4-grams of greedy completions over the 32 prompts of ``heal_gpu.WIDE_PROMPTS``
-(the figure issue 29 targets). Runs on the CPU in a few minutes.
+the distinct 4-grams of greedy completions over the 32 prompts of heal's report
+(:data:`bitquant.generate.PROMPTS`, the figure issue 29 targets). Runs on the CPU in a few minutes.
 
     python bench/heal_repetition.py                     # fp, a8, and weight noise at three levels
     python bench/heal_repetition.py --noise 0.2 0.4 --int-bits 4 3 --json /tmp/rep.json
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from heal_gpu import WIDE_PROMPTS, source_folder, wide_figures  # noqa: E402
+from heal_gpu import source_folder, wide_figures  # noqa: E402
 from source_tree import REPO, use_source_tree  # noqa: E402
 
 use_source_tree()
@@ -113,11 +113,12 @@ def main() -> None:
     args = p.parse_args()
 
     from bitquant.evaluate import EvalSettings, tokenize_for
+    from bitquant.generate import PROMPTS
 
     folder = source_folder(args.model)
     tokens = tokenize_for(folder, ALICE, EvalSettings(max_tokens=args.eval_tokens))
     print(f"{args.model}: alice29.txt, {len(tokens.ids):,} tokens (windows of 512); greedy completions of 64 tokens "
-          f"for {len(WIDE_PROMPTS)} prompts", flush=True)
+          f"for {len(PROMPTS)} prompts", flush=True)
     dev = args.device
     rows = [measure(folder, "fp", lambda m: None, tokens, None, dev)]
     fp = rows[0]["alice_ppl"]

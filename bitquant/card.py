@@ -11,6 +11,9 @@ from pathlib import Path
 from bitquant.report import ConvertReport, own_repeats
 from bitquant.source import ModelSource
 
+#: Greedy completions a healed model's card shows side by side (``report.json`` has them all).
+CARD_COMPLETIONS = 4
+
 
 def _base_model(source: ModelSource) -> str:
     if source.kind == "hub":
@@ -209,13 +212,18 @@ def _unlikelihood(on: dict) -> str:
 
 
 def _generation(g: dict) -> list[str]:
-    """Both models' greedy completions side by side, and their share of distinct 4-grams."""
+    """Both models' first greedy completions side by side (``report.json`` holds them all), and
+    their share of distinct 4-grams over every prompt."""
     src, healed = g["models"]["source"], g["models"]["healed"]
-    lines = ["", f"Greedy completions ({g['max_new_tokens']} new tokens at most), FP source vs this model:", "",
+    n = len(g["prompts"])
+    shown = min(n, CARD_COMPLETIONS)
+    lines = ["", f"Greedy completions ({g['max_new_tokens']} new tokens at most), FP source vs this model"
+             + (f" ({shown} of {n}; `report.json` has every one):" if shown < n else ":"), "",
              "| prompt | source | healed |", "|---|---|---|"]
-    for prompt, a, b in zip(g["prompts"], src["completions"], healed["completions"]):
+    for prompt, a, b in list(zip(g["prompts"], src["completions"], healed["completions"]))[:shown]:
         lines.append(f"| {_cell(prompt)} | {_cell(a)} | {_cell(b)} |")
-    lines.append(f"| distinct 4-grams (1 = no repetition) | {_fmt(src['distinct_4grams'])} | {_fmt(healed['distinct_4grams'])} |")
+    lines.append(f"| distinct 4-grams over the {n} completions (1 = no repetition) | {_fmt(src['distinct_4grams'])} "
+                 f"| {_fmt(healed['distinct_4grams'])} |")
     if src.get("distinct_4grams_se") is not None and healed.get("distinct_4grams_se") is not None:
         lines.append(f"| its standard error over {len(g['prompts'])} completions | {_fmt(src['distinct_4grams_se'])} "
                      f"| {_fmt(healed['distinct_4grams_se'])} |")

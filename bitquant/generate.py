@@ -22,9 +22,27 @@ import torch
 
 from bitquant.errors import UsageError
 
-#: Prompts completed by the source and the healed model in heal's report and card.
-PROMPTS = ("The capital of France is", "Once upon a time, there was a", "The three primary colors are",
-           "To make a cup of tea, you")
+#: Prompts completed greedily by the source and the healed model in heal's report: openings
+#: of many kinds of text, none from alice29.txt or Paradise Lost. Their pooled distinct
+#: 4-grams carry a standard error of about 0.02-0.03 for SmolLM2, where the four prompts the
+#: report used until 2026-12-08 ("The capital of France is", ...) carried about 0.06.
+PROMPTS = (
+    "The history of the printing press begins", "She opened the letter and read", "To change a flat tire, first",
+    "The main causes of the First World War were", "In the middle of the night, the old dog",
+    "Photosynthesis is the process by which", "My favourite recipe for bread uses", "The meeting was postponed because",
+    "Dear Sir, I am writing to complain about", "The river flows through the valley and",
+    "When the train finally arrived at the station,", "A good night's sleep helps",
+    "The scientist looked at the results and said", "There are many reasons to learn a second language.",
+    "The city council voted on Tuesday to", "He had never seen the sea before, so", "The best way to learn to program is",
+    "In 1969, astronauts", "The recipe calls for two eggs, a cup of flour and", "Once the snow had melted, the farmers",
+    "The museum's new exhibition shows", "Water boils at a lower temperature on a mountain because",
+    "The detective examined the room and noticed", "Our team won the match after",
+    "The internet has changed the way people", "Every morning, the baker", "The theory of evolution explains",
+    "I remember the summer when my grandmother", "The old castle on the hill", "To keep a garden healthy, you should",
+    "The company announced that its profits", "Music has the power to",
+)
+#: Prompts completed at once (left-padded into one batch).
+COMPLETION_BATCH = 32
 #: New tokens per completion in the report.
 REPORT_TOKENS = 64
 
@@ -223,15 +241,38 @@ def run_generate(model: str, prompt: str, sampling: Sampling, *, chat: bool = Fa
     return generate(lm, tokenizer, ids, sampling, on_text, compile=compile)
 
 
+@torch.inference_mode()
 def completions(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_tokens: int = REPORT_TOKENS,
-                progress: Callable[[int, int], None] | None = None) -> list[Generation]:
-    """Greedy completions of ``prompts`` (no chat template), one after another."""
-    sampling = Sampling(max_new_tokens=max_new_tokens)
-    out = []
-    for i, prompt in enumerate(prompts):
-        out.append(generate(model, tokenizer, prompt_ids(tokenizer, prompt, chat=False), sampling))
+                progress: Callable[[int, int], None] | None = None, batch: int = COMPLETION_BATCH) -> list[Generation]:
+    """Greedy completions of ``prompts`` (no chat template), ``batch`` at a time: the prompts
+    left-padded, with their attention mask, through transformers' ``generate``, each row cut
+    after its first EOS. Each row gets the greedy tokens it gets alone, up to float rounding
+    (equal on tiny models in the tests, and for all 32 prompts on SmolLM2, FP and ternary);
+    on 2 CPU cores the 32 took 8.3 s in one batch against 86 s one at a time (SmolLM2 FP).
+    Each completion's ``seconds`` is its batch's share."""
+    device = next(model.parameters()).device
+    config = Sampling(max_new_tokens=max_new_tokens).config(tokenizer)
+    eos = tokenizer.eos_token_id
+    out: list[Generation] = []
+    for begin in range(0, len(prompts), batch):
+        rows = [prompt_ids(tokenizer, p, chat=False)[0] for p in prompts[begin : begin + batch]]
+        width = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), width, dtype=torch.int64)  # padding: masked out, so any id in the table
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+        began = time.perf_counter()
+        result = model.generate(ids.to(device), attention_mask=mask.to(device), generation_config=config)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        share = (time.perf_counter() - began) / len(rows)
+        for i, r in enumerate(rows):
+            new = result[i, width:].tolist()
+            if eos is not None and eos in new:
+                new = new[: new.index(eos) + 1]
+            out.append(Generation(tokenizer.decode(new, skip_special_tokens=True), new, len(r), share))
         if progress:
-            progress(i + 1, len(prompts))
+            progress(len(out), len(prompts))
     return out
 
 
@@ -256,8 +297,9 @@ def distinct_se(sequences: list[list[int]], n: int = 4) -> float | None:
 def generation_report(models: list[tuple[str, Path]], tokenizer, device: str,
                       progress: Callable[[int, int], None] | None = None) -> dict:
     """The report's ``generation``: for each (label, folder), the greedy completions of
-    :data:`PROMPTS` (``REPORT_TOKENS`` new tokens each), their ``distinct_4grams`` and its
-    standard error (``distinct_4grams_se``: about 0.06 over four prompts for a healed SmolLM2)."""
+    :data:`PROMPTS` (``REPORT_TOKENS`` new tokens each, in one batch), their pooled
+    ``distinct_4grams`` and its standard error (``distinct_4grams_se``: about 0.02-0.03 over
+    the 32 prompts for SmolLM2, FP or healed)."""
     from bitquant import runtime
     from bitquant.evaluate import EvalSettings
 

@@ -270,7 +270,8 @@ def convert_summary(report: ConvertReport, out_dir: Path) -> None:
     if report.generation:
         g = report.generation["models"]
         t.add_row("distinct 4-grams", f"{_fmt(g['healed']['distinct_4grams'])}{_se(g['healed'])} healed, "
-                  f"{_fmt(g['source']['distinct_4grams'])}{_se(g['source'])} source (greedy completions; 1 = no repetition)")
+                  f"{_fmt(g['source']['distinct_4grams'])}{_se(g['source'])} source ({len(report.generation['prompts'])} greedy "
+                  "completions; 1 = no repetition)")
     for g in report.gates or []:
         t.add_row("gate", ("[green]" if g["passed"] else "[red]") + gate_line(g))
     if report.published:

@@ -125,3 +125,51 @@ def test_distinct_se_is_the_spread_of_each_completions_own_figure():
     assert distinct_se([loops, fresh]) == round((1 - 4 / 13) / 2, 4)
     assert distinct_se([fresh, fresh]) == 0.0
     assert distinct_se([fresh, [1, 2]]) is None  # one completion of 4 tokens or more: no spread
+
+
+@pytest.mark.parametrize("road", ["fp", "ternary"])
+def test_batched_completions_are_the_ones_each_prompt_gets_alone(tmp_path, tiny_tokenizer_dir, road):
+    """The report's completions, left-padded into batches (here 4, so the last is partial),
+    give each prompt the greedy tokens it gets alone: the FP model through transformers and
+    the ternary runtime on the CPU."""
+    from transformers import AutoModelForCausalLM
+
+    from bitquant import runtime
+    from bitquant.convert import convert
+    from bitquant.generate import PROMPTS, completions, prompt_ids
+
+    src = make_heal_source(tmp_path / "src", tiny_tokenizer_dir, arch="qwen2")
+    tokenizer = runtime.load_tokenizer(src)
+    if road == "fp":
+        model = AutoModelForCausalLM.from_pretrained(src).eval()
+    else:
+        convert(str(src), tmp_path / "out")
+        model = runtime.load_ternary(tmp_path / "out", torch.float32, "cpu")
+    prompts = PROMPTS[:6]
+    assert len({len(prompt_ids(tokenizer, p, False)[0]) for p in prompts}) > 1  # padding is exercised
+    alone = [generate(model, tokenizer, prompt_ids(tokenizer, p, False), Sampling(max_new_tokens=12), static=False)
+             for p in prompts]
+    batched = completions(model, tokenizer, prompts, max_new_tokens=12, batch=4)
+    assert [g.ids for g in batched] == [g.ids for g in alone]
+    assert [g.text for g in batched] == [g.text for g in alone]
+    assert [g.prompt_tokens for g in batched] == [len(prompt_ids(tokenizer, p, False)[0]) for p in prompts]
+
+
+def test_batched_completions_on_the_gpus_road(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """As on a GPU (packed W2A8 layers under Triton's interpreter, the token table in host
+    memory), a left-padded batch completes as the int8 runtime does on the CPU. Few tokens:
+    the interpreter takes seconds a forward pass."""
+    pytest.importorskip("triton")
+    from bitquant import runtime
+    from bitquant.convert import convert
+    from bitquant.generate import PROMPTS, completions
+
+    src = make_heal_source(tmp_path / "src", tiny_tokenizer_dir, arch="qwen2")
+    convert(str(src), tmp_path / "out")
+    tokenizer = runtime.load_tokenizer(tmp_path / "out")
+    want = completions(runtime.load_ternary(tmp_path / "out", torch.float32, "cpu"), tokenizer, PROMPTS[:3], 4)
+    monkeypatch.setattr(runtime, "packed_kernel", lambda device, act_quant: act_quant)
+    monkeypatch.setattr(runtime, "host_embedding", lambda device, config: True)
+    model = runtime.load_ternary(tmp_path / "out", torch.float32, "cpu")
+    assert model.model.layers[0].self_attn.q_proj.packed is not None
+    assert [g.ids for g in completions(model, tokenizer, PROMPTS[:3], 4)] == [g.ids for g in want]

@@ -294,14 +294,15 @@ def test_only_the_samples_the_run_reads_are_drawn(source, tmp_path):
 def test_the_report_has_both_models_greedy_completions(source, tmp_path):
     report = heal(str(source), tmp_path / "out", recipe=recipe(tokens=4 * 128, min_steps=1), device="cpu")
     g = report.generation
-    assert g["decoding"] == "greedy" and g["max_new_tokens"] == 64 and len(g["prompts"]) == 4
+    assert g["decoding"] == "greedy" and g["max_new_tokens"] == 64 and len(g["prompts"]) == 32
     for label in ("source", "healed"):
         m = g["models"][label]
-        assert len(m["completions"]) == 4 and 0 < m["distinct_4grams"] <= 1
+        assert len(m["completions"]) == 32 and 0 < m["distinct_4grams"] <= 1
         assert 0 <= m["distinct_4grams_se"] < 0.5  # every completion here runs to 64 tokens
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "distinct 4-grams" in card and g["prompts"][0] in card
-    assert "its standard error over 4 completions" in card
+    assert "distinct 4-grams over the 32 completions" in card and "(4 of 32; `report.json` has every one)" in card
+    assert g["prompts"][3] in card and g["prompts"][4] not in card  # the card shows the first four
+    assert "its standard error over 32 completions" in card
 
 
 def test_the_card_and_summary_say_what_was_not_measured_and_what_went_wrong(source, tmp_path):
