@@ -248,7 +248,8 @@ def completions(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_to
     left-padded, with their attention mask, through transformers' ``generate``, each row cut
     after its first EOS. Each row gets the greedy tokens it gets alone, up to float rounding
     (equal on tiny models in the tests, and for all 32 prompts on SmolLM2, FP and ternary);
-    on 2 CPU cores the 32 took 8.3 s in one batch against 86 s one at a time (SmolLM2 FP).
+    on 2 CPU cores the 32 took 7.2 s in one batch against 81.7 s one at a time (SmolLM2 FP,
+    ``bench/report_completions.py``).
     Each completion's ``seconds`` is its batch's share."""
     device = next(model.parameters()).device
     config = Sampling(max_new_tokens=max_new_tokens).config(tokenizer)
