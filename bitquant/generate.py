@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from bitquant.errors import UsageError
+from bitquant.errors import UsageError, describe
 
 #: Prompts completed greedily by the source and the healed model in heal's report: openings
 #: of many kinds of text, none from alice29.txt or Paradise Lost. Their pooled distinct
@@ -253,7 +253,7 @@ def completions(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_to
     Each completion's ``seconds`` is its batch's share."""
     device = next(model.parameters()).device
     config = Sampling(max_new_tokens=max_new_tokens).config(tokenizer)
-    eos = tokenizer.eos_token_id
+    stops = _stop_ids(model, tokenizer)
     out: list[Generation] = []
     for begin in range(0, len(prompts), batch):
         rows = [prompt_ids(tokenizer, p, chat=False)[0] for p in prompts[begin : begin + batch]]
@@ -269,12 +269,21 @@ def completions(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_to
         share = (time.perf_counter() - began) / len(rows)
         for i, r in enumerate(rows):
             new = result[i, width:].tolist()
-            if eos is not None and eos in new:
-                new = new[: new.index(eos) + 1]
+            end = next((k for k, t in enumerate(new) if t in stops), None)
+            if end is not None:  # a finished row is padded after its EOS
+                new = new[: end + 1]
             out.append(Generation(tokenizer.decode(new, skip_special_tokens=True), new, len(r), share))
         if progress:
             progress(len(out), len(prompts))
     return out
+
+
+def _stop_ids(model, tokenizer) -> set[int]:
+    """The EOS ids ``generate`` stops a row at: the tokenizer's, and those of the model's own
+    generation config, which transformers adds where the config passed names none."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(own if isinstance(own, (list, tuple)) else [own])]
+    return {int(i) for i in ids if i is not None}
 
 
 def distinct_ngrams(sequences: list[list[int]], n: int = 4) -> float:
@@ -300,7 +309,9 @@ def generation_report(models: list[tuple[str, Path]], tokenizer, device: str,
     """The report's ``generation``: for each (label, folder), the greedy completions of
     :data:`PROMPTS` (``REPORT_TOKENS`` new tokens each, in one batch), their pooled
     ``distinct_4grams`` and its standard error (``distinct_4grams_se``: about 0.02-0.03 over
-    the 32 prompts for SmolLM2, FP or healed)."""
+    the 32 prompts for SmolLM2, FP or healed). Should the batch fail (on a GPU the batched
+    road has run only under Triton's interpreter so far), that model's prompts are completed
+    one at a time and ``one_at_a_time`` names the model and the error."""
     from bitquant import runtime
     from bitquant.evaluate import EvalSettings
 
@@ -310,7 +321,11 @@ def generation_report(models: list[tuple[str, Path]], tokenizer, device: str,
     for k, (label, folder) in enumerate(models):
         model, _ = runtime.load_model(folder, dtype, device)
         step = (lambda done, _n, k=k: progress(k * len(PROMPTS) + done, total)) if progress else None
-        gens = completions(model, tokenizer, progress=step)
+        try:
+            gens = completions(model, tokenizer, progress=step)
+        except Exception as e:  # a finished run is not lost over its report's completions: one at a time instead
+            out.setdefault("one_at_a_time", {})[label] = describe(e)
+            gens = _one_at_a_time(model, tokenizer, step)
         del model
         out["models"][label] = {
             "completions": [g.text for g in gens],
@@ -318,4 +333,16 @@ def generation_report(models: list[tuple[str, Path]], tokenizer, device: str,
             "distinct_4grams_se": distinct_se([g.ids for g in gens], 4),
             "new_tokens": [len(g.ids) for g in gens],
         }
+    return out
+
+
+def _one_at_a_time(model, tokenizer, progress: Callable[[int, int], None] | None) -> list[Generation]:
+    """Greedy completions of :data:`PROMPTS` as the report made them until 2026-12-08: one
+    prompt at a time, through the static decoder on CUDA."""
+    sampling = Sampling(max_new_tokens=REPORT_TOKENS)
+    out = []
+    for prompt in PROMPTS:
+        out.append(generate(model, tokenizer, prompt_ids(tokenizer, prompt, chat=False), sampling))
+        if progress:
+            progress(len(out), len(PROMPTS))
     return out

@@ -173,3 +173,28 @@ def test_batched_completions_on_the_gpus_road(tmp_path, tiny_tokenizer_dir, monk
     model = runtime.load_ternary(tmp_path / "out", torch.float32, "cpu")
     assert model.model.layers[0].self_attn.q_proj.packed is not None
     assert [g.ids for g in completions(model, tokenizer, PROMPTS[:3], 4)] == [g.ids for g in want]
+
+
+def test_a_failed_batch_is_completed_one_at_a_time_and_said(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    """heal's report does not lose a finished run over its completions: where the batch
+    fails, each prompt is completed alone (the same tokens) and the report says why."""
+    from transformers import GenerationMixin
+
+    from bitquant import runtime
+    from bitquant.generate import PROMPTS, generation_report
+
+    src = make_heal_source(tmp_path / "src", tiny_tokenizer_dir)
+    tokenizer = runtime.load_tokenizer(src)
+    want = generation_report([("source", src)], tokenizer, "cpu")
+    plain = GenerationMixin.generate
+
+    def no_batches(self, inputs=None, **kw):
+        if inputs is not None and inputs.shape[0] > 1:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+        return plain(self, inputs, **kw)
+
+    monkeypatch.setattr(GenerationMixin, "generate", no_batches)
+    got = generation_report([("source", src)], tokenizer, "cpu")
+    assert got["one_at_a_time"] == {"source": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert "one_at_a_time" not in want and got["models"] == want["models"]
+    assert len(got["models"]["source"]["completions"]) == len(PROMPTS)
