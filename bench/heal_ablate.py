@@ -121,9 +121,9 @@ def child(args) -> None:
            "tokens_per_second": h["tokens_per_second"], "steady_tokens_per_second": h["steady_tokens_per_second"],
            "alice": ppl["quantized"], "alice_fp": ppl["baseline"], "alice_ratio": ppl["ratio"], "kl": ppl["kl_mean"],
            "top1": ppl["top1_agreement"], "milton": milton, "final_loss": h["final_loss"],
-           "distinct4_healed": g["healed"]["distinct_4grams"], "distinct4_source": g["source"]["distinct_4grams"],
-           "samples_distinct4": samples.get("distinct_4grams"), "distinct4_wide": g["healed"]["distinct_4grams"],
-           "distinct4_wide_se": g["healed"]["distinct_4grams_se"], "on_policy": h.get("on_policy"),
+           "distinct4_healed": g["healed"]["distinct_4grams"], "distinct4_healed_se": g["healed"]["distinct_4grams_se"],
+           "distinct4_source": g["source"]["distinct_4grams"], "samples_distinct4": samples.get("distinct_4grams"),
+           "on_policy": h.get("on_policy"),
            "loss": h.get("loss"), "completions": g["healed"]["completions"], "curve": h["curve"], "notes": notes,
            "peak_gpu_gib": round((h["peak_gpu_bytes"] or 0) / 2**30, 2), "exactness": h.get("exactness")}
     print("RESULT " + json.dumps(row), flush=True)
@@ -215,7 +215,7 @@ def main() -> None:
             op = result.get("on_policy") or {}
             print(f"{name:14s} {result['tokens']:>10,} {result['wall_seconds']:>6.0f} {result['alice']:>8.2f} "
                   f"{result['alice_ratio']:>6.2f} {result['milton']:>8.2f} {result['milton_ratio']:>6.2f} "
-                  f"{result['distinct4_healed']:>6.3f}/{result['distinct4_source']:<6.3f} {result['distinct4_wide_se']:>7.3f} "
+                  f"{result['distinct4_healed']:>6.3f}/{result['distinct4_source']:<6.3f} {result['distinct4_healed_se']:>7.3f} "
                   f"{result['steady_tokens_per_second']:>11,.0f} {op.get('tokens_per_second', 0):>13,.0f}", flush=True)
             for c in result["completions"][:4]:
                 print(f"    {c[:110]!r}", flush=True)

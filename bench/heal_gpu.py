@@ -12,7 +12,8 @@
 ``--pick-from ABLATE.json`` takes the recipe fields of the winner of a ``bench/heal_ablate.py``
 run (rule fixed before the run: among the variants trained on teacher samples alone whose
 alice29.txt perplexity is within 1.25x of the ``base`` variant's, the most distinct 4-grams
-of the greedy completions over the report's 32 prompts (the ablation's ``distinct4_wide``);
+of the greedy completions over the report's 32 prompts (the ablation's ``distinct4_healed``;
+in ablations before 2026-12-08, whose report had four prompts, ``distinct4_wide``);
 ties go to the lower perplexity), so an ablation and the headline run can follow each other
 on one machine. ``--data FILE`` (``--set data_share=0.5``) trains on a text of your own.
 

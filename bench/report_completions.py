@@ -36,7 +36,7 @@ def main() -> None:
 
     from bitquant import runtime
     from bitquant.evaluate import EvalSettings
-    from bitquant.generate import PROMPTS, Sampling, completions, distinct_ngrams, generate, prompt_ids
+    from bitquant.generate import PROMPTS, completions, distinct_ngrams, one_at_a_time
 
     folder = Path(args.model) if Path(args.model).is_dir() else source_folder(args.model)
     model, mode = runtime.load_model(folder, EvalSettings().resolved_dtype(args.device), args.device)
@@ -49,8 +49,7 @@ def main() -> None:
             torch.cuda.synchronize()
         return out, time.perf_counter() - began
 
-    sampling = Sampling(max_new_tokens=args.tokens)
-    alone, t_alone = timed(lambda: [generate(model, tokenizer, prompt_ids(tokenizer, q, False), sampling) for q in PROMPTS])
+    alone, t_alone = timed(lambda: one_at_a_time(model, tokenizer, PROMPTS, args.tokens))
     batched, t_batched = timed(lambda: completions(model, tokenizer, PROMPTS, args.tokens))
     same = sum(a.ids == b.ids for a, b in zip(alone, batched))
     print(f"{args.model} ({mode}) on {args.device}, {len(PROMPTS)} prompts x {args.tokens} tokens, greedy")

@@ -325,7 +325,7 @@ def generation_report(models: list[tuple[str, Path]], tokenizer, device: str,
             gens = completions(model, tokenizer, progress=step)
         except Exception as e:  # a finished run is not lost over its report's completions: one at a time instead
             out.setdefault("one_at_a_time", {})[label] = describe(e)
-            gens = _one_at_a_time(model, tokenizer, step)
+            gens = one_at_a_time(model, tokenizer, progress=step)
         del model
         out["models"][label] = {
             "completions": [g.text for g in gens],
@@ -336,13 +336,15 @@ def generation_report(models: list[tuple[str, Path]], tokenizer, device: str,
     return out
 
 
-def _one_at_a_time(model, tokenizer, progress: Callable[[int, int], None] | None) -> list[Generation]:
-    """Greedy completions of :data:`PROMPTS` as the report made them until 2026-12-08: one
-    prompt at a time, through the static decoder on CUDA."""
-    sampling = Sampling(max_new_tokens=REPORT_TOKENS)
+def one_at_a_time(model, tokenizer, prompts: tuple[str, ...] = PROMPTS, max_new_tokens: int = REPORT_TOKENS,
+                  progress: Callable[[int, int], None] | None = None) -> list[Generation]:
+    """Greedy completions of ``prompts`` as the report made them until 2026-12-08: one
+    prompt at a time, through the static decoder on CUDA (the report's fallback, and the
+    baseline of ``bench/report_completions.py``)."""
+    sampling = Sampling(max_new_tokens=max_new_tokens)
     out = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         out.append(generate(model, tokenizer, prompt_ids(tokenizer, prompt, chat=False), sampling))
         if progress:
-            progress(len(out), len(PROMPTS))
+            progress(len(out), len(prompts))
     return out
